@@ -1,0 +1,59 @@
+"""Shared fixtures. Tests run offline, on CPU, with tiny random models built from a config."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from alignkit.resources import ROOT as RESOURCES  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+GPT2_DIR = RESOURCES / "tokenizers" / "gpt2"
+TINY_CONFIG = RESOURCES / "tiny_llama_config.json"
+
+
+def build_tiny_llama(out_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A 2-layer, hidden-32 Llama with the GPT-2 tokenizer, saved as an ordinary model folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cfg = json.loads(TINY_CONFIG.read_text())
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tok = AutoTokenizer.from_pretrained(GPT2_DIR)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(GPT2_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Folder with a tiny random Llama + GPT-2 tokenizer (read-only by convention: copy to modify)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
