@@ -18,7 +18,8 @@ import torch  # noqa: E402
 
 from alignkit.resources import ROOT as RESOURCES  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny models run fastest single-threaded (thread hand-off dominates); real-model tests may raise it.
+torch.set_num_threads(1)
 
 GPT2_DIR = RESOURCES / "tokenizers" / "gpt2"
 TINY_CONFIG = RESOURCES / "tiny_llama_config.json"

@@ -14,8 +14,9 @@ Contract (every backend keeps it, tests in tests/test_generation_*.py check it):
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 
 @dataclass
@@ -53,10 +54,11 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)  # generated tokens only, stop string cut
     finish_reason: str = "stop"  # "stop" | "length"
     prompt_tokens: int = 0
+    usage_tokens: int | None = None  # generated-token count reported by a server when ids are not returned
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) if self.token_ids else (self.usage_tokens or 0)
 
 
 @runtime_checkable

@@ -1,0 +1,49 @@
+"""Build a Generator from a string: ``hf:PATH``, ``vllm:PATH``, ``http(s)://HOST:PORT/v1`` (+ model name)."""
+from __future__ import annotations
+
+SPEC_FORMS = "'hf:PATH_OR_NAME', 'vllm:PATH_OR_NAME', 'http://HOST:PORT/v1' (with model=NAME, or URL#NAME)"
+
+
+def load_hf(path: str, **load_kwargs):
+    """(model, tokenizer) for generation through alignkit's one model loader."""
+    from alignkit.models import load_model
+
+    model, tokenizer, _source = load_model(path, for_generation=True, **load_kwargs)
+    return model, tokenizer
+
+
+def make_generator(spec: str, *, model=None, tokenizer=None, batch_size: int = 8, **kw):
+    """A :class:`~alignkit.generation.base.Generator` for ``spec``.
+
+    * ``hf:PATH`` -> :class:`~alignkit.generation.hf.HFGenerator`; loads PATH with
+      ``alignkit.models.load_model(PATH, for_generation=True, **kw)`` unless a loaded ``model`` and
+      ``tokenizer`` are passed (then PATH only names it).
+    * ``vllm:PATH`` -> :class:`~alignkit.generation.vllm.VLLMGenerator` (``**kw``: engine options).
+    * ``http://HOST:PORT/v1`` -> :class:`~alignkit.generation.openai_http.OpenAIHTTPGenerator`;
+      the served model's name comes from ``model=`` or a ``#NAME`` suffix (``**kw``: its options).
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"make_generator: expected a spec string ({SPEC_FORMS}), got {spec!r}")
+    if spec.startswith("hf:"):
+        path = spec[3:]
+        if model is None:
+            model, tokenizer = load_hf(path, **kw)
+        elif tokenizer is None:
+            raise ValueError("make_generator('hf:...', model=...): pass the tokenizer too")
+        from alignkit.generation.hf import HFGenerator
+
+        return HFGenerator(model, tokenizer, batch_size=batch_size, name=spec)
+    if spec.startswith("vllm:"):
+        from alignkit.generation.vllm import VLLMGenerator
+
+        return VLLMGenerator(spec[5:], **kw)
+    if spec.startswith(("http://", "https://")):
+        url, _, fragment = spec.partition("#")
+        name = model if model is not None else (fragment or None)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"make_generator({spec!r}): an HTTP backend needs the served model's name "
+                             "(model='NAME' or 'URL#NAME')")
+        from alignkit.generation.openai_http import OpenAIHTTPGenerator
+
+        return OpenAIHTTPGenerator(url, name, **kw)
+    raise ValueError(f"make_generator: unknown generator spec {spec!r}; expected {SPEC_FORMS}")

@@ -1,0 +1,211 @@
+"""OpenAIHTTPGenerator: round trips against a real ``transformers serve`` (slow: ~25 s startup),
+checked against HFGenerator on the same weights; fault injection against a fake server."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_llama
+from servers import CHAT_TEMPLATE, Action, FakeOpenAIServer, free_port, transformers_serve
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignkit.generation import Generator
+from alignkit.generation.base import SamplingParams
+from alignkit.generation.hf import HFGenerator
+from alignkit.generation.openai_http import GenerationHTTPError, OpenAIHTTPGenerator
+
+FAST = {"backoff": 0.01, "timeout": 5}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model is far slower with 2 threads on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------- fake server: request building
+def test_request_fields_order_and_client_side_stop():
+    with FakeOpenAIServer() as srv:
+        gen = OpenAIHTTPGenerator(srv.base_url, "m", api_key="k", **FAST)
+        assert isinstance(gen, Generator)
+        params = SamplingParams(max_new_tokens=7, temperature=0.5, top_p=0.9, stop=[" STOP"], seed=3,
+                                min_new_tokens=2)
+        prompts = [f"p{i}" for i in range(5)]
+        out = gen.generate(prompts, params)
+    assert [c.text for c in out] == [f"[p{i}]" for i in range(5)]  # cut before " STOP"
+    assert all(c.finish_reason == "stop" and c.token_ids == [] and c.prompt_tokens == 5 for c in out)
+    bodies = {s.body["prompt"]: s.body for s in srv.seen}
+    assert {s.path for s in srv.seen} == {"/v1/completions"}
+    for i in range(5):
+        b = bodies[f"p{i}"]
+        assert (b["model"], b["max_tokens"], b["temperature"], b["top_p"]) == ("m", 7, 0.5, 0.9)
+        assert b["stop"] == [" STOP"] and b["seed"] == 3 + i and b["min_tokens"] == 2
+    assert gen.stats.requests == 5 and gen.stats.generated_tokens == 15 and gen.stats.prompt_tokens == 25
+
+
+def test_chat_and_use_chat_hit_chat_endpoint():
+    with FakeOpenAIServer() as srv:
+        gen = OpenAIHTTPGenerator(srv.base_url, "m", **FAST)
+        conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
+        c = gen.chat([conv], SamplingParams(max_new_tokens=4))[0]
+        assert (c.text, c.finish_reason) == ("[hi] STOP tail", "length")
+        assert srv.seen[-1].path == "/v1/chat/completions" and srv.seen[-1].body["messages"] == conv
+        assert "stop" not in srv.seen[-1].body and "seed" not in srv.seen[-1].body
+        g2 = OpenAIHTTPGenerator(srv.base_url, "m", use_chat=True, **FAST)
+        assert g2.generate(["q"], SamplingParams(max_new_tokens=4))[0].text == "[q] STOP tail"
+        assert srv.seen[-1].body["messages"] == [{"role": "user", "content": "q"}]
+
+
+def test_concurrency_is_bounded_and_parallel():
+    with FakeOpenAIServer(default_delay=0.15) as srv:
+        gen = OpenAIHTTPGenerator(srv.base_url, "m", max_concurrency=3, **FAST)
+        out = gen.generate([str(i) for i in range(12)], SamplingParams(max_new_tokens=2))
+    assert [c.text for c in out] == [f"[{i}] STOP tail" for i in range(12)]  # order kept
+    assert 1 < srv.max_in_flight <= 3
+
+
+# ---------------------------------------------------------------------- fake server: faults
+def test_500_then_success_is_retried():
+    with FakeOpenAIServer([Action(status=500, body={"error": "boom"}), Action(status=502, body="bad")]) as srv:
+        out = OpenAIHTTPGenerator(srv.base_url, "m", **FAST).generate(["x"], SamplingParams(max_new_tokens=2))
+    assert out[0].text == "[x] STOP tail" and len(srv.seen) == 3
+
+
+def test_429_honours_retry_after():
+    with FakeOpenAIServer([Action(status=429, body={"error": "slow down"}, headers={"Retry-After": "1"})]) as srv:
+        out = OpenAIHTTPGenerator(srv.base_url, "m", **FAST).generate(["x"], SamplingParams(max_new_tokens=2))
+    assert out[0].text == "[x] STOP tail"
+    assert len(srv.seen) == 2 and srv.seen[1].at - srv.seen[0].at >= 0.95  # not the 0.01 s backoff
+
+
+def test_timeout_is_retried_then_gives_up():
+    with FakeOpenAIServer([Action(delay=1.0)]) as srv:
+        gen = OpenAIHTTPGenerator(srv.base_url, "m", timeout=0.3, backoff=0.01)
+        assert gen.generate(["x"], SamplingParams(max_new_tokens=2))[0].text == "[x] STOP tail"
+        assert len(srv.seen) == 2
+    with FakeOpenAIServer([Action(delay=1.0)] * 3) as srv:
+        gen = OpenAIHTTPGenerator(srv.base_url, "m", timeout=0.3, backoff=0.01, max_retries=2)
+        with pytest.raises(GenerationHTTPError, match="failed after 3 attempts.*Timeout"):
+            gen.generate(["x"], SamplingParams(max_new_tokens=2))
+        assert len(srv.seen) == 3
+
+
+def test_retries_exhausted_on_5xx_and_connection_refused():
+    with FakeOpenAIServer([Action(status=503, body="down")] * 5) as srv:
+        with pytest.raises(GenerationHTTPError, match=r"failed after 2 attempts.*HTTP 503"):
+            OpenAIHTTPGenerator(srv.base_url, "m", max_retries=1, **FAST).generate(
+                ["x"], SamplingParams(max_new_tokens=2))
+        assert len(srv.seen) == 2
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(GenerationHTTPError, match="ConnectionError"):
+        OpenAIHTTPGenerator(dead, "m", max_retries=1, **FAST).generate(["x"], SamplingParams(max_new_tokens=2))
+
+
+def test_4xx_is_not_retried_and_quotes_server():
+    with (FakeOpenAIServer([Action(status=400, body={"error": "unknown model"})]) as srv,
+          pytest.raises(GenerationHTTPError, match="HTTP 400.*unknown model")):
+        OpenAIHTTPGenerator(srv.base_url, "m", **FAST).generate(["x"], SamplingParams(max_new_tokens=2))
+    assert len(srv.seen) == 1
+
+
+@pytest.mark.parametrize("body, match", [
+    ("this is {not json", r"malformed JSON.*this is \{not json"),
+    ({"id": "x", "choices": []}, "no choices"),
+    ({"choices": [{"index": 0, "finish_reason": "stop"}]}, r"choices\[0\].text missing"),
+    ("[1, 2]", "expected a JSON object"),
+])
+def test_malformed_answers_say_what_was_received(body, match):
+    with FakeOpenAIServer([Action(body=body)]) as srv, pytest.raises(GenerationHTTPError, match=match):
+        OpenAIHTTPGenerator(srv.base_url, "m", **FAST).generate(["x"], SamplingParams(max_new_tokens=2))
+
+
+def test_update_weights_unsupported_and_bad_args():
+    gen = OpenAIHTTPGenerator("http://127.0.0.1:1/v1", "m")
+    with pytest.raises(NotImplementedError, match="restart the server"):
+        gen.update_weights(None)
+    with pytest.raises(ValueError, match="max_concurrency"):
+        OpenAIHTTPGenerator("http://x/v1", "m", max_concurrency=0)
+    assert gen.generate([], SamplingParams(max_new_tokens=2)) == []
+
+
+# ---------------------------------------------------------------------- real server
+@pytest.fixture(scope="module")
+def served_dir(tmp_path_factory):
+    d = build_tiny_llama(tmp_path_factory.mktemp("tiny-served"), initializer_range=0.5)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def real_server(served_dir, tmp_path_factory):
+    with transformers_serve(served_dir, tmp_path_factory.mktemp("serve-log") / "serve.log") as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def local_hf(served_dir):
+    model = AutoModelForCausalLM.from_pretrained(served_dir, dtype=torch.float32).eval()
+    return HFGenerator(model, AutoTokenizer.from_pretrained(served_dir))
+
+
+@pytest.mark.slow
+def test_transformers_serve_completions_match_hf(real_server, local_hf):
+    gen = OpenAIHTTPGenerator(real_server.base_url, real_server.model, max_concurrency=2, timeout=120)
+    prompts = ["Hello there", "The quick brown fox", "One two three four"]
+    params = SamplingParams(max_new_tokens=8)
+    remote = gen.generate(prompts, params)
+    local = local_hf.generate(prompts, params)
+    assert [r.text for r in remote] == [c.text for c in local]
+    assert all(r.finish_reason == "length" for r in remote)
+    assert gen.stats.generated_tokens == 8 * len(prompts)
+    assert [r.prompt_tokens for r in remote] == [c.prompt_tokens for c in local]
+
+
+@pytest.mark.slow
+def test_transformers_serve_chat_matches_hf(real_server, local_hf):
+    gen = OpenAIHTTPGenerator(real_server.base_url, real_server.model, timeout=120)
+    convs = [[{"role": "user", "content": "Hi"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour"}]]
+    params = SamplingParams(max_new_tokens=6)
+    remote = gen.chat(convs, params)
+    local = local_hf.chat(convs, params)
+    assert [r.text for r in remote] == [c.text for c in local]
+    # A stop string taken from the local text: the client-side cut gives the same prefix.
+    stop = local[0].text[3:6]
+    cut = gen.chat(convs[:1], SamplingParams(max_new_tokens=6, stop=[stop]))[0]
+    assert cut.text == local[0].text[:local[0].text.find(stop)] and cut.finish_reason == "stop"
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_transformers_serve_smollm2_matches_hf(tmp_path):
+    models = pytest.importorskip("alignkit.models")
+    source = models.resolve_model(models.DEFAULT_MODEL)
+    model, tokenizer, _ = models.load_model(source.path, dtype=torch.float32, device="cpu", for_generation=True)
+    local = HFGenerator(model, tokenizer)
+    conv = [[{"role": "user", "content": "What is 2 + 3? Answer with a number."}]]
+    params = SamplingParams(max_new_tokens=12)
+    with transformers_serve(source.path, tmp_path / "serve.log", extra_args=("--dtype", "float32")) as srv:
+        gen = OpenAIHTTPGenerator(srv.base_url, srv.model, timeout=180)
+        remote_chat = gen.chat(conv, params)
+        remote_text = gen.generate(["The capital of France is"], params)
+    assert remote_chat[0].text == local.chat(conv, params)[0].text
+    assert remote_text[0].text == local.generate(["The capital of France is"], params)[0].text
+    assert remote_chat[0].text.strip()  # the real model says something
+
+
+def test_make_generator_http():
+    from alignkit.generation import make_generator
+
+    with FakeOpenAIServer() as srv:
+        gen = make_generator(f"{srv.base_url}#served-name", max_retries=0)
+        assert isinstance(gen, OpenAIHTTPGenerator) and gen.max_retries == 0
+        assert gen.generate(["x"], SamplingParams(max_new_tokens=2))[0].text == "[x] STOP tail"
+        assert srv.seen[-1].body["model"] == "served-name"
+        assert make_generator(srv.base_url, model="other").model == "other"
+    with pytest.raises(ValueError, match="model's name"):
+        make_generator("http://127.0.0.1:1/v1")
