@@ -1,0 +1,374 @@
+"""Reading rows of training data from files, folders or the hub, with file and line for every row.
+
+``read_rows(path, split=...)`` yields :class:`Row` objects whatever the storage format:
+
+* ``.jsonl`` / ``.jsonl.gz``, ``.json`` (one array of objects, or JSON lines): ``line`` is the 1-based
+  file line (for an array: the line where the object starts);
+* ``.parquet``, hub datasets: ``line`` is the 0-based row index;
+* ``.csv`` / ``.tsv`` (optionally ``.gz``): ``line`` is the 1-based file line where the record starts
+  (the header is line 1, so the first data row is line 2; quoted fields may span lines);
+* a folder of those: files sorted by name; when files are named after splits (``train.jsonl``,
+  ``test-00000-of-00001.parquet``, or a ``train/`` sub-folder) only those of ``split`` are read;
+* anything else that is not an existing path is taken as a hub dataset name and loaded with
+  ``datasets.load_dataset(name, split=split)`` (imported lazily).
+
+Malformed records raise :class:`DataError` naming the file, the line and the problem; with
+``errors="collect"`` they are yielded instead as rows whose ``error`` is set and ``data`` is empty,
+so a data check can list every bad row in one pass.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+SUFFIXES = TEXT_SUFFIXES + (".parquet",)
+SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
+# Sources whose ``line`` is a 1-based line of a text file; for the rest it is a 0-based row index.
+_LINE_SOURCES = tuple(s + gz for s in TEXT_SUFFIXES for gz in ("", ".gz"))
+
+
+class DataError(ValueError):
+    """A problem with one row (or one file) of input data; the message names file, line and field."""
+
+    def __init__(self, message: str, *, source: str = "", line: int | None = None, field: str | None = None):
+        super().__init__(message)
+        self.source, self.line, self.field = source, line, field
+
+
+@dataclass(frozen=True)
+class Row:
+    """One record: where it came from and its fields. ``error`` is set only for collected bad records."""
+
+    source: str
+    line: int
+    data: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def location(source: str, line: int) -> str:
+    """Human-readable place of a row: ``data.jsonl line 4`` or ``data.parquet row 3``."""
+    unit = "line" if source.lower().endswith(_LINE_SOURCES) else "row"
+    return f"{source} {unit} {line}"
+
+
+def _suffix(path: Path) -> str:
+    """Data suffix ignoring a trailing .gz: ``a.jsonl.gz`` -> ``.jsonl``."""
+    name = path.name.removesuffix(".gz")
+    return Path(name).suffix.lower()
+
+
+def _open_text(path: Path):
+    if path.name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def read_rows(path, *, split: str = "train", errors: str = "raise") -> Iterator[Row]:
+    """Yield every row of ``path`` (file, folder or hub dataset name) as a :class:`Row`."""
+    if errors not in ("raise", "collect"):
+        raise ValueError(f"errors must be 'raise' or 'collect', got {errors!r}")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for file in _split_files(p, split):
+            yield from _read_file(file, errors)
+    elif p.is_file():
+        yield from _read_file(p, errors)
+    elif _looks_like_path(str(path)):
+        raise FileNotFoundError(f"data file or folder not found: {path}")
+    else:
+        yield from _read_hub(str(path), split)
+
+
+def _looks_like_path(text: str) -> bool:
+    name = text.removesuffix(".gz")
+    return (
+        name.lower().endswith(SUFFIXES)
+        or text.startswith(("/", ".", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+    )
+
+
+def _split_of(file: Path, root: Path) -> str | None:
+    """Split a file belongs to, from its sub-folder or its name (``train.jsonl``, ``test-0000.parquet``)."""
+    rel = file.relative_to(root)
+    if len(rel.parts) > 1 and rel.parts[0].lower() in SPLIT_NAMES:
+        return rel.parts[0].lower()
+    stem = rel.name.split(".")[0].lower()
+    for name in SPLIT_NAMES:
+        if stem == name or stem.startswith((f"{name}-", f"{name}_")):
+            return name
+    return None
+
+
+def _split_files(folder: Path, split: str) -> list[Path]:
+    """Data files of ``folder`` (and split sub-folders), sorted; only ``split``'s when files name splits."""
+    files = sorted(
+        f for f in folder.rglob("*")
+        if f.is_file() and _suffix(f) in SUFFIXES and len(f.relative_to(folder).parts) <= 2
+    )
+    files = [f for f in files if len(f.relative_to(folder).parts) == 1 or _split_of(f, folder)]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no data files ({', '.join(SUFFIXES)}, optionally .gz)")
+    splits = {f: _split_of(f, folder) for f in files}
+    if not any(splits.values()):
+        return files
+    chosen = [f for f in files if splits[f] == split.lower()]
+    if not chosen:
+        available = sorted({s for s in splits.values() if s})
+        raise FileNotFoundError(f"{folder}: no files for split {split!r}; splits present: {', '.join(available)}")
+    return chosen
+
+
+def _read_file(path: Path, errors: str) -> Iterator[Row]:
+    suffix = _suffix(path)
+    logger.info("reading %s", path)
+    if suffix == ".parquet":
+        yield from _read_parquet(path)
+    elif suffix in (".csv", ".tsv"):
+        yield from _read_csv(path, "\t" if suffix == ".tsv" else ",", errors)
+    elif suffix == ".json" and _starts_with_bracket(path):
+        yield from _read_json_array(path, errors)
+    elif suffix in (".json", ".jsonl"):
+        yield from _read_jsonl(path, errors)
+    else:
+        raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)} (optionally .gz)",
+                        source=str(path))
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with _open_text(path) as fh:
+        head = fh.read(4096).lstrip("\ufeff \t\r\n")
+    return head.startswith("[")
+
+
+def _bad(errors: str, source: str, line: int, message: str) -> Row:
+    """Raise (errors='raise') or return a collected bad row."""
+    if errors == "raise":
+        raise DataError(f"{location(source, line)}: {message}", source=source, line=line)
+    return Row(source, line, {}, error=message)
+
+
+def _read_jsonl(path: Path, errors: str) -> Iterator[Row]:
+    source, n_read = str(path), 0
+    with _open_text(path) as fh:
+        for lineno, text in enumerate(fh, start=1):
+            # 1. skip blank lines; 2. parse; 3. require an object
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield _bad(errors, source, lineno,
+                           f"invalid JSON ({exc.msg} at column {exc.colno}); {n_read} rows were read before it")
+                continue
+            if not isinstance(obj, dict):
+                yield _bad(errors, source, lineno, f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            n_read += 1
+            yield Row(source, lineno, obj)
+
+
+def _read_json_array(path: Path, errors: str) -> Iterator[Row]:
+    """Objects of a JSON array, each with the file line where it starts."""
+    source = str(path)
+    with _open_text(path) as fh:
+        text = fh.read()
+    decoder, pos, line = json.JSONDecoder(), text.index("[") + 1, 1
+    line += text.count("\n", 0, pos)
+    while True:
+        # 1. skip whitespace and separators, counting lines; 2. stop at "]"; 3. decode one value
+        start = pos
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        line += text.count("\n", start, pos)
+        if pos >= len(text):
+            raise DataError(f"{source} line {line}: invalid JSON (the array is not closed with ']')",
+                            source=source, line=line)
+        if text[pos] == "]":
+            return
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{source} line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})",
+                            source=source, line=exc.lineno) from None
+        if isinstance(obj, dict):
+            yield Row(source, line, obj)
+        else:
+            yield _bad(errors, source, line, f"expected a JSON object, got {type(obj).__name__}")
+        line += text.count("\n", pos, end)
+        pos = end
+
+
+def _read_csv(path: Path, delimiter: str, errors: str) -> Iterator[Row]:
+    source = str(path)
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    with _open_text(path) as fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return
+        header[0] = header[0].lstrip("\ufeff")
+        start = reader.line_num + 1
+        for record in reader:
+            # 1. the record started on the line after the previous one ended; 2. check its width
+            line, start = start, reader.line_num + 1
+            if not record:
+                continue
+            if len(record) != len(header):
+                yield _bad(errors, source, line,
+                           f"expected {len(header)} fields ({', '.join(header)}), got {len(record)}")
+                continue
+            yield Row(source, line, dict(zip(header, record)))
+
+
+def _read_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    source, index = str(path), 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for obj in batch.to_pylist():
+            yield Row(source, index, obj)
+            index += 1
+
+
+def _read_hub(name: str, split: str) -> Iterator[Row]:
+    import datasets
+
+    logger.info("loading hub dataset %s (split %s)", name, split)
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # any failure: re-raised with the context a user needs
+        raise FileNotFoundError(
+            f"{name!r} is not an existing file or folder, and loading it as a hub dataset failed: {exc}"
+        ) from exc
+    source = f"hub:{name}[{split}]"
+    for index, obj in enumerate(dataset):
+        yield Row(source, index, dict(obj))
+
+
+# ----------------------------------------------------------------------------------------------
+# Row-level validation shared by the preference and SFT loaders.
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class RowProblem(Exception):
+    """Raised by a row parser: ``field`` is the offending field (``chosen[1].content``), ``message`` why."""
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A row that could not be used, with the field at fault (None for whole-record problems)."""
+
+    source: str
+    line: int
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = location(self.source, self.line)
+        return f"{where}: field {self.field!r}: {self.message}" if self.field else f"{where}: {self.message}"
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "line": self.line, "field": self.field, "message": self.message}
+
+
+class LoadedRows(list):
+    """The loaded rows (a plain list) plus what loading found along the way.
+
+    ``format``: the format used (detected or given); ``rows_read``: records seen, bad ones included;
+    ``malformed``: :class:`Malformed` rows (``errors="collect"``); ``skipped``: ``{reason: [(source, line)]}``
+    for rows left out on purpose (e.g. multi-turn HH transcripts); ``locations``: ``(source, line)`` per row.
+    """
+
+    def __init__(self, items=(), *, format: str = "", rows_read: int = 0):
+        super().__init__(items)
+        self.format = format
+        self.rows_read = rows_read
+        self.malformed: list[Malformed] = []
+        self.skipped: dict[str, list[tuple[str, int]]] = {}
+        self.locations: list[tuple[str, int]] = []
+
+
+def problem_to_error(row: Row, problem: RowProblem) -> DataError:
+    """The exception raised for ``problem`` in ``row`` (errors='raise')."""
+    text = str(Malformed(row.source, row.line, problem.field, problem.message))
+    return DataError(text, source=row.source, line=row.line, field=problem.field)
+
+
+def apply_columns(data: dict, columns: dict | None, allowed: tuple[str, ...]) -> dict:
+    """Copy of ``data`` with ``columns`` ({canonical: source column}) mapped onto the canonical names."""
+    if not columns:
+        return data
+    unknown = sorted(set(columns) - set(allowed))
+    if unknown:
+        raise ValueError(f"columns: unknown target(s) {unknown}; map onto {', '.join(allowed)}")
+    out = dict(data)
+    for canonical, column in columns.items():
+        if column not in data:
+            raise RowProblem(column, f"missing (mapped to {canonical!r}); columns present: {', '.join(map(str, data))}")
+        out[canonical] = data[column]
+    return out
+
+
+def get_text(data: dict, name: str, label: str | None = None) -> str:
+    """``data[name]`` as a string, or a RowProblem naming the field."""
+    label = label or name
+    if name not in data or data[name] is None:
+        raise RowProblem(label, "missing" if name not in data else "is null")
+    value = data[name]
+    if not isinstance(value, str):
+        raise RowProblem(label, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def is_messages(value) -> bool:
+    """True for a non-empty list whose first item is a dict with a role (TRL's conversational test)."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
+def get_messages(data: dict, name: str) -> list[dict]:
+    """``data[name]`` as a validated message list [{"role", "content"}] (other keys dropped)."""
+    if name not in data or data[name] is None:
+        raise RowProblem(name, "missing" if name not in data else "is null")
+    value = data[name]
+    if not isinstance(value, list) or not value:
+        what = "an empty list" if isinstance(value, list) else type(value).__name__
+        raise RowProblem(name, f"expected a non-empty list of messages, got {what}")
+    out = []
+    for i, msg in enumerate(value):
+        # 1. a dict; 2. a known role; 3. string content
+        if not isinstance(msg, dict):
+            raise RowProblem(f"{name}[{i}]", f"expected a message dict, got {type(msg).__name__}")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise RowProblem(f"{name}[{i}].role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+        out.append({"role": role, "content": get_text(msg, "content", f"{name}[{i}].content")})
+    return out
+
+
+def empty_field(value, name: str) -> str | None:
+    """Name of the first empty (whitespace-only) text in a string or message list, else None."""
+    if isinstance(value, str):
+        return name if not value.strip() else None
+    if not value:
+        return name
+    for i, msg in enumerate(value):
+        if not msg["content"].strip():
+            return f"{name}[{i}].content"
+    return None
