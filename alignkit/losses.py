@@ -1,0 +1,361 @@
+"""From-scratch losses: token log-probs, the per-instance DPO loss and a table of batched preference losses.
+
+Preference losses take per-sequence log-probabilities (tensors in, no model, no trainer) and return
+``(losses (B,), chosen_rewards (B,) detached, rejected_rewards (B,) detached)``; the caller reduces
+(``losses.mean()``). Conventions follow TRL 1.16 so that the same numbers come out of TRL's trainers:
+
+=========  ==========================================  =========================================
+name       paper                                       TRL 1.16 equivalent
+=========  ==========================================  =========================================
+dpo        Rafailov et al. 2023, Eq. 7                 ``DPOTrainer`` ``loss_type="sigmoid"``
+cdpo       Mitchell 2023 (conservative DPO)            ``CPOTrainer`` ``sigmoid`` + label_smoothing
+                                                       on the DPO log-ratios (TRL 1.16's DPOTrainer
+                                                       has no cDPO: its ``label_smoothing`` only
+                                                       feeds ``robust``/``exo_pair``)
+robust     Chowdhury et al. 2024 (rDPO), Eq. 7         ``DPOTrainer`` ``loss_type="robust"``
+hinge      Zhao et al. 2023 (SLiC-HF)                  ``DPOTrainer`` ``loss_type="hinge"``
+ipo        Azar et al. 2023, Eq. 17                    ``DPOTrainer`` ``loss_type="ipo"``
+simpo      Meng et al. 2024, Eq. 6                     ``CPOTrainer`` ``loss_type="simpo"``, cpo_alpha=0
+orpo       Hong et al. 2024, Eqs. 4, 7 (odds-ratio     ``ORPOTrainer.odds_ratio_loss`` (negated:
+           term only; caller adds the SFT NLL)         TRL returns ``beta * logsigmoid(log_odds)``)
+=========  ==========================================  =========================================
+
+Length normalisation: IPO, SimPO and ORPO use per-token *mean* log-probs in TRL. Pass summed logps plus
+``chosen_lengths``/``rejected_lengths`` (number of completion tokens) and they are averaged here; or pass
+mean logps and leave the lengths ``None``. For IPO without lengths the loss uses sequence sums (the paper's
+form, which TRL no longer uses). DPO/cDPO/robust/hinge ignore the lengths.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from alignkit.resources import prompt as _bundled_prompt
+
+__all__ = [
+    "PREFERENCE_LOSSES",
+    "REFERENCE_FREE",
+    "PreferenceLoss",
+    "cdpo_loss",
+    "dpo_loss",
+    "get_preference_loss",
+    "hinge_loss",
+    "ipo_loss",
+    "orpo_loss",
+    "per_instance_dpo_loss",
+    "robust_dpo_loss",
+    "selective_log_softmax",
+    "sequence_log_probs",
+    "simpo_loss",
+]
+
+LossOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+PreferenceLoss = Callable[..., LossOutput]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token log-probabilities
+# ----------------------------------------------------------------------------------------------------------
+#: elements of one float32 chunk when ``chunk_size`` is not given (64 MiB)
+CHUNK_ELEMENTS = 1 << 24
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """Chunked ``log_softmax(x).gather(index)`` whose backward recomputes softmax chunk by chunk.
+
+    Saves only the logits (already alive in the graph) and the ``(N,)`` row normalisers, so neither pass
+    holds a float32 ``(N, V)`` tensor: d logp_i / d x_iv = 1[v = index_i] - softmax(x_i)_v.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, index: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        n = logits.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=logits.device)  # (N,)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)  # (N,)
+        for start in range(0, n, chunk_size):
+            # 1. one row chunk in float32 (n, V); 2. label logit minus the row normaliser
+            chunk = logits[start : start + chunk_size].float()
+            lse[start : start + chunk_size] = torch.logsumexp(chunk, dim=-1)
+            picked = chunk.gather(-1, index[start : start + chunk_size]).squeeze(-1)  # (n,)
+            out[start : start + chunk_size] = picked - lse[start : start + chunk_size]
+        ctx.save_for_backward(logits, index, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, index, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)  # (N, V) in the logits' dtype
+        for start in range(0, logits.shape[0], ctx.chunk_size):
+            # 1. softmax of the chunk from the saved normaliser; 2. g = grad_out * (onehot - softmax)
+            rows = slice(start, start + ctx.chunk_size)
+            g_out = grad_out[rows].float().unsqueeze(-1)  # (n, 1)
+            g = torch.exp(logits[rows].float() - lse[rows].unsqueeze(-1)).mul_(-g_out)  # (n, V)
+            g.scatter_add_(-1, index[rows], g_out)
+            grad[rows] = g.to(grad.dtype)
+        return grad, None, None
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size: int | None = None
+                          ) -> torch.Tensor:
+    """``log_softmax(logits.float(), -1).gather(-1, index)`` without a float32 copy of the whole logits.
+
+    Rows (all leading dims flattened) are processed ``chunk_size`` at a time (default: as many rows as fit
+    in :data:`CHUNK_ELEMENTS` floats): the label logit is gathered and the row's float32 ``logsumexp``
+    subtracted. The backward pass recomputes the softmax per chunk, so training does not keep a float32
+    ``(B, T, V)`` tensor either.
+
+    Args:
+        logits: ``(..., V)`` any float dtype.
+        index: ``(...)`` integer label ids, same leading shape as ``logits``.
+    Returns:
+        ``(...)`` float32 log-probabilities.
+    """
+    if logits.shape[:-1] != index.shape:
+        raise ValueError(
+            f"selective_log_softmax: index shape {tuple(index.shape)} must equal logits shape without the "
+            f"vocab dim {tuple(logits.shape[:-1])}"
+        )
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    if chunk_size < 1:
+        raise ValueError(f"selective_log_softmax: chunk_size must be >= 1, got {chunk_size}")
+    flat_logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    flat_index = index.reshape(-1, 1).long()  # (N, 1)
+    return _SelectiveLogSoftmax.apply(flat_logits, flat_index, chunk_size).view(index.shape)
+
+
+def sequence_log_probs(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, *, average: bool = False
+) -> torch.Tensor:
+    """Per-sequence sum (or mean, ``average=True``) of label log-probs over ``mask``.
+
+    ``logits`` ``(B, T, V)`` are already aligned with ``labels`` ``(B, T)`` (position t predicts labels[t]).
+    ``mask`` ``(B, T)``; when ``None`` it is ``labels != -100`` (the HF ignore index); ignored positions may
+    hold any label. Returns ``(B,)`` float32.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"sequence_log_probs: logits must be (B, T, V) and labels (B, T); got logits "
+            f"{tuple(logits.shape)}, labels {tuple(labels.shape)}"
+        )
+    if mask is None:
+        mask = labels != -100
+    if mask.shape != labels.shape:
+        raise ValueError(f"sequence_log_probs: mask shape {tuple(mask.shape)} != labels {tuple(labels.shape)}")
+    safe_labels = labels.masked_fill(~mask.bool(), 0)  # (B, T)
+    token_logps = selective_log_softmax(logits, safe_labels) * mask  # (B, T)
+    total = token_logps.sum(-1)  # (B,)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-instance DPO (CS336 A5 supplement section 5.3)
+# ----------------------------------------------------------------------------------------------------------
+def _whole_text_logp(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Sum over t >= 1 of log p(x_t | x_<t) for one tokenized text ``(1, T)``; returns a 0-dim tensor."""
+    logits = model(input_ids).logits  # (1, T, V)
+    return selective_log_softmax(logits[:, :-1], input_ids[:, 1:]).sum()
+
+
+def _alpaca_ids(tokenizer, template: str, prompt: str, response: str) -> list[int]:
+    text = template.format(instruction=prompt, response=response)
+    return tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def per_instance_dpo_loss(lm, lm_ref, tokenizer, beta: float, prompt: str, response_chosen: str,
+                          response_rejected: str) -> torch.Tensor:
+    """DPO loss of one preference pair (Rafailov et al. 2023, Eq. 7; CS336 A5 supplement Eq. 3).
+
+    ``-log sigmoid(beta * ((log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))))``
+
+    Each response is formatted with the Alpaca template (``resources.prompt("alpaca_sft")``), tokenized with
+    the tokenizer's default special tokens, and ``eos_token_id`` appended. Log-probabilities are those of the
+    whole text (the prompt's terms cancel in the difference). ``lm_ref`` runs under ``no_grad`` on its own
+    device; the result is a scalar on ``lm``'s device with gradient into ``lm`` only.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("per_instance_dpo_loss: tokenizer has no eos_token_id")
+    template = _bundled_prompt("alpaca_sft")
+    lm_device = next(lm.parameters()).device
+    ref_device = next(lm_ref.parameters()).device
+    logratios = []
+    for response in (response_chosen, response_rejected):
+        # 1. tokenize "template(prompt, response) + EOS"
+        ids = torch.tensor([_alpaca_ids(tokenizer, template, prompt, response)])  # (1, T)
+        # 2. policy log-prob with grad, reference log-prob without, both on lm's device
+        policy = _whole_text_logp(lm, ids.to(lm_device))
+        with torch.no_grad():
+            ref = _whole_text_logp(lm_ref, ids.to(ref_device)).to(lm_device)
+        logratios.append(policy - ref)
+    return -F.logsigmoid(beta * (logratios[0] - logratios[1]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batched preference losses
+# ----------------------------------------------------------------------------------------------------------
+def _check_pair(name: str, chosen: torch.Tensor, rejected: torch.Tensor, **others) -> None:
+    if chosen.dim() != 1 or chosen.shape != rejected.shape:
+        raise ValueError(
+            f"{name}: policy_chosen_logps and policy_rejected_logps must both be (B,); got "
+            f"{tuple(chosen.shape)} and {tuple(rejected.shape)}"
+        )
+    for arg, value in others.items():
+        if value is not None and value.shape != chosen.shape:
+            raise ValueError(f"{name}: {arg} has shape {tuple(value.shape)}, expected {tuple(chosen.shape)}")
+
+
+def _logratios(name, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    if ref_chosen_logps is None or ref_rejected_logps is None:
+        raise ValueError(f"{name} needs ref_chosen_logps and ref_rejected_logps (it is a reference-based loss)")
+    _check_pair(name, policy_chosen_logps, policy_rejected_logps,
+                ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    return policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps  # (B,), (B,)
+
+
+def _per_token(logps: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    return logps if lengths is None else logps / lengths.to(logps.dtype).clamp(min=1)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
+             beta: float, **_unused) -> LossOutput:
+    """DPO (Rafailov et al. 2023, Eq. 7): ``-log sigmoid(beta * (r_w - r_l))``, ``r = logp - logp_ref``.
+
+    Rewards: ``beta * (logp - logp_ref)``. Same as TRL's ``loss_type="sigmoid"``.
+    """
+    chosen_lr, rejected_lr = _logratios("dpo", policy_chosen_logps, policy_rejected_logps,
+                                        ref_chosen_logps, ref_rejected_logps)
+    losses = -F.logsigmoid(beta * (chosen_lr - rejected_lr))  # (B,)
+    return losses, beta * chosen_lr.detach(), beta * rejected_lr.detach()
+
+
+def cdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
+              beta: float, label_smoothing: float = 0.0, **_unused) -> LossOutput:
+    """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"), labels flipped w.p. eps:
+
+    ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``, ``h = r_w - r_l``. ``eps = 0`` is DPO.
+    (TRL <= 0.2x's ``sigmoid`` with label_smoothing; in TRL 1.16 only CPOTrainer keeps this form.)
+    """
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"cdpo: label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    chosen_lr, rejected_lr = _logratios("cdpo", policy_chosen_logps, policy_rejected_logps,
+                                        ref_chosen_logps, ref_rejected_logps)
+    h = beta * (chosen_lr - rejected_lr)  # (B,)
+    losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    return losses, beta * chosen_lr.detach(), beta * rejected_lr.detach()
+
+
+def robust_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
+                    *, beta: float, label_smoothing: float = 0.0, **_unused) -> LossOutput:
+    """Robust DPO (Chowdhury et al. 2024, Eq. 7), unbiased under label-flip rate eps in [0, 0.5):
+
+    ``(-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)``. TRL ``loss_type="robust"``.
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_lr, rejected_lr = _logratios("robust", policy_chosen_logps, policy_rejected_logps,
+                                        ref_chosen_logps, ref_rejected_logps)
+    h = beta * (chosen_lr - rejected_lr)  # (B,)
+    losses = (-(1 - label_smoothing) * F.logsigmoid(h) + label_smoothing * F.logsigmoid(-h)) / (
+        1 - 2 * label_smoothing
+    )
+    return losses, beta * chosen_lr.detach(), beta * rejected_lr.detach()
+
+
+def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
+               beta: float, **_unused) -> LossOutput:
+    """SLiC-HF hinge (Zhao et al. 2023, Eq. 2 on DPO log-ratios): ``relu(1 - beta (r_w - r_l))``. TRL ``hinge``."""
+    chosen_lr, rejected_lr = _logratios("hinge", policy_chosen_logps, policy_rejected_logps,
+                                        ref_chosen_logps, ref_rejected_logps)
+    losses = torch.relu(1 - beta * (chosen_lr - rejected_lr))
+    return losses, beta * chosen_lr.detach(), beta * rejected_lr.detach()
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
+             beta: float, chosen_lengths=None, rejected_lengths=None, **_unused) -> LossOutput:
+    """IPO (Azar et al. 2023, Eq. 17), beta is the paper's tau: ``(h - 1 / (2 beta))^2``.
+
+    ``h = r_w / |y_w| - r_l / |y_l|`` with per-token averaged log-ratios when lengths are given (TRL 1.16's
+    ``loss_type="ipo"``, confirmed with the IPO authors), sequence sums when they are ``None``.
+    Rewards: ``beta * (logp - logp_ref)`` on the summed log-ratios, as TRL logs them.
+    """
+    _check_pair("ipo", policy_chosen_logps, policy_rejected_logps,
+                chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    chosen_lr, rejected_lr = _logratios("ipo", policy_chosen_logps, policy_rejected_logps,
+                                        ref_chosen_logps, ref_rejected_logps)
+    h = _per_token(chosen_lr, chosen_lengths) - _per_token(rejected_lr, rejected_lengths)  # (B,)
+    losses = (h - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen_lr.detach(), beta * rejected_lr.detach()
+
+
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
+               beta: float, gamma: float = 0.5, label_smoothing: float = 0.0, chosen_lengths=None,
+               rejected_lengths=None, **_unused) -> LossOutput:
+    """SimPO (Meng et al. 2024, Eq. 6), reference-free with target margin gamma:
+
+    ``-log sigmoid(beta * logp_w / |y_w| - beta * logp_l / |y_l| - gamma)`` (label smoothing as in cDPO).
+    Pass mean logps, or sums plus lengths. ``ref_*`` are ignored. Rewards: ``beta * mean logp``.
+    TRL: ``CPOTrainer(loss_type="simpo", simpo_gamma=gamma, cpo_alpha=0)``.
+    """
+    _check_pair("simpo", policy_chosen_logps, policy_rejected_logps,
+                chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    chosen = _per_token(policy_chosen_logps, chosen_lengths)  # (B,)
+    rejected = _per_token(policy_rejected_logps, rejected_lengths)  # (B,)
+    h = beta * (chosen - rejected) - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler 2012); x is clamped below 0."""
+    x = x.clamp(max=-1e-12)
+    near_zero = x > -0.6931471805599453
+    # each branch only sees inputs where it is accurate, so neither yields inf/NaN gradients through where()
+    upper = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -1.0))))
+    lower = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -1.0), x)))
+    return torch.where(near_zero, upper, lower)
+
+
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
+              beta: float, chosen_lengths=None, rejected_lengths=None, **_unused) -> LossOutput:
+    """ORPO odds-ratio term (Hong et al. 2024, Eqs. 4 and 7), beta is the paper's lambda:
+
+    ``-beta * log sigmoid(log odds(y_w) - log odds(y_l))``, ``odds(y) = P(y) / (1 - P(y))`` on per-token mean
+    logps. The full ORPO objective is ``NLL(y_w) + losses.mean()``; the caller adds the NLL. TRL's
+    ``odds_ratio_loss`` returns ``beta * logsigmoid(...)`` (the negative of ours) and subtracts its mean.
+    Computed in float32. Rewards: ``beta * mean logp``. ``ref_*`` are ignored.
+    """
+    _check_pair("orpo", policy_chosen_logps, policy_rejected_logps,
+                chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    chosen = _per_token(policy_chosen_logps.float(), chosen_lengths)  # (B,)
+    rejected = _per_token(policy_rejected_logps.float(), rejected_lengths)  # (B,)
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))  # (B,)
+    losses = -beta * F.logsigmoid(log_odds)
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
+    "dpo": dpo_loss,
+    "cdpo": cdpo_loss,
+    "robust": robust_dpo_loss,
+    "hinge": hinge_loss,
+    "ipo": ipo_loss,
+    "simpo": simpo_loss,
+    "orpo": orpo_loss,
+}
+
+#: losses that ignore the reference model's log-probs (the caller may skip the reference forward)
+REFERENCE_FREE = frozenset({"simpo", "orpo"})
+
+
+def get_preference_loss(name: str) -> PreferenceLoss:
+    """The loss function called ``name`` in :data:`PREFERENCE_LOSSES` (common signature, see module doc)."""
+    try:
+        return PREFERENCE_LOSSES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown preference loss {name!r}; valid names: {', '.join(sorted(PREFERENCE_LOSSES))}"
+        ) from None
