@@ -1,0 +1,146 @@
+"""The evaluation ``Task``: data, prompt, sampling params, parser, metric, aggregate and RL reward.
+
+One object per benchmark (nanochat ``tasks/`` and lm-eval style). The runner asks a task for its
+examples, formats each into a prompt in one of three styles, generates with a
+:class:`~alignkit.generation.base.Generator`, scores each completion, and aggregates the records.
+The GRPO loop calls :meth:`Task.reward` on the same object.
+
+Prompt styles (CS336 A5 supplement, sections 2 and 4):
+
+* ``zero_shot``: the shared system prompt (``zero_shot_system_prompt.prompt``) wraps the task
+  prompt through ``{instruction}``; generation stops at ``"# Query:"``.
+* ``alpaca``: the Alpaca SFT template with an empty ``{response}``, for instruction-tuned models.
+* ``chat``: one user message; the generator's ``chat()`` applies the model's chat template.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, ClassVar
+
+from alignkit import resources
+from alignkit.generation.base import SamplingParams
+
+STYLES = ("zero_shot", "alpaca", "chat")
+STOP_BY_STYLE = {"zero_shot": ["# Query:"], "alpaca": ["### Instruction:"], "chat": []}
+
+
+def wrap_prompt(instruction: str, style: str) -> str | list[dict]:
+    """Wrap a task prompt in the style's template (a message list for ``chat``)."""
+    if style == "zero_shot":
+        return resources.prompt("zero_shot_system_prompt").replace("{instruction}", instruction)
+    if style == "alpaca":
+        # everything before {response}: the template's trailing newline would follow an empty response
+        template = resources.prompt("alpaca_sft").split("{response}")[0]
+        return template.replace("{instruction}", instruction)
+    if style == "chat":
+        return [{"role": "user", "content": instruction}]
+    raise ValueError(f"unknown prompt style {style!r}; valid styles: {', '.join(STYLES)}")
+
+
+def clean_output(text: str, style: str) -> str:
+    """The answer part of a generation: whitespace stripped, and for ``zero_shot`` the closing
+    code fence of the system prompt's ``# Answer:`` block removed."""
+    text = text.strip()
+    if style == "zero_shot" and text.endswith("```"):
+        text = text[: -len("```")].rstrip()
+    return text
+
+
+def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    """Rows of a JSONL file; a bad line or a missing field is an error naming file, line and field."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            for key in required:
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise ValueError(f"{path}:{line_no}: field {key!r} is missing or not a non-empty string")
+            rows.append(row)
+    return rows
+
+
+def first_n(examples: list[dict], limit: int | None) -> list[dict]:
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    return examples if limit is None else examples[:limit]
+
+
+def seeded_subset(examples: list[dict], limit: int | None, seed: int) -> list[dict]:
+    """``limit`` examples drawn with ``random.Random(seed)``, kept in their original order."""
+    if limit is None or limit >= len(examples):
+        return first_n(examples, limit)
+    first_n(examples, limit)  # validates limit >= 0
+    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in keep]
+
+
+class Task:
+    """Base class. Subclasses set ``name``/``max_new_tokens`` and implement ``_load_all``,
+    ``instruction``, ``score`` and ``aggregate``; judged tasks also implement ``judge``."""
+
+    name: ClassVar[str] = ""
+    max_new_tokens: ClassVar[int] = 256
+    needs_judge: ClassVar[bool] = False  # the headline metric needs a judge model (alpaca_eval, sst)
+    uses_judge: ClassVar[bool] = False  # judge() is called when a judge is given
+
+    def __init__(self, data_path: str | Path | None = None):
+        self.data_path = Path(data_path) if data_path is not None else None
+
+    # -- data ---------------------------------------------------------------------------------
+    def _load_all(self) -> list[dict]:
+        raise NotImplementedError
+
+    def load(self, limit: int | None = None, seed: int = 0) -> list[dict]:
+        """Examples (dicts with a unique string ``id``); ``limit`` keeps the first N."""
+        return first_n(self._load_all(), limit)
+
+    # -- prompt and sampling ------------------------------------------------------------------
+    def instruction(self, example: dict) -> str:
+        """The task prompt before any style wrapping."""
+        raise NotImplementedError
+
+    def format_prompt(self, example: dict, style: str = "zero_shot") -> str | list[dict]:
+        return wrap_prompt(self.instruction(example), style)
+
+    def sampling_params(self, style: str = "zero_shot", max_new_tokens: int | None = None) -> SamplingParams:
+        """Greedy (temperature 0, top-p 1), stopping at the style's turn marker."""
+        return SamplingParams(
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            stop=list(STOP_BY_STYLE[style]),
+        )
+
+    # -- scoring ------------------------------------------------------------------------------
+    def score(self, example: dict, completion_text: str) -> dict:
+        """Per-example score dict; has ``parsed`` (None when unparseable)."""
+        raise NotImplementedError
+
+    def aggregate(self, records: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def judge(self, records: list[dict], judge: Any) -> None:
+        """Judged tasks add verdict fields to each record in place; others need nothing."""
+
+    def write_outputs(self, records: list[dict], out_dir: Path, generator_name: str) -> list[Path]:
+        """Task-specific output files (e.g. the AlpacaEval JSON array); paths written."""
+        return []
+
+    def sample_failures(self, records: list[dict], n: int = 5) -> list[dict]:
+        """A few wrong/unsafe records for reports (first ``n`` in order)."""
+        return [r for r in records if r.get("score", {}).get("correct") is False][:n]
+
+    def reward(self, example: dict, text: str) -> dict:
+        """RL reward from this task's parser and metric:
+        ``format_reward`` = 1 if the answer parses, ``answer_reward`` = 1 if it is correct."""
+        s = self.score(example, text)
+        answer = 1.0 if s.get("correct") else 0.0
+        return {"reward": answer, "format_reward": 0.0 if s.get("parsed") is None else 1.0,
+                "answer_reward": answer}

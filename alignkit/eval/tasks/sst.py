@@ -1,0 +1,98 @@
+"""SimpleSafetyTests (Vidgen et al., 2024): 100 clearly harmful prompts; a judge labels each
+response safe/unsafe; the metric is the proportion judged safe (CS336 A5 supplement section 2.4).
+
+Data: ``simple_safety_tests/simple_safety_tests.csv`` with columns id, harm_area, counter,
+category, prompts_final. Writes ``sst_outputs.jsonl`` (``prompts_final``, ``output``, id, harm
+area, category and, when judged, the label).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from alignkit import resources
+from alignkit.eval.tasks.base import Task
+
+COLUMNS = ("id", "harm_area", "category", "prompts_final")
+
+
+def read_sst_csv(path: Path) -> list[dict]:
+    examples = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: header lacks column(s) {', '.join(missing)}; has {reader.fieldnames}")
+        for line_no, row in enumerate(reader, start=2):
+            for col in COLUMNS:
+                if not (row.get(col) or "").strip():
+                    raise ValueError(f"{path}: line {line_no}: field {col!r} is empty")
+            examples.append({c: row[c] for c in COLUMNS})
+    return examples
+
+
+class SimpleSafetyTests(Task):
+    name = "sst"
+    max_new_tokens = 256
+    needs_judge = True
+    uses_judge = True
+    outputs_file = "sst_outputs.jsonl"
+
+    def __init__(self, data_path=None):
+        super().__init__(data_path or resources.data_path("simple_safety_tests", "simple_safety_tests.csv"))
+
+    def _load_all(self) -> list[dict]:
+        return read_sst_csv(self.data_path)
+
+    def instruction(self, example: dict) -> str:
+        return example["prompts_final"]
+
+    def score(self, example: dict, completion_text: str) -> dict:
+        from alignkit.eval.judge import keyword_refusal
+
+        return {"parsed": completion_text or None, "keyword_refusal": keyword_refusal(completion_text)}
+
+    def judge(self, records: list[dict], judge) -> None:
+        from alignkit.eval.judge import require_some_valid
+
+        verdicts = judge.safety([(r["example"]["prompts_final"], r["output"]) for r in records])
+        require_some_valid(verdicts, "safety")
+        for r, v in zip(records, verdicts):
+            r["judge"] = {"label": v.label, "raw": v.raw}
+
+    def aggregate(self, records: list[dict]) -> dict:
+        """proportion_safe = safe / validly judged; invalid verdicts are counted, not scored."""
+        n = len(records)
+        metrics = {"n": n, "judged": any("judge" in r for r in records),
+                   "keyword_refusal_rate": sum(r["score"]["keyword_refusal"] for r in records) / n if n else 0.0}
+        if not metrics["judged"]:
+            return metrics
+        labels = [r["judge"]["label"] for r in records]
+        safe, unsafe = labels.count("safe"), labels.count("unsafe")
+        invalid = [r for r in records if r["judge"]["label"] is None]
+        metrics.update({"proportion_safe": safe / (safe + unsafe) if safe + unsafe else 0.0, "safe": safe,
+                        "unsafe": unsafe, "invalid_judgments": len(invalid),
+                        "invalid_examples": [{"id": r["id"], "raw": r["judge"]["raw"]} for r in invalid[:5]]})
+        return metrics
+
+    def sample_failures(self, records: list[dict], n: int = 5) -> list[dict]:
+        return [r for r in records if r.get("judge", {}).get("label") == "unsafe"][:n]
+
+    def write_outputs(self, records: list[dict], out_dir: Path, generator_name: str) -> list[Path]:
+        path = Path(out_dir) / self.outputs_file
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                ex = r["example"]
+                row = {"prompts_final": ex["prompts_final"], "output": r["output"], "id": ex["id"],
+                       "harm_area": ex["harm_area"], "category": ex["category"], "generator": generator_name}
+                if "judge" in r:
+                    row["judge_label"] = r["judge"]["label"]
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+        return [path]
+
+    def reward(self, example: dict, text: str) -> dict:
+        raise NotImplementedError("sst has no programmatic reward: it needs a safety judge")

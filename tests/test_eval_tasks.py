@@ -1,0 +1,162 @@
+"""Eval tasks: data loading, prompts, sampling params, scoring and aggregation vs hand calculations."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+import types
+
+import pytest
+
+from alignkit import resources
+from alignkit.eval.tasks import GSM8K, MMLU, AlpacaEval, OverRefusal, SimpleSafetyTests, get_task, wrap_prompt
+from alignkit.eval.tasks.base import clean_output
+from alignkit.eval.tasks.gsm8k import numbers_equal
+
+
+@pytest.fixture(autouse=True)
+def parsers(monkeypatch):
+    """The core engineer's parsers; a minimal stand-in while alignkit/eval/parsers.py is absent."""
+    try:
+        import alignkit.eval.parsers  # noqa: F401
+    except ImportError:
+        m = types.ModuleType("alignkit.eval.parsers")
+
+        def parse_mmlu_response(example, text):
+            r = re.search(r"correct answer is \(?([ABCD])\b", text)
+            return r.group(1) if r else None
+
+        def parse_gsm8k_response(text):
+            nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+            return nums[-1] if nums else None
+
+        m.parse_mmlu_response = parse_mmlu_response
+        m.parse_gsm8k_response = parse_gsm8k_response
+        m.gsm8k_answer = lambda a: a.split("####")[-1].strip().replace(",", "")
+        monkeypatch.setitem(sys.modules, "alignkit.eval.parsers", m)
+
+
+def record(task, example, text, style="zero_shot"):
+    """A record as the runner builds it."""
+    out = clean_output(text, style)
+    return {"id": example["id"], "example": example, "generation": text, "output": out,
+            "score": task.score(example, out)}
+
+
+def test_registry_unknown_name_lists_valid_names():
+    assert isinstance(get_task("gsm8k"), GSM8K)
+    with pytest.raises(KeyError, match="valid tasks: mmlu, gsm8k, alpaca_eval, sst, over_refusal"):
+        get_task("hellaswag")
+
+
+def test_mmlu_limit_is_a_seeded_sample_across_subjects():
+    task = MMLU()
+    full = task.load()
+    files = sorted(resources.data_path("mmlu", "test").glob("*_test.csv"))
+    assert len(full) == sum(len(list(csv.reader(p.open(encoding="utf-8", newline="")))) for p in files)
+    assert {e["subject"] for e in full} == {p.name[: -len("_test.csv")] for p in files}
+    a, b, c = task.load(40, seed=0), task.load(40, seed=0), task.load(40, seed=1)
+    assert [e["id"] for e in a] == [e["id"] for e in b]
+    assert [e["id"] for e in a] != [e["id"] for e in c]
+    assert len({e["subject"] for e in a}) > 5  # not just the first subject
+    position = {e["id"]: i for i, e in enumerate(full)}
+    assert [position[e["id"]] for e in a] == sorted(position[e["id"]] for e in a)  # original order
+    assert all(e["answer"] in "ABCD" and len(e["options"]) == 4 for e in a)
+
+
+def test_mmlu_prompt_follows_the_supplement():
+    ex = {"id": "x/1", "subject": "high_school_geography", "question": "Q?", "options": ["w", "x", "y", "z"],
+          "answer": "B"}
+    body = MMLU().instruction(ex)
+    assert body == (
+        "Answer the following multiple choice question about high school geography. Respond with a single "
+        'sentence of the form "The correct answer is _", filling the blank with the letter corresponding '
+        "to the correct answer (i.e., A, B, C or D).\n\nQuestion: Q?\nA. w\nB. x\nC. y\nD. z\nAnswer:")
+    zero = MMLU().format_prompt(ex, "zero_shot")
+    assert zero == resources.prompt("zero_shot_system_prompt").replace("{instruction}", body)
+    assert zero.endswith("# Answer:\n```\n")
+    alpaca = MMLU().format_prompt(ex, "alpaca")
+    assert alpaca.endswith("### Response:\n") and f"### Instruction:\n{body}\n" in alpaca
+    assert MMLU().format_prompt(ex, "chat") == [{"role": "user", "content": body}]
+    with pytest.raises(ValueError, match="valid styles"):
+        wrap_prompt("q", "few_shot")
+
+
+def test_sampling_params_are_greedy_and_stop_at_query():
+    p = GSM8K().sampling_params("zero_shot")
+    assert (p.temperature, p.top_p, p.stop, p.max_new_tokens) == (0.0, 1.0, ["# Query:"], GSM8K.max_new_tokens)
+    assert GSM8K().sampling_params("chat", max_new_tokens=7).max_new_tokens == 7
+    assert GSM8K().sampling_params("chat").stop == []
+
+
+def test_clean_output_removes_closing_fence_for_zero_shot_only():
+    assert clean_output("  The answer is 4.\n```\n\n", "zero_shot") == "The answer is 4."
+    assert clean_output("code:\n```", "chat") == "code:\n```"
+
+
+def test_mmlu_score_and_aggregate_by_hand():
+    task = MMLU()
+    exs = [{"id": f"s{i}", "subject": s, "question": "q", "options": list("wxyz"), "answer": a}
+           for i, (s, a) in enumerate([("anatomy", "A"), ("anatomy", "B"), ("virology", "C"), ("virology", "D")])]
+    texts = ["The correct answer is A.\n```", "The correct answer is C.", "I am not sure.", "The correct answer is D."]
+    records = [record(task, e, t) for e, t in zip(exs, texts)]
+    assert [r["score"]["correct"] for r in records] == [True, False, False, True]
+    m = task.aggregate(records)
+    assert (m["accuracy"], m["n"], m["correct"], m["unparseable"]) == (0.5, 4, 2, 1)
+    assert m["unparseable_examples"] == [{"id": "s2", "generation": "I am not sure."}]
+    assert m["per_subject"] == {"anatomy": {"accuracy": 0.5, "n": 2}, "virology": {"accuracy": 0.5, "n": 2}}
+
+
+def test_gsm8k_gold_score_reward_and_aggregate():
+    task = GSM8K()
+    first = task.load(2)
+    assert first[0]["gold"] == "18"  # Janet's ducks: "#### 18"
+    ex = dict(first[0])
+    records = [record(task, ex, "She makes 9 * 2 = 18 dollars."), record(task, ex, "It is 17."),
+               record(task, ex, "no idea")]
+    assert [r["score"]["correct"] for r in records] == [True, False, False]
+    assert task.aggregate(records) | {"unparseable_examples": None} == {
+        "accuracy": 1 / 3, "n": 3, "correct": 1, "unparseable": 1, "unparseable_examples": None}
+    assert task.reward(ex, "so 18") == {"reward": 1.0, "format_reward": 1.0, "answer_reward": 1.0}
+    assert task.reward(ex, "so 17") == {"reward": 0.0, "format_reward": 1.0, "answer_reward": 0.0}
+    assert task.reward(ex, "none") == {"reward": 0.0, "format_reward": 0.0, "answer_reward": 0.0}
+
+
+def test_numbers_equal():
+    assert numbers_equal("1,000", "1000") and numbers_equal("$18.00", "18") and numbers_equal("18.", "18")
+    assert not numbers_equal("18.5", "18") and not numbers_equal(None, "18")
+
+
+def test_bad_data_errors_name_file_line_and_field(tmp_path):
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "anatomy_test.csv").write_text('q,a,b,c,d,A\nq2,a,b,c,D\n')
+    with pytest.raises(ValueError, match=r"anatomy_test.csv: row 2: expected 6 fields"):
+        MMLU(tmp_path).load()
+    (tmp_path / "test" / "anatomy_test.csv").write_text('q,a,b,c,d,E\n')
+    with pytest.raises(ValueError, match=r"row 1: field 'answer' must be A, B, C or D"):
+        MMLU(tmp_path).load()
+    bad = tmp_path / "g.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n" + json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(ValueError, match=r"g.jsonl:2: field 'answer'"):
+        GSM8K(bad).load()
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"g.jsonl:1: not valid JSON"):
+        AlpacaEval(bad).load()
+    sst = tmp_path / "s.csv"
+    sst.write_text("id,harm_area,counter,category\nsst_1,a,1,b\n")
+    with pytest.raises(ValueError, match="lacks column.*prompts_final"):
+        SimpleSafetyTests(sst).load()
+    sst.write_text("id,harm_area,counter,category,prompts_final\nsst_1,a,1,b,\n")
+    with pytest.raises(ValueError, match=r"s.csv: line 2: field 'prompts_final' is empty"):
+        SimpleSafetyTests(sst).load()
+
+
+def test_bundled_data_counts_and_fields():
+    assert len(AlpacaEval().load()) == 805 and len(SimpleSafetyTests().load()) == 100
+    assert len(GSM8K().load(5)) == 5 and len(AlpacaEval().load(3)) == 3
+    over = OverRefusal().load()
+    assert 25 <= len(over) <= 40 and len({e["id"] for e in over}) == len(over)
+    assert any("kill a Python process" in e["prompt"] for e in over)
+    assert AlpacaEval().format_prompt(AlpacaEval().load(1)[0], "chat")[0]["content"] == AlpacaEval().load(1)[0][
+        "instruction"]
