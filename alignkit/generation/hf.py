@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
 
 from alignkit.generation.base import Completion, SamplingParams, truncate_at_stop
 from alignkit.generation.stats import GenerationStats
@@ -113,7 +113,7 @@ class HFGenerator:
         for row, ids in enumerate(batch):
             input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids):] = 1
-        extra = {"tokenizer": self.tokenizer} if params.stop else {}
+        extra = {"stopping_criteria": StoppingCriteriaList([self._stop_criteria(params.stop)])} if params.stop else {}
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                   generation_config=self._generation_config(params), **extra)  # (B, T + N)
         new_tokens = out[:, width:].tolist()  # (B, N), rows padded after they finished
@@ -125,11 +125,19 @@ class HFGenerator:
                     if params.temperature > 0 else {"do_sample": False})
         return GenerationConfig(
             max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
-            stop_strings=list(params.stop) or None, eos_token_id=self.eos_token_ids,
+            eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id, use_cache=True, num_beams=1,
             repetition_penalty=1.0,  # override a model default: the same params mean the same on every backend
             **sampling,
         )
+
+    def _stop_criteria(self, stop: list[str]) -> StopStringCriteria:
+        """Stop-string criteria, built once per stop list: building one scans the whole vocabulary (~2 s)."""
+        key = tuple(stop)
+        cache = self.__dict__.setdefault("_stop_cache", {})
+        if key not in cache:
+            cache[key] = StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(stop))
+        return cache[key]
 
     def _to_completion(self, row: list[int], params: SamplingParams, prompt_tokens: int) -> Completion:
         # 1. Cut at the first EOS. Works when eos == pad (SmolLM2): the padding after a finished
