@@ -1,0 +1,84 @@
+"""RESULTS.md (one table: path, alignkit, baseline, ratio, target, met?) and PNG plots."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import Plot, Row
+
+
+def _num(x) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def write_markdown(doc: dict, path: Path, json_path: Path, analysis: Path | None = None) -> None:
+    lines = [
+        "# alignkit benchmarks", "",
+        (f"Run {doc['date']} on `{doc['machine']}` ({doc['threads']} torch threads), size `{doc['size']}`, "
+        f"model: {doc['model']}; torch {doc['versions']['torch']}, transformers {doc['versions']['transformers']}, "
+        f"trl {doc['versions']['trl']}. Took {doc['total_s']:.0f} s. Raw values: `{json_path.name}`."), "",
+        ("Each row measures alignkit's path and the baseline in the same process on the same model, data and "
+        "settings. **ratio > 1 means alignkit is better** (alignkit/baseline for throughputs, baseline/alignkit "
+        "for times and memory). Absolute numbers on a shared CPU are noise; ratios are what the targets are "
+        "about. *agree* is the check that both paths compute the same values (losses, log-probs, texts)."), "",
+        "| path | alignkit | baseline | unit | ratio | target | met? | agree | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        agree = "—" if not r["agreement"] else ("yes" if r["agreement"].get("ok") else "**NO**")
+        target = f">= {r['target']}x" if r["target"] else "—"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "—"
+        notes = str(r["notes"]).replace("|", "/").replace("\n", " ")
+        lines.append(f"| {r['path']} | {_num(r['alignkit'])} | {_num(r['baseline'])} | {r['unit']} | {ratio} | "
+                     f"{target} | {_num(r['met'])} | {agree} | {notes} |")
+    if doc["errors"]:
+        lines += ["", "## Errors", ""] + [f"- `{k}`: {v}" for k, v in doc["errors"].items()]
+    if doc.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}](results/{Path(p).name})" for p in doc["plots"]]
+    if analysis is not None and analysis.exists():
+        lines += ["", analysis.read_text().strip()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plots(plots: list[Plot], rows: list[Row], out: Path) -> list[str]:
+    """One PNG per :class:`Plot`, plus ``ratios.png`` (every row with a ratio, target marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for plot in plots:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, (xs, ys) in plot.series.items():
+            ax.plot(xs, ys, marker="o", label=label)
+        if plot.logx:
+            ax.set_xscale("log", base=2 if all(float(x).is_integer() for x in plot.series[label][0]) else 10)
+        ax.set(title=plot.title, xlabel=plot.xlabel, ylabel=plot.ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"{plot.name}.png", dpi=100)
+        plt.close(fig)
+        written.append(str(out / f"{plot.name}.png"))
+    with_ratio = [r for r in rows if r.ratio is not None]
+    if with_ratio:
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(with_ratio) + 1.2))
+        names = [r.path[:60] for r in with_ratio]
+        colors = ["tab:green" if r.met else "tab:red" if r.met is False else "tab:gray" for r in with_ratio]
+        ax.barh(names, [r.ratio for r in with_ratio], color=colors)
+        for i, r in enumerate(with_ratio):
+            if r.target:
+                ax.plot([r.target, r.target], [i - 0.4, i + 0.4], color="black")
+        ax.axvline(1.0, color="gray", ls="--")
+        ax.set_xscale("log")
+        ax.set(xlabel="ratio (> 1: alignkit better; black tick: target)", title="alignkit vs baseline")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(out / "ratios.png", dpi=100)
+        plt.close(fig)
+        written.append(str(out / "ratios.png"))
+    return written

@@ -1,0 +1,158 @@
+"""Eval generation and the HTTP backend.
+
+* eval generation: ``HFGenerator(batch_size=8)`` (left-padded batches, KV cache, stop strings) vs the
+  same generator one prompt at a time (``batch_size=1``); greedy, so the texts must agree.
+* HTTP: ``OpenAIHTTPGenerator`` with a bounded pool of 8 vs ``max_concurrency=1``, against the
+  batching test server of ``batching_server.py`` and against ``transformers serve``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import requests
+
+from alignkit.generation.base import SamplingParams
+from alignkit.generation.hf import HFGenerator
+from alignkit.generation.openai_http import OpenAIHTTPGenerator
+from alignkit.resources import data_path
+
+from .batching_server import BatchingServer
+from .common import Context, Plot, Row
+
+logger = logging.getLogger("benchmarks")
+
+
+def gsm8k_prompts(n: int) -> list[str]:
+    """``n`` GSM8K test questions in a plain question/answer format."""
+    out = []
+    with open(data_path("gsm8k", "test.jsonl")) as fh:
+        for line_no, line in enumerate(fh, 1):
+            if len(out) == n:
+                break
+            row = json.loads(line)
+            if "question" not in row:
+                raise ValueError(f"gsm8k/test.jsonl line {line_no}: no 'question' field")
+            out.append(f"Question: {row['question']}\nAnswer:")
+    return out
+
+
+def _agreement(a, b) -> dict:
+    same = sum(x.text == y.text for x, y in zip(a, b))
+    return {"identical_texts": same, "n": len(a), "ok": len(a) == len(b) and same == len(a)}
+
+
+def bench_eval_generation(ctx: Context) -> list[Row]:
+    model, tok = ctx.load()
+    n = ctx.pick(8, 16)
+    params = SamplingParams(max_new_tokens=ctx.pick(12, 32), temperature=0.0, stop=["\n\nQuestion:"])
+    prompts = gsm8k_prompts(n)
+    batched, single = HFGenerator(model, tok, batch_size=8), HFGenerator(model, tok, batch_size=1)
+    batched.generate(prompts[:2], params)  # warm-up
+    t0 = time.perf_counter()
+    out_b = batched.generate(prompts, params)
+    t_b = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out_s = single.generate(prompts, params)
+    t_s = time.perf_counter() - t0
+    agreement = _agreement(out_b, out_s)
+    tokens = sum(c.num_tokens for c in out_b)
+    rows = [Row("eval generation: batch 8 (HFGenerator) vs one prompt at a time", n / t_b, n / t_s, "examples/s",
+                target=3.0, agreement=agreement,
+                details={"n": n, "max_new_tokens": params.max_new_tokens, "new_tokens": tokens},
+                notes="greedy; texts compared one by one (left padding can flip near-ties)")]
+    # eval time vs number of examples (batched path)
+    sizes = ctx.pick([2, 4, 8], [4, 8, 16])
+    secs = []
+    for k in sizes:
+        prompts_k = gsm8k_prompts(k)
+        t0 = time.perf_counter()
+        batched.generate(prompts_k, params)
+        secs.append(time.perf_counter() - t0)
+    ctx.plots.append(Plot("eval_time_vs_examples", "Eval generation time vs number of examples (batch 8)",
+                          "examples", "seconds", {"HFGenerator batch 8": (sizes, secs)}))
+    rows.append(Row("scaling: eval seconds per example, largest vs smallest n", secs[-1] / sizes[-1],
+                    secs[0] / sizes[0], "s/example", higher_is_better=False,
+                    details={"n": sizes, "seconds": secs}, notes="reported only (plot)"))
+    return rows
+
+
+def _http_pair(url: str, model_name: str, prompts: list[str], params: SamplingParams) -> tuple[float, float, dict]:
+    """Seconds for sequential and for pooled (8) requests of the same prompts, and their agreement."""
+    seq = OpenAIHTTPGenerator(url, model_name, max_concurrency=1, timeout=600)
+    pool = OpenAIHTTPGenerator(url, model_name, max_concurrency=8, timeout=600)
+    pool.generate(prompts[:2], params)  # warm-up
+    t0 = time.perf_counter()
+    out_p = pool.generate(prompts, params)
+    t_p = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out_s = seq.generate(prompts, params)
+    t_s = time.perf_counter() - t0
+    return t_s, t_p, _agreement(out_p, out_s)
+
+
+def bench_http(ctx: Context) -> list[Row]:
+    model, tok = ctx.load()
+    n = ctx.pick(8, 8)
+    params = SamplingParams(max_new_tokens=ctx.pick(12, 16), temperature=0.0)
+    prompts = gsm8k_prompts(n)
+    server = BatchingServer(HFGenerator(model, tok, batch_size=8))
+    with server as url:
+        t_s, t_p, agreement = _http_pair(url, "bench", prompts, params)
+    sizes = server.batch_sizes
+    rows = [Row("HTTP backend: pool of 8 vs sequential (local batching server)", n / t_p, n / t_s, "requests/s",
+                target=2.0, agreement=agreement,
+                details={"n": n, "server_batch_sizes": sizes, "max_new_tokens": params.max_new_tokens},
+                notes="server: benchmarks/batching_server.py (HFGenerator, batches requests within 20 ms)")]
+    rows.append(bench_transformers_serve(ctx, prompts, params))
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_transformers_serve(ctx: Context, prompts: list[str], params: SamplingParams) -> Row:
+    """``transformers serve`` (continuous batching, CPU) on the same model: pool vs sequential."""
+    name = "HTTP backend: pool of 8 vs sequential (transformers serve --continuous-batching)"
+    port = _free_port()
+    model_path = str(ctx.model_dir())
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", model_path, "--host", "127.0.0.1",
+           "--port", str(port), "--device", "cpu", "--continuous-batching", "--dtype", "float32"]
+    log = open(ctx.workdir / "transformers_serve.log", "w")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + ctx.pick(120, 180)
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"exited with {proc.returncode}")
+            try:
+                if requests.get(url + "/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(1)
+        else:
+            raise RuntimeError("no /health answer in time")
+        t_s, t_p, agreement = _http_pair(url + "/v1", model_path, prompts, params)
+        return Row(name, len(prompts) / t_p, len(prompts) / t_s, "requests/s", target=2.0, agreement=agreement,
+                   notes="greedy; transformers serve's own batching on CPU")
+    except Exception as err:  # noqa: BLE001 - reported in the row, the log is kept
+        tail = (ctx.workdir / "transformers_serve.log").read_text()[-400:]
+        logger.warning("transformers serve: %s; log tail: %s", err, tail)
+        return Row(name, None, None, "requests/s", target=2.0,
+                   notes=f"not measured: {err}; log tail: {tail[-200:]!r}".replace("\n", " "))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -1,0 +1,217 @@
+"""SFT throughput: padding-free and packed batches vs TRL SFTTrainer's padded batches (GSM8K train).
+
+All three run through ``trl.SFTTrainer.train()`` (same optimizer, scheduler, per-step overhead):
+
+* baseline: prompt/completion pairs, ``padding_free=False``: each batch right-padded to its longest row;
+* padding-free: the same pairs and batch size, ``padding_free=True``: one row, position ids restart at
+  each document, no pad token (TRL's collator; transformers derives a block-diagonal mask from them);
+* packed: alignkit's ``PackedSFTDataset`` (CS336: the token stream cut into ``seq_length`` chunks),
+  fed as pre-tokenized rows, about the same number of tokens per step.
+
+Real (non-pad) tokens/s counts the tokens each step's forward saw, pads excluded. The loss check
+runs the model once on the same documents three ways (padded, padding-free, CS336 packing that
+attends across documents) and compares the mean loss over the same predicted tokens.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+
+from alignkit.resources import data_path, prompt
+
+from .common import Context, Plot, Row
+
+logger = logging.getLogger("benchmarks")
+
+
+def gsm8k_pairs(n: int) -> list[dict]:
+    """The first ``n`` GSM8K train rows as Alpaca-template prompt/completion pairs (question -> answer)."""
+    head, _ = prompt("alpaca_sft").split("{response}")
+    rows = []
+    with open(data_path("gsm8k", "train.jsonl")) as fh:
+        for line_no, line in enumerate(fh, 1):
+            if len(rows) == n:
+                break
+            row = json.loads(line)
+            if "question" not in row or "answer" not in row:
+                raise ValueError(f"gsm8k/train.jsonl line {line_no}: needs 'question' and 'answer' fields")
+            rows.append({"prompt": head.format(instruction=row["question"]), "completion": row["answer"],
+                         "question": row["question"]})
+    return rows
+
+
+def doc_ids(tok, pairs: list[dict]) -> list[list[int]]:
+    """Whole-document token ids (prompt + completion + EOS), as every path sees them."""
+    return [tok(p["prompt"] + p["completion"])["input_ids"] + [tok.eos_token_id] for p in pairs]
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def trl_batches(model, tok, pairs: list[dict], *, batch_size: int, padding_free: bool, workdir) -> list[dict]:
+    """The batches TRL's SFTTrainer would train on (its tokenization, collator and sampler, seed 0)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        output_dir=str(workdir), per_device_train_batch_size=batch_size, padding_free=padding_free,
+        packing=False, max_length=None, report_to=[], use_cpu=True, seed=0, data_seed=0,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok)
+    return [dict(b) for b in trainer.get_train_dataloader()]
+
+
+def packed_batches(tok, pairs: list[dict], *, seq_length: int, rows: int, workdir,
+                   position_ids: bool) -> list[dict]:
+    """alignkit's PackedSFTDataset over the same pairs (CS336 packing), ``rows`` items per batch."""
+    from alignkit.data.sft import PackedSFTDataset, iterate_batches
+
+    path = workdir / "gsm8k_sft_pairs.jsonl"
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps({"prompt": p["question"], "response": p["completion"]}) + "\n" for p in pairs)
+    ds = PackedSFTDataset(tok, path, seq_length, shuffle=False, cache_dir=workdir / "cache",
+                          return_position_ids=position_ids)
+    return list(iterate_batches(ds, rows, shuffle=False))
+
+
+def real_tokens(batch: dict) -> int:
+    """Non-pad tokens the forward sees: the attention mask's ones, else every token (no padding)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def train_step(model, optimizer, batch: dict, cs336_labels: bool) -> float:
+    """One optimizer step. TRL batches carry ``labels`` the model shifts (HF loss); PackedSFTDataset
+    batches (``cs336_labels``) carry next-token labels aligned with ``input_ids``: the loss is taken here."""
+    if not cs336_labels:
+        loss = model(**batch, use_cache=False).loss
+    else:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs, use_cache=False).logits  # (B, m, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def bench_sft_throughput(ctx: Context) -> list[Row]:
+    from transformers import AutoTokenizer
+
+    batch, steps = ctx.pick((2, 3), (2, 3))
+    pairs = gsm8k_pairs(batch * steps)
+    tok = AutoTokenizer.from_pretrained(ctx.model_dir())
+    docs = doc_ids(tok, pairs)
+    mean_len = sum(map(len, docs)) / len(docs)
+    seq_length = ctx.pick(128, 256)
+    rows_per_step = max(1, round(batch * mean_len / seq_length))
+    model, tok = ctx.load()
+    # 1. the batches of each path (same documents; same number of examples or about the same tokens)
+    variants = {
+        "padded (TRL)": trl_batches(model, tok, pairs, batch_size=batch, padding_free=False,
+                                    workdir=ctx.workdir / "sft-pad"),
+        "padding-free (TRL)": trl_batches(model, tok, pairs, batch_size=batch, padding_free=True,
+                                          workdir=ctx.workdir / "sft-pf"),
+    }
+    for name, pos in (("packed (PackedSFTDataset)", False), ("packed + position ids", True)):
+        variants[name] = packed_batches(tok, pairs, seq_length=seq_length, rows=rows_per_step,
+                                        workdir=ctx.workdir, position_ids=pos)
+    # 2. train steps, interleaved across paths (a load change on the shared machine hits all alike)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+    n_rounds = min(len(b) for b in variants.values())
+    secs = {k: 0.0 for k in variants}
+    toks = {k: 0 for k in variants}
+    for r in range(n_rounds):
+        for name, batches in variants.items():
+            t0 = time.perf_counter()
+            train_step(model, optimizer, batches[r], cs336_labels=name.startswith("packed"))
+            if r > 0:  # round 0 is warm-up
+                secs[name] += time.perf_counter() - t0
+                toks[name] += real_tokens(batches[r])
+        logger.info("sft: round %d/%d done", r + 1, n_rounds)
+    tps = {k: toks[k] / secs[k] for k in variants}
+    padded_total = sum(int(b["input_ids"].numel()) for b in variants["padded (TRL)"][1:n_rounds])
+    agreement = sft_loss_agreement(model, tok, docs[: min(4, len(docs))])
+    common = {"batch_examples": batch, "rounds_timed": n_rounds - 1, "mean_doc_tokens": mean_len,
+              "pad_fraction_padded": 1 - toks["padded (TRL)"] / padded_total,
+              "seq_length_packed": seq_length, "rows_per_step_packed": rows_per_step,
+              "tokens_per_s": tps}
+    base = tps["padded (TRL)"]
+    return [
+        Row("SFT throughput: padding-free (TRL collator, position ids) vs padded", tps["padding-free (TRL)"],
+            base, "real tok/s", target=1.3, agreement=agreement, details=common,
+            notes=f"same {batch} examples per step; steps interleaved; first round untimed"),
+        Row("SFT throughput: packed (PackedSFTDataset) vs padded", tps["packed (PackedSFTDataset)"], base,
+            "real tok/s", target=1.3, agreement=agreement, details=common,
+            notes=f"{rows_per_step} rows x {seq_length} tokens per step; attends across documents "
+                  "(loss differs: see agreement.abs_diff_cross_doc)"),
+        Row("SFT throughput: packed + position ids vs padded", tps["packed + position ids"], base,
+            "real tok/s", target=1.3, agreement=agreement, details=common,
+            notes="PackedSFTDataset(return_position_ids=True): attention stays within documents"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- same-token loss
+def _within_doc_loss(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> tuple[float, int]:
+    """Sum and count of CE over positions whose next token is in the same document. ``(1|B, T, V)``."""
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).double(), ids[:, 1:], reduction="none")  # (B, T-1)
+    return float((ce * valid).sum()), int(valid.sum())
+
+
+@torch.no_grad()
+def sft_loss_agreement(model, tok, docs: list[list[int]]) -> dict:
+    """Mean loss per predicted token on the same documents: padded, padding-free, cross-document packing."""
+    model.eval()
+    lens = [len(d) for d in docs]
+    width = max(lens)
+    pad = tok.pad_token_id
+    # 1. padded batch (B, T), attention mask, right padding
+    ids = torch.tensor([d + [pad] * (width - len(d)) for d in docs])  # (B, T)
+    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lens])  # (B, T)
+    valid = mask[:, 1:].clone()  # (B, T-1) next token exists in the same doc
+    s_pad, c_pad = _within_doc_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, valid)
+    # 2. padding-free: one row, positions restart per doc; same predictions (next token in the same doc)
+    flat = torch.tensor([[t for d in docs for t in d]])  # (1, N)
+    pos = torch.tensor([[i for n in lens for i in range(n)]])  # (1, N)
+    valid_flat = (pos[:, 1:] != 0).long()  # (1, N-1) drops the predictions across a boundary
+    s_pf, c_pf = _within_doc_loss(model(input_ids=flat, position_ids=pos, use_cache=False).logits, flat, valid_flat)
+    # 3. CS336 packing: the same row, one causal sequence (attends across documents), same predictions
+    s_x, c_x = _within_doc_loss(model(input_ids=flat, use_cache=False).logits, flat, valid_flat)
+    assert c_pad == c_pf == c_x, (c_pad, c_pf, c_x)
+    loss_pad, loss_pf, loss_x = s_pad / c_pad, s_pf / c_pf, s_x / c_x
+    return {"loss_padded": loss_pad, "loss_padding_free": loss_pf, "loss_cross_doc_packed": loss_x,
+            "tokens": c_pad, "abs_diff_padding_free": abs(loss_pf - loss_pad),
+            "abs_diff_cross_doc": abs(loss_x - loss_pad), "tol": 1e-4, "ok": abs(loss_pf - loss_pad) <= 1e-4}
+
+
+# ---------------------------------------------------------------------------------------------- scaling
+def bench_sft_scaling(ctx: Context) -> list[Row]:
+    """Training tokens/s (forward + backward) vs sequence length and vs batch size; plots only."""
+    model, _ = ctx.load()
+    vocab = model.config.vocab_size
+    seqs = ctx.pick([32, 64, 128], [128, 256, 512, 1024])
+    batches = ctx.pick([1, 2, 4], [1, 2, 4])
+
+    def tokens_per_s(b: int, t: int) -> float:
+        x = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(t))  # (B, T)
+        t0 = time.perf_counter()
+        model(input_ids=x, labels=x).loss.backward()
+        model.zero_grad(set_to_none=True)
+        return b * t / (time.perf_counter() - t0)
+
+    tokens_per_s(1, seqs[0])  # warm-up
+    by_seq = [tokens_per_s(1, t) for t in seqs]
+    t_fixed = ctx.pick(32, 64)
+    by_batch = [tokens_per_s(b, t_fixed) for b in batches]
+    ctx.plots.append(Plot("sft_tokens_per_s_vs_seq_len", "Training tokens/s vs sequence length (batch 1)",
+                          "sequence length", "tokens/s (fwd+bwd)", {"batch 1": (seqs, by_seq)}, logx=True))
+    ctx.plots.append(Plot("sft_tokens_per_s_vs_batch", f"Training tokens/s vs batch size (T={t_fixed})",
+                          "batch size", "tokens/s (fwd+bwd)", {f"T={t_fixed}": (batches, by_batch)}))
+    return [Row("scaling: tokens/s at longest vs shortest sequence", by_seq[-1], by_seq[0], "tok/s",
+                details={"seq_lens": seqs, "tokens_per_s": by_seq, "batches": batches,
+                         "tokens_per_s_by_batch": by_batch},
+                notes="reported only (plot); attention cost grows with T, so tokens/s falls at long T")]

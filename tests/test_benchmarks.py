@@ -1,0 +1,101 @@
+"""Benchmarks: the smoke suite runs end to end and alignkit's values agree with the baseline's.
+
+Never asserts a time: timings on CI machines are noise. The fast tests check the pieces that
+turn measurements into ratios, the CPU peak-memory probe, and the batching test server.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.common import Row, peak_cpu_bytes, tensor_bytes
+
+
+def test_row_ratio_direction_and_target():
+    fast = Row("throughput", alignkit=30.0, baseline=20.0, unit="tok/s", target=1.3)
+    assert fast.ratio == pytest.approx(1.5) and fast.met is True
+    small = Row("memory", alignkit=10.0, baseline=25.0, unit="MiB", target=2.0, higher_is_better=False)
+    assert small.ratio == pytest.approx(2.5) and small.met is True
+    slow = Row("time", alignkit=4.0, baseline=5.0, unit="s", target=1.3, higher_is_better=False)
+    assert slow.ratio == pytest.approx(1.25) and slow.met is False
+    assert Row("x", None, 1.0, "s").ratio is None and Row("x", 1.0, 1.0, "s").met is None
+
+
+def test_peak_cpu_bytes_sees_a_temporary_tensor():
+    n = 1 << 20  # 1 Mi floats = 4 MiB, freed before fn returns
+
+    def fn():
+        t = torch.ones(n)
+        return float(t.sum())
+
+    peak, out = peak_cpu_bytes(fn)
+    assert out == n
+    assert 4 * n <= peak < 4 * n + 64 * 1024  # the tensor, plus at most a few small scalars
+
+
+def test_tensor_bytes_counts_shared_storage_once():
+    a = torch.zeros(100)
+    assert tensor_bytes([a, a[:10], torch.zeros(5, dtype=torch.float64), None]) == 400 + 40
+
+
+def test_batching_server_batches_concurrent_requests(tiny_model, gpt2_tokenizer):
+    from alignkit.generation.base import SamplingParams
+    from alignkit.generation.hf import HFGenerator
+    from alignkit.generation.openai_http import OpenAIHTTPGenerator
+    from benchmarks.batching_server import BatchingServer
+
+    params = SamplingParams(max_new_tokens=4)
+    prompts = [f"Question {i}: what is {i} + {i}?" for i in range(6)]
+    local = HFGenerator(tiny_model, gpt2_tokenizer, batch_size=1).generate(prompts, params)
+    server = BatchingServer(HFGenerator(tiny_model, gpt2_tokenizer, batch_size=8), window_s=0.2)
+    with server as url:
+        remote = OpenAIHTTPGenerator(url, "bench", max_concurrency=6).generate(prompts, params)
+    assert [c.text for c in remote] == [c.text for c in local]  # greedy: same text, in input order
+    assert max(server.batch_sizes) > 1 and sum(server.batch_sizes) == len(prompts)
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    from benchmarks.run import SUITES, run
+
+    out = tmp_path_factory.mktemp("bench")
+    return run(SUITES["cpu"], "smoke", out, "test"), out
+
+
+@pytest.mark.slow
+def test_smoke_suite_runs_and_agrees(smoke_results):
+    doc, out = smoke_results
+    assert doc["errors"] == {}
+    by_bench = {}
+    for row in doc["rows"]:
+        by_bench.setdefault(row["details"]["benchmark"], []).append(row)
+    assert set(by_bench) == {"logprobs", "data", "memory", "sft", "dpo", "generation", "http", "grpo", "scaling"}
+    for row in doc["rows"]:
+        if row["agreement"]:
+            assert row["agreement"]["ok"], (row["path"], row["agreement"])
+    # the outputs a reader gets: JSON with every row, a table, plots
+    files = {p.name for p in out.iterdir()}
+    assert any(f.endswith(".json") for f in files) and "RESULTS.md" in files and "ratios.png" in files
+    saved = json.loads(next(out.glob("*.json")).read_text())
+    assert len(saved["rows"]) == len(doc["rows"])
+    table = (out / "RESULTS.md").read_text()
+    assert all(row["path"] in table for row in doc["rows"])
+
+
+@pytest.mark.slow
+def test_smoke_values_match_independent_checks(smoke_results):
+    doc, _ = smoke_results
+    rows = {r["path"]: r for r in doc["rows"]}
+    # padded and padding-free SFT: same loss on the same tokens; cross-document packing differs
+    sft = rows["SFT throughput: padding-free (TRL collator, position ids) vs padded"]["agreement"]
+    assert sft["abs_diff_padding_free"] <= 1e-4 < sft["abs_diff_cross_doc"]
+    # chunked log-probs vs a float64 reference
+    assert rows["per-token log-probs: peak memory"]["agreement"]["max_abs_diff_vs_float64"] <= 1e-5
+    # DPO with precomputed reference log-probs: the same per-step losses as with a live reference
+    dpo = rows["DPO step: precomputed ref log-probs vs live ref forward (TRL)"]["agreement"]
+    assert dpo["losses_live_ref"] == pytest.approx(dpo["losses_precomputed"], abs=1e-5)
+    # full fine-tuning: 16 bytes per parameter (fp32 weights + grads + two AdamW moments)
+    full = rows["memory: full (params + grads + AdamW), measured vs computed"]
+    assert full["alignkit"] * 2**20 == pytest.approx(16 * full["details"]["base_params"], rel=1e-6)
