@@ -1,0 +1,225 @@
+"""``alignkit train RECIPE.yaml [key=value ...]``: run one stage or a chain of stages.
+
+Each step's directory gets ``resolved_config.yaml`` (with the ModelSource actually loaded) and, once
+finished, ``state.json`` + ``DONE`` written atomically. Rerunning a chain skips finished steps and
+restarts at the first unfinished one; ``resume=true`` also continues that step from its last
+checkpoint. The ``eval`` step scores the starting model (before) and the chain's final model
+(after) with :func:`alignkit.eval.runner.run_eval` (and the quickstart metrics when asked), prints a
+before/after table and checks the recipe's claims (exit code 1 when one fails).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from alignkit.config import EvalArgs, Recipe, RecipeError, load_recipe, save_resolved_config, write_atomic
+
+logger = logging.getLogger("alignkit.pipeline")
+EXIT_INTERRUPTED = 130
+
+
+def is_main_process() -> bool:
+    """Rank 0 under ``accelerate launch``/torchrun (RANK unset: a single process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def read_state(stage_dir: Path) -> dict | None:
+    path = Path(stage_dir) / "state.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def mark_done(stage_dir: Path, result: dict) -> None:
+    """``state.json`` then ``DONE``, each atomic (main process only)."""
+    if not is_main_process():
+        return
+    write_atomic(Path(stage_dir) / "state.json",
+                 json.dumps({"status": "done", "finished": time.time(), "result": result}, indent=2, default=str))
+    write_atomic(Path(stage_dir) / "DONE", "done\n")
+
+
+def is_done(stage_dir: Path) -> bool:
+    state = read_state(stage_dir)
+    return (Path(stage_dir) / "DONE").exists() and state is not None and state.get("status") == "done"
+
+
+def run_recipe(recipe: Recipe) -> int:
+    """Run every step of ``recipe`` in order; returns the process exit code."""
+    from alignkit.train import get_stage_module
+    from alignkit.train.quickstart import materialize_data
+
+    recipe.output_dir.mkdir(parents=True, exist_ok=True)
+    model_path: str | None = None
+    results: dict[str, dict] = {}
+    for step in recipe.steps:
+        # 1. finished steps are skipped (their output model feeds the next step)
+        stage_dir = recipe.stage_dir(step)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        if is_done(stage_dir):
+            result = read_state(stage_dir)["result"]
+            logger.info("step %s already done (%s): skipping", step, stage_dir)
+        elif step == "eval":
+            result = run_eval_step(recipe, model_path, stage_dir)
+        else:
+            # 2. a training stage: resolve built-in data, save the resolved config, run, record
+            stage = recipe.stages[step]
+            materialize_data(stage.data, recipe.output_dir / "data", seed=recipe.seed)
+            config_path = stage_dir / "resolved_config.yaml"
+            if is_main_process():
+                save_resolved_config(stage, config_path, recipe_path=recipe.path)
+            logger.info("step %s: %s -> %s", step, model_path or stage.model.name_or_path, stage_dir)
+            result = get_stage_module(step).run(stage, stage_dir, model_path)
+            if is_main_process():
+                save_resolved_config(stage, config_path, result.get("model_source"), recipe_path=recipe.path)
+            if result.get("interrupted"):
+                return EXIT_INTERRUPTED
+        if not is_done(stage_dir):
+            mark_done(stage_dir, result)
+        results[step] = result
+        if step != "eval":
+            model_path = result.get("model_dir")
+            if model_path is None and step != recipe.steps[-1]:
+                raise RuntimeError(f"step {step} produced no full model folder for the next step "
+                                   f"(adapter on a quantized base?): merge it with `alignkit merge` first")
+        if result.get("checks_failed"):
+            return 1
+    _print_summary(recipe, results)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# eval step
+# ------------------------------------------------------------------------------------------------
+def _start_model(recipe: Recipe) -> str:
+    first = next(iter(recipe.stages.values()), None)
+    if first is not None:
+        return first.model.name_or_path
+    return (recipe.raw.get("model") or {}).get("name_or_path") or "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def score(model: str, ev: EvalArgs, out_dir: Path, base: str, seed: int) -> dict:
+    """Flat metrics ``{"task/metric": value}`` of one model: run_eval tasks + quickstart metrics."""
+    metrics: dict[str, float] = {}
+    if ev.tasks:
+        from alignkit.eval.runner import run_eval
+
+        res = run_eval(model, ev.tasks, str(out_dir), limit=ev.limit, prompt=ev.prompt, backend=ev.backend,
+                       max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, seed=seed)
+        for task, values in res["metrics"].items():
+            metrics.update({f"{task}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+    if ev.quickstart:
+        from alignkit.train.quickstart import evaluate
+
+        metrics.update(evaluate(model, base, out_dir, questions=ev.quickstart_questions,
+                                pairs=ev.quickstart_pairs, max_new_tokens=ev.quickstart_max_new_tokens,
+                                batch_size=ev.batch_size))
+    return metrics
+
+
+def run_eval_step(recipe: Recipe, final_model: str | None, stage_dir: Path) -> dict:
+    ev = recipe.eval
+    base = _start_model(recipe)
+    final = final_model or base
+    columns = {}
+    if ev.include_base:
+        columns["before"] = score(base, ev, stage_dir / "before", base, recipe.seed)
+    columns["after"] = score(final, ev, stage_dir / "after", base, recipe.seed)
+    table = before_after_table(columns)
+    print(table)
+    (stage_dir / "before_after.md").write_text(table + "\n")
+    failures = check_claims(columns, ev.checks)
+    for failure in failures:
+        logger.error("check failed: %s", failure)
+    if ev.checks and not failures:
+        logger.info("all %d checks passed: %s", len(ev.checks), ev.checks)
+    return {"metrics": columns, "models": {"before": base, "after": final}, "checks": ev.checks,
+            "checks_failed": failures}
+
+
+def before_after_table(columns: dict[str, dict]) -> str:
+    """Markdown table: one row per metric, columns before/after/change."""
+    names = sorted({k for c in columns.values() for k in c})
+    lines = ["| metric | " + " | ".join(columns) + (" | change |" if len(columns) == 2 else " |"),
+             "|---" * (len(columns) + 1 + (len(columns) == 2)) + "|"]
+    for name in names:
+        values = [columns[c].get(name) for c in columns]
+        cells = [f"{v:.3f}" if isinstance(v, (int, float)) else "-" for v in values]
+        if len(values) == 2:
+            both = all(isinstance(v, (int, float)) for v in values)
+            cells.append(f"{values[1] - values[0]:+.3f}" if both else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def check_claims(columns: dict[str, dict], checks: dict[str, str]) -> list[str]:
+    """``{"metric": "rise"}`` (after > before) or ``{"metric": ">0.6"}`` / ``"<x"`` on the after column."""
+    failures = []
+    after, before = columns.get("after", {}), columns.get("before", {})
+    for metric, rule in checks.items():
+        # 1. the metric must exist; 2. apply the rule
+        if metric not in after:
+            failures.append(f"{metric}: not measured (have: {', '.join(sorted(after))})")
+            continue
+        value = after[metric]
+        if rule == "rise":
+            if metric not in before:
+                failures.append(f"{metric}: 'rise' needs the before column (eval.include_base)")
+            elif not value > before[metric]:
+                failures.append(f"{metric} did not rise: before {before[metric]:.3f}, after {value:.3f}")
+        elif rule[:1] in "<>":
+            bound = float(rule[1:])
+            ok = value > bound if rule[0] == ">" else value < bound
+            if not ok:
+                failures.append(f"{metric} = {value:.3f}, expected {rule}")
+        else:
+            failures.append(f"{metric}: unknown rule {rule!r} (use 'rise', '>X' or '<X')")
+    return failures
+
+
+def _print_summary(recipe: Recipe, results: dict) -> None:
+    lines = [f"alignkit train {recipe.path}: {len(results)} step(s) done -> {recipe.output_dir}"]
+    for step, result in results.items():
+        if step == "eval":
+            lines.append(f"  eval: before/after table in {recipe.stage_dir('eval') / 'before_after.md'}")
+            continue
+        metrics = result.get("metrics", {})
+        shown = {k: round(v, 4) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and ("loss" in k or "accurac" in k)}
+        lines.append(f"  {step}: model {result.get('model_dir')} {shown}")
+    if is_main_process():
+        print("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alignkit train", description="Run a training recipe (one stage or a chain).")
+    p.add_argument("recipe", help="recipe YAML (e.g. recipes/quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-6 lora.r=32")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as e:
+        print(f"alignkit train: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict(), default=str)), sort_keys=False))
+        return 0
+    try:
+        return run_recipe(recipe)
+    except KeyboardInterrupt:
+        print("alignkit train: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

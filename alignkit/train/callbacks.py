@@ -1,0 +1,119 @@
+"""Trainer callbacks (metrics.jsonl, Ctrl-C checkpoint) and the curves PNG."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import threading
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger("alignkit.train")
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Append every log line (train and eval) to a JSONL file: ``{"step", "epoch", **logs}``.
+
+    Written on the main process only, one flushed line per ``on_log``, so a crash keeps what was logged.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        row = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row, default=float) + "\n")
+
+
+class GracefulInterruptCallback(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a full checkpoint (weights, optimizer, scheduler,
+    RNG, trainer state) and stop, so ``resume=true`` continues from it. A second Ctrl-C aborts at once.
+
+    ``installed()`` swaps in the SIGINT handler for the duration of ``trainer.train`` (main thread only);
+    ``request()`` is what the handler calls (tests call it directly).
+    """
+
+    def __init__(self):
+        self.requested = False
+
+    def request(self, *_args) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Ctrl-C: saving a checkpoint at the end of this step (press again to abort now)")
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self.request)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+# ------------------------------------------------------------------------------------------------
+# Curves
+# ------------------------------------------------------------------------------------------------
+_PANELS = (
+    ("loss", ("loss", "eval_loss")),
+    ("learning rate", ("learning_rate",)),
+    ("grad norm", ("grad_norm",)),
+    ("reward accuracy", ("rewards/accuracies", "eval_rewards/accuracies", "accuracy", "eval_accuracy")),
+    ("rewards", ("rewards/chosen", "rewards/rejected", "rewards/margins", "eval_rewards/margins",
+                 "margin", "eval_margin")),
+)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl (empty list when the file does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(jsonl: str | Path, png: str | Path) -> Path | None:
+    """One panel per metric group found in ``jsonl`` (loss, lr, grad norm, rewards), saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(jsonl)
+    panels = []
+    for title, keys in _PANELS:
+        # 1. collect (step, value) series of each key present in this panel
+        series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))
+                      and math.isfinite(r[k])] for k in keys}
+        series = {k: v for k, v in series.items() if v}
+        if series:
+            panels.append((title, series))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        for key, points in series.items():
+            ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return Path(png)

@@ -1,0 +1,202 @@
+"""Pieces every TRL stage shares: model loading, LoRA config, data split + check, train-and-save.
+
+Stages get runtime objects (a :class:`alignkit.config.StageRecipe`-like object with ``model``,
+``data``, ``lora``, ``train``, ``seed``, ``resume``); nothing here reads YAML.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+from alignkit.train.callbacks import GracefulInterruptCallback, MetricsJsonlCallback, plot_metrics
+
+logger = logging.getLogger("alignkit.train")
+
+
+def lora_config(lora, task_type: str = "CAUSAL_LM"):
+    """A ``peft.LoraConfig`` from the recipe's ``lora`` section, or None when LoRA is off."""
+    if lora is None or not lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, bias=lora.bias,
+                      modules_to_save=lora.modules_to_save, use_rslora=lora.use_rslora, task_type=task_type)
+
+
+def load_for_training(recipe, model_path: str | None, *, model_class=None, **kwargs):
+    """Load the stage's starting model with :func:`alignkit.models.load_model`.
+
+    ``model_path`` (the previous stage's output) wins over ``recipe.model.name_or_path``. LoRA is
+    applied by the TRL trainer (``peft_config``); a 4/8-bit model is prepared for k-bit training
+    here (``peft.prepare_model_for_kbit_training``). Returns ``(model, tokenizer, source)``.
+    """
+    from alignkit.models import load_model
+
+    m = recipe.model
+    fresh = model_path is None
+    model, tokenizer, source = load_model(
+        model_path or m.name_or_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+        quantization=m.quantization, revision=m.revision if fresh else None,
+        gguf_file=m.gguf_file if fresh else None, model_class=model_class, **kwargs)
+    if m.quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(getattr(recipe.train, "gradient_checkpointing", False)))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    logger.info("loaded %s (%s) for %s", source.path, source.kind, recipe.stage)
+    return model, tokenizer, source
+
+
+def holdout(rows: list, val_size: float, seed: int) -> tuple[list, list]:
+    """Split ``rows`` into (train, validation): ``val_size`` < 1 is a fraction, >= 1 a count.
+    The choice is a seeded shuffle of indices, so the same seed gives the same split."""
+    if val_size <= 0:
+        return list(rows), []
+    n_val = round(val_size * len(rows)) if val_size < 1 else int(val_size)
+    if not 0 < n_val < len(rows):
+        raise ValueError(f"data.val_size={val_size} holds out {n_val} of {len(rows)} rows; "
+                         f"it must leave at least one row on each side")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    return ([r for i, r in enumerate(rows) if i not in val_idx], [r for i, r in enumerate(rows) if i in val_idx])
+
+
+def load_split(data, load_fn, seed: int) -> tuple[list, list]:
+    """Training and validation rows for a ``data`` section.
+
+    ``load_fn(path, split, limit, name)`` reads, checks and returns the kept rows of one split (``name``
+    is "train" or "eval", for the report file). Validation comes from ``eval_path``, else ``eval_split``
+    of ``path``, else ``val_size`` held out of the (``max_rows``-capped) training rows.
+    """
+    if not data.path:
+        raise ValueError("data.path is not set: give the training data (file, folder or hub name)")
+    train = list(load_fn(data.path, data.split, data.max_rows, "train"))
+    if data.eval_path or data.eval_split:
+        val = list(load_fn(data.eval_path or data.path, data.eval_split or data.split, data.max_eval_rows, "eval"))
+    else:
+        train, val = holdout(train, data.val_size, seed)
+        val = val[: data.max_eval_rows] if data.max_eval_rows else val
+    return train, val
+
+
+def text_template(template: str | None) -> str | None:
+    """The text template for ``data.template``: None for "chat"/None, else a bundled prompt's text
+    (e.g. "alpaca_sft") or the string itself when it has ``{instruction}``/``{prompt}`` slots."""
+    if template in (None, "chat"):
+        return None
+    if "{" in template:
+        return template
+    from alignkit.resources import prompt
+
+    return prompt(template)
+
+
+def fill_template(template: str, prompt: str) -> str:
+    """The prompt text of a template up to its response slot (``{response}`` left empty)."""
+    for slot in ("{instruction}", "{prompt}", "{question}"):
+        template = template.replace(slot, "\x00")
+    head = template.split("{response}", 1)[0]
+    return head.replace("\x00", prompt)
+
+
+def save_data_report(report, stage_dir: Path, name: str) -> None:
+    """Write the data check's markdown and JSON next to the outputs and log the headline."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / f"{name}.md").write_text(report.to_markdown())
+    (stage_dir / f"{name}.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    logger.info("data check (%s): %d read, %d kept, %d dropped, %d malformed -> %s", name, report.rows_read,
+                report.rows_kept, report.rows_dropped, len(report.malformed), stage_dir / f"{name}.md")
+    if report.malformed:
+        first = report.malformed[0]
+        raise ValueError(f"{len(report.malformed)} malformed data rows, first: {first.source} line {first.line}"
+                         f" field {first.field!r}: {first.message} (full list: {stage_dir / (name + '.md')})")
+    report.raise_if_empty()
+
+
+def stage_callbacks(stage_dir: Path) -> list:
+    """The callbacks every stage uses: metrics.jsonl writer and the Ctrl-C checkpoint saver."""
+    return [MetricsJsonlCallback(stage_dir / "metrics.jsonl"), GracefulInterruptCallback()]
+
+
+def last_checkpoint(stage_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(stage_dir)) if Path(stage_dir).is_dir() else None
+
+
+def train_and_save(trainer, recipe, stage_dir: Path, tokenizer, source, *, merge_lora: bool = True) -> dict:
+    """Train (resuming when asked), then save model/adapter + tokenizer, metrics and the curves PNG.
+
+    Returns the stage result dict of the stage-module contract (see alignkit/train/__init__.py).
+    """
+    stage_dir = Path(stage_dir)
+    resume_from = last_checkpoint(stage_dir) if recipe.resume else None
+    if recipe.resume and resume_from is None:
+        logger.warning("resume=true but no checkpoint in %s: starting from scratch", stage_dir)
+    interrupt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulInterruptCallback))
+    start = time.time()
+    # 1. train, a first Ctrl-C saves a checkpoint at the end of the current step and stops
+    with interrupt.installed():
+        output = trainer.train(resume_from_checkpoint=resume_from)
+    result = {"metrics": dict(output.metrics), "model_source": source.to_dict(), "model_dir": None,
+              "global_step": trainer.state.global_step, "train_seconds": round(time.time() - start, 1)}
+    if interrupt.requested:
+        logger.warning("interrupted at step %d: checkpoint saved in %s; rerun with resume=true",
+                       trainer.state.global_step, last_checkpoint(stage_dir))
+        return {**result, "interrupted": True}
+    # 2. final validation metrics
+    if trainer.eval_dataset is not None:
+        result["metrics"].update(trainer.evaluate())
+    # 3. save model (or adapter) and tokenizer; merged copy for the next stage when LoRA
+    final = stage_dir / "final"
+    trainer.save_model(str(final))
+    result["model_dir"] = str(final)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(final))
+    if _is_peft(trainer.model):
+        result["adapter_dir"] = str(final)
+        result["model_dir"] = _save_merged(trainer, tokenizer, stage_dir / "final_merged") if merge_lora else None
+    trainer.accelerator.wait_for_everyone()
+    # 4. curves and summary
+    if trainer.is_world_process_zero():
+        plot_metrics(stage_dir / "metrics.jsonl", stage_dir / "curves.png")
+        _log_summary(recipe.stage, result)
+    return result
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _save_merged(trainer, tokenizer, out: Path) -> str | None:
+    """Merge the LoRA adapter into a copy of the base weights (skipped for 4/8-bit bases)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    base = model.get_base_model()
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        logger.warning("quantized base: not merging the adapter (merge onto full-precision weights with "
+                       "`alignkit merge ADAPTER_DIR OUT_DIR`)")
+        return None
+    if trainer.is_world_process_zero():
+        merged = model.merge_and_unload()
+        merged.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+    return str(out)
+
+
+def _log_summary(stage: str, result: dict) -> None:
+    keys = [k for k in result["metrics"] if any(s in k for s in ("loss", "accurac", "margin", "runtime"))]
+    shown = ", ".join(f"{k}={result['metrics'][k]:.4g}" for k in sorted(keys)
+                      if isinstance(result["metrics"][k], (int, float)))
+    logger.info("%s done: %d steps in %.0f s; %s; model: %s", stage, result["global_step"],
+                result["train_seconds"], shown, result["model_dir"])

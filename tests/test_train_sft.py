@@ -1,0 +1,111 @@
+"""SFT stage on the tiny model: unpacked and alignkit-packed, bad rows, Ctrl-C checkpoint + resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+from transformers import TrainerCallback
+
+from alignkit.config import load_recipe
+from alignkit.train import common, sft
+from alignkit.train.callbacks import read_metrics
+
+
+def _write_rows(path, n=16, bad_line=None):
+    lines = []
+    for i in range(n):
+        row = {"prompt": f"Add {i} and {i}.", "completion": f"The sum is {2 * i}."}
+        if bad_line is not None and i + 1 == bad_line:
+            row = {"prompt": "no completion here"}
+        lines.append(json.dumps(row))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _stage(tmp_path, model_dir, data, *overrides, name="sft.yaml"):
+    path = tmp_path / name
+    path.write_text(f"stage: sft\nmodel: {{name_or_path: {model_dir}}}\n"
+                    f"data: {{path: {data}, template: alpaca_sft}}\n"
+                    "train: {max_steps: 2, per_device_train_batch_size: 2, max_length: 48, logging_steps: 1, "
+                    "report_to: none, gradient_checkpointing: false, save_strategy: 'no', learning_rate: 1.0e-3}\n")
+    out = tmp_path / "out"
+    return load_recipe(path, [f"output_dir={out}", *overrides]).stages["sft"], out
+
+
+def test_sft_unpacked_with_validation(tmp_path, tiny_model_dir):
+    stage, out = _stage(tmp_path, tiny_model_dir, _write_rows(tmp_path / "d.jsonl"), "data.val_size=4",
+                        "train.eval_strategy=steps", "train.eval_steps=2")
+    result = sft.run(stage, out, None)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert all(k in rows[0] for k in ("loss", "learning_rate", "grad_norm"))
+    assert any("eval_loss" in r for r in rows)
+    # the data check kept 12 training rows (16 minus 4 held out) and wrote its report
+    report = json.loads((out / "data_check_train.json").read_text())
+    assert report["rows_read"] == 16
+    assert result["global_step"] == 2 and os.path.isdir(result["model_dir"])
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_sft_alignkit_packing(tmp_path, tiny_model_dir, gpt2_tokenizer, monkeypatch):
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    stage, out = _stage(tmp_path, tiny_model_dir, _write_rows(tmp_path / "d.jsonl"), "data.packing=alignkit",
+                        "train.max_length=32")
+    train, val = sft.build_datasets(stage, gpt2_tokenizer, out)
+    assert val is None and len(train) > 0
+    assert {len(ids) for ids in train["input_ids"]} == {32}  # m + 1 tokens: the packed labels' last token
+    # each packed stream starts at a document boundary: the Alpaca header
+    assert gpt2_tokenizer.decode(train[0]["input_ids"]).startswith("Below is an instruction")
+    result = sft.run(stage, out, None)
+    assert result["global_step"] == 2
+
+
+def test_bad_row_names_file_line_field(tmp_path, tiny_model_dir):
+    data = _write_rows(tmp_path / "bad.jsonl", bad_line=5)
+    stage, out = _stage(tmp_path, tiny_model_dir, data)
+    with pytest.raises(ValueError, match=r"bad\.jsonl line 5 field 'completion'|bad\.jsonl.*5.*completion"):
+        sft.run(stage, out, None)
+
+
+class _CtrlCAt(TrainerCallback):
+    """Sends SIGINT to this process at the end of step ``n`` (as a user pressing Ctrl-C)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.n:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoint_then_resume_continues_steps_and_lr(tmp_path, tiny_model_dir, monkeypatch):
+    data = _write_rows(tmp_path / "d.jsonl", n=24)
+    settings = ["train.max_steps=4", "train.lr_scheduler_type=linear", "train.save_strategy=steps",
+                "train.save_steps=100"]
+    # 1. reference: 4 uninterrupted steps
+    (tmp_path / "a").mkdir()
+    ref_stage, ref_out = _stage(tmp_path / "a", tiny_model_dir, data, *settings)
+    sft.run(ref_stage, ref_out, None)
+    ref_lr = {r["step"]: r["learning_rate"] for r in read_metrics(ref_out / "metrics.jsonl") if "loss" in r}
+    ref_loss = {r["step"]: r["loss"] for r in read_metrics(ref_out / "metrics.jsonl") if "loss" in r}
+    # 2. Ctrl-C after step 2: a checkpoint is saved and the stage reports itself interrupted
+    (tmp_path / "b").mkdir()
+    stage, out = _stage(tmp_path / "b", tiny_model_dir, data, *settings)
+    original = common.stage_callbacks
+    monkeypatch.setattr(common, "stage_callbacks", lambda d: [_CtrlCAt(2), *original(d)])
+    result = sft.run(stage, out, None)
+    assert result["interrupted"] and result["global_step"] == 2
+    assert (out / "checkpoint-2" / "optimizer.pt").is_file()
+    # 3. resume=true continues at step 3 with the same schedule (and the same batches)
+    monkeypatch.setattr(common, "stage_callbacks", original)
+    stage.resume = True
+    result = sft.run(stage, out, None)
+    assert result["global_step"] == 4 and not result.get("interrupted")
+    resumed = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for r in resumed:
+        assert r["learning_rate"] == pytest.approx(ref_lr[r["step"]], rel=1e-6)
+        assert r["loss"] == pytest.approx(ref_loss[r["step"]], rel=1e-4)
