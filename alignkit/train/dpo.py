@@ -128,7 +128,7 @@ def preference_loader(recipe, tokenizer, stage_dir: Path):
 
     d = recipe.data
     max_length = d.max_length or getattr(recipe.train, "max_length", None)
-    template = common.text_template(d.template)
+    template = d.template  # the check takes "chat", a bundled prompt name or a template string as is
 
     def load(path, split, limit, name):
         pairs = load_preference_rows(path, split=split, format=d.format, columns=d.columns, errors="collect")

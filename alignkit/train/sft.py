@@ -65,7 +65,7 @@ def _loader(recipe, tokenizer, stage_dir: Path):
     packed = recipe.data.packing == "alignkit" or recipe.train.packing
     # packed rows are concatenated then cut, so a long row is not dropped
     max_length = None if packed else recipe.data.max_length or recipe.train.max_length
-    template = common.text_template(recipe.data.template)
+    template = recipe.data.template  # the check takes "chat", a bundled prompt name or a template string as is
 
     def load(path, split, limit, name):
         rows = load_sft_rows(path, split=split, columns=recipe.data.columns, errors="collect")
@@ -95,8 +95,7 @@ def packed_dataset(rows: list[dict], tokenizer, seq_length: int, path: Path, see
             if not isinstance(row.get("prompt"), str):
                 raise TypeError("data.packing=alignkit needs plain-text prompt/completion rows")
             fh.write(json.dumps({"prompt": row["prompt"], "response": row["completion"]}) + "\n")
-    torch.manual_seed(seed)
-    packed = PackedSFTDataset(tokenizer, str(path), seq_length - 1, True)
+    packed = PackedSFTDataset(tokenizer, str(path), seq_length - 1, True, seed=seed)
     if len(packed) == 0:
         raise ValueError(f"packing produced no sequence of {seq_length} tokens from {len(rows)} rows")
     ids = [torch.cat([item["input_ids"], item["labels"][-1:]]).tolist() for item in packed]
