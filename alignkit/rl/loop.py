@@ -1,0 +1,483 @@
+"""The GRPO loop (Shao et al. 2024, DeepSeekMath; CS336 A5 ``grpo_train_loop``) as a component.
+
+It takes runtime objects (policy, tokenizer, a :class:`~alignkit.generation.base.Generator`, a
+reward function ``(response, ground_truth) -> {"reward", "format_reward", "answer_reward"}``,
+formatted prompts + answers, an optimizer, :class:`GRPOSettings`, an optional reference model and
+an optional ``accelerate.Accelerator``) and knows nothing of YAML. The maths lives in
+:mod:`alignkit.rl.core`; this module schedules it.
+
+Batch sizes are global (all processes together), as in CS336: a rollout batch of
+``rollout_batch_size`` responses = ``rollout_batch_size // group_size`` prompts x ``group_size``
+samples; it is cut into train batches of ``train_batch_size`` (one optimizer step each), each made
+of ``gradient_accumulation_steps`` micro-batches. With ``N`` processes every process takes its own
+``1/N`` of the prompts (whole groups) and micro-batches of ``train_batch_size // (N * grad_acc)``.
+Gradients are averaged across processes with one all-reduce per optimizer step (no DDP wrapper).
+Dropout is off during training (the policy is kept in eval mode) so that old and new
+log-probs agree for the same weights.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit.generation.base import Completion, SamplingParams
+from alignkit.rl.core import (
+    POLICY_GRADIENT_LOSSES,
+    compute_group_normalized_rewards,
+    get_response_log_probs,
+    grpo_microbatch_train_step,
+    masked_mean,
+    tokenize_prompt_and_output,
+)
+
+logger = logging.getLogger(__name__)
+
+LENGTH_NORMALIZATIONS = ("mean", "constant")
+
+
+@dataclass
+class GRPOSettings:
+    """Plain GRPO settings (defaults: CS336 A5 reference run, on-policy)."""
+
+    n_grpo_steps: int = 200
+    rollout_batch_size: int = 256  # responses per step (all processes)
+    group_size: int = 8  # samples per prompt
+    train_batch_size: int = 256  # responses per optimizer step (all processes)
+    gradient_accumulation_steps: int = 128
+    epochs_per_rollout_batch: int = 1
+    loss_type: str = "reinforce_with_baseline"  # no_baseline | reinforce_with_baseline | grpo_clip
+    use_std_normalization: bool = True  # False = Dr. GRPO advantages r - mean
+    advantage_eps: float = 1e-6
+    cliprange: float = 0.2
+    length_normalization: str = "mean"  # mean (GRPO) | constant (Dr. GRPO; / normalize_constant)
+    normalize_constant: float | None = None  # None: max_new_tokens
+    beta: float = 0.0  # k3 KL penalty coefficient; needs a reference model
+    max_grad_norm: float | None = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    min_new_tokens: int = 4
+    max_new_tokens: int = 1024
+    stop: list[str] = field(default_factory=list)
+    append_stop: bool = False  # re-append the stop string to completions that stopped
+    sync_weights: bool = True  # generator.update_weights(policy) after each step (False: HTTP servers)
+    eval_max_new_tokens: int | None = None  # None: max_new_tokens
+    val_samples: int = 0  # > 0: also score val_samples samples per held-out prompt at `temperature`, fixed seed
+    seed: int = 0
+    log_every: int = 1
+    rollout_table_every: int = 10  # 0: never
+    rollout_table_size: int = 4
+    eval_every: int = 0  # 0: only before and after training
+    save_every: int = 0  # 0: only at the end
+    output_dir: str | None = None  # metrics.jsonl, rollouts.jsonl, checkpoints/
+    resume: bool = True
+
+
+@dataclass
+class Microbatch:
+    """One micro-batch of a rollout batch, tokenized; old/ref log-probs filled once if needed."""
+
+    input_ids: torch.Tensor  # (b, T)
+    labels: torch.Tensor  # (b, T)
+    response_mask: torch.Tensor  # (b, T) bool
+    advantages: torch.Tensor  # (b, 1)
+    raw_rewards: torch.Tensor  # (b, 1)
+    old_log_probs: torch.Tensor | None = None  # (b, T), no grad
+    ref_log_probs: torch.Tensor | None = None  # (b, T), no grad
+
+
+def check_batch_sizes(s: GRPOSettings, num_processes: int = 1) -> int:
+    """CS336's consistency checks; returns the per-process micro-batch size. Errors name the setting."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"GRPO settings: {msg}")
+
+    need(s.loss_type in POLICY_GRADIENT_LOSSES,
+         f"loss_type={s.loss_type!r} is not one of {', '.join(POLICY_GRADIENT_LOSSES)}")
+    need(s.length_normalization in LENGTH_NORMALIZATIONS,
+         f"length_normalization={s.length_normalization!r} is not one of {', '.join(LENGTH_NORMALIZATIONS)}")
+    for name in ("n_grpo_steps", "rollout_batch_size", "group_size", "train_batch_size",
+                 "gradient_accumulation_steps", "epochs_per_rollout_batch"):
+        need(getattr(s, name) >= 1, f"{name} must be >= 1, got {getattr(s, name)}")
+    need(s.rollout_batch_size % s.group_size == 0,
+         f"rollout_batch_size ({s.rollout_batch_size}) must be divisible by group_size ({s.group_size}); "
+         "change rollout_batch_size or group_size")
+    n_prompts = s.rollout_batch_size // s.group_size
+    need(n_prompts % num_processes == 0,
+         f"the {n_prompts} prompts per rollout batch (rollout_batch_size / group_size) must split evenly "
+         f"over {num_processes} processes; change rollout_batch_size or the number of processes")
+    need(s.train_batch_size >= s.group_size,
+         f"train_batch_size ({s.train_batch_size}) must be >= group_size ({s.group_size}); raise train_batch_size")
+    need(s.rollout_batch_size % s.train_batch_size == 0,
+         f"rollout_batch_size ({s.rollout_batch_size}) must be a multiple of train_batch_size "
+         f"({s.train_batch_size}); change train_batch_size")
+    need(s.train_batch_size % (s.gradient_accumulation_steps * num_processes) == 0,
+         f"train_batch_size ({s.train_batch_size}) must be divisible by gradient_accumulation_steps "
+         f"({s.gradient_accumulation_steps}) x processes ({num_processes}); change gradient_accumulation_steps")
+    need(s.beta >= 0, f"beta must be >= 0, got {s.beta}")
+    need(s.loss_type != "grpo_clip" or s.cliprange > 0, f"cliprange must be > 0 for grpo_clip, got {s.cliprange}")
+    return s.train_batch_size // (s.gradient_accumulation_steps * num_processes)
+
+
+class GRPOLoop:
+    """Runs :meth:`train`; see the module docstring. ``reward_fn(response, ground_truth) -> dict``."""
+
+    def __init__(self, policy, tokenizer, generator, reward_fn: Callable[[str, str], dict],
+                 train_prompts: Sequence[str], train_answers: Sequence[str], optimizer,
+                 settings: GRPOSettings, *, val_prompts: Sequence[str] = (), val_answers: Sequence[str] = (),
+                 ref_model=None, accelerator=None) -> None:
+        if len(train_prompts) != len(train_answers) or not train_prompts:
+            raise ValueError(f"GRPOLoop: {len(train_prompts)} train prompts but {len(train_answers)} answers "
+                             "(need the same number, at least one)")
+        if len(val_prompts) != len(val_answers):
+            raise ValueError(f"GRPOLoop: {len(val_prompts)} val prompts but {len(val_answers)} answers")
+        if settings.beta > 0 and ref_model is None:
+            raise ValueError("GRPOLoop: settings.beta > 0 needs a ref_model (or set beta: 0)")
+        self.acc = accelerator
+        self.world = accelerator.num_processes if accelerator is not None else 1
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.micro_batch_size = check_batch_sizes(settings, self.world)
+        self.policy, self.tokenizer, self.generator = policy, tokenizer, generator
+        self.reward_fn, self.optimizer, self.s, self.ref_model = reward_fn, optimizer, settings, ref_model
+        self.train_prompts, self.train_answers = list(train_prompts), list(train_answers)
+        self.val_prompts, self.val_answers = list(val_prompts), list(val_answers)
+        self.out = Path(settings.output_dir) if settings.output_dir else None
+        self.step = 0
+        self.n_old_log_prob_passes = 0  # forward passes for old log-probs (tests check "computed once")
+        self.device = next(policy.parameters()).device
+        if self.world > 1:
+            self._broadcast_parameters()
+
+    # ------------------------------------------------------------------ driver
+    def train(self) -> dict:
+        """All steps (resuming from the newest checkpoint); returns before/after validation + last metrics."""
+        if self.s.resume and self.out is not None:
+            self.load_checkpoint()
+        elif self.out is not None and self.rank == 0:  # a fresh run starts fresh logs
+            for stale in [self.out / "metrics.jsonl", *self.out.glob("rollouts.rank*.jsonl")]:
+                stale.unlink(missing_ok=True)
+        self.val_per_prompt: list[float] | None = None
+        history: dict = {"val_before": self.evaluate() if self.step == 0 else None}
+        history["val_before_per_prompt"] = self.val_per_prompt
+        self._log_metrics({"step": self.step, **(history["val_before"] or {})}, if_new=True)
+        metrics: dict = {}
+        while self.step < self.s.n_grpo_steps:
+            # 1. one GRPO step (rollout, rewards, update, weight sync)
+            metrics = self.train_step()
+            # 2. validation at its interval, checkpoint at its interval
+            if self.s.eval_every and self.step % self.s.eval_every == 0 and self.step < self.s.n_grpo_steps:
+                metrics.update(self.evaluate())
+            if self.s.save_every and self.step % self.s.save_every == 0:
+                self.save_checkpoint()
+            # 3. log
+            self._log_metrics(metrics)
+            if self.step % self.s.log_every == 0 or self.step == self.s.n_grpo_steps:
+                logger.info("grpo step %d/%d: %s", self.step, self.s.n_grpo_steps, _short(metrics))
+        history["val_after"] = self.evaluate()
+        history["val_after_per_prompt"] = self.val_per_prompt
+        self._log_metrics({"step": self.step, "final": True, **history["val_after"]})
+        if self.out is not None:
+            self.save_checkpoint()
+        history["last_step"] = metrics
+        return history
+
+    def train_step(self) -> dict:
+        """One GRPO step: numbered as in the module's task description."""
+        s, t0 = self.s, time.perf_counter()
+        # 1. sample this process's prompts, repeat each group_size times, generate
+        prompts, answers = self._sample_prompts(self.step)
+        completions = self.generator.generate(prompts, self._sampling_params(self.step))
+        responses = [self._response_text(c) for c in completions]
+        t_gen = time.perf_counter() - t0
+        # 2. rewards and group-normalised advantages (Dr. GRPO: normalize_by_std off)
+        scores: list[dict] = []
+
+        def scored(response: str, truth: str) -> dict:
+            scores.append(self.reward_fn(response, truth))
+            return scores[-1]
+
+        advantages, raw_rewards, _ = compute_group_normalized_rewards(
+            scored, responses, answers, s.group_size, s.advantage_eps, s.use_std_normalization)  # (n,), (n,)
+        # 3. tokenize; old log-probs (off-policy or grpo_clip) and ref log-probs, once, without grad
+        t1 = time.perf_counter()
+        micro = self._make_microbatches(prompts, responses, advantages, raw_rewards)
+        n_tokens = sum(int(mb.labels.numel()) for mb in micro)
+        t_logp = time.perf_counter() - t1
+        # 4. epochs x optimizer steps x micro-batches
+        t2 = time.perf_counter()
+        train_stats = self._train_on_rollouts(micro)
+        t_train = time.perf_counter() - t2
+        # 5. make the generator use the new weights (no-op when it shares the module)
+        if s.sync_weights:
+            self.generator.update_weights(self._unwrapped())
+        self.step += 1
+        # 6. metrics (rewards gathered over processes), sample table
+        metrics = {"step": self.step, **train_stats, **self._reward_metrics(scores, completions)}
+        n_gen = self._sum(sum(c.num_tokens for c in completions))
+        metrics.update(time_generation_s=t_gen, time_log_probs_s=t_logp, time_train_s=t_train,
+                       generation_tokens_per_s=n_gen / max(t_gen, 1e-9),
+                       log_prob_tokens_per_s=self._sum(n_tokens) / max(t_logp, 1e-9) if t_logp > 1e-3 else None,
+                       train_tokens_per_s=self._sum(n_tokens) * s.epochs_per_rollout_batch / max(t_train, 1e-9))
+        if s.rollout_table_every and (self.step - 1) % s.rollout_table_every == 0:
+            self._log_rollouts(prompts, responses, answers, scores, advantages)
+        return metrics
+
+    # ------------------------------------------------------------------ rollouts
+    def _sample_prompts(self, step: int) -> tuple[list[str], list[str]]:
+        """This process's share of the step's prompts (whole groups), each repeated group_size times."""
+        n_global = self.s.rollout_batch_size // self.s.group_size
+        rng = random.Random(self.s.seed * 1_000_003 + step)
+        pool = range(len(self.train_prompts))
+        idx = rng.sample(pool, n_global) if n_global <= len(pool) else rng.choices(pool, k=n_global)
+        share = n_global // self.world
+        mine = idx[self.rank * share:(self.rank + 1) * share]
+        prompts = [self.train_prompts[i] for i in mine for _ in range(self.s.group_size)]
+        answers = [self.train_answers[i] for i in mine for _ in range(self.s.group_size)]
+        return prompts, answers
+
+    def _sampling_params(self, step: int) -> SamplingParams:
+        s = self.s
+        return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                              min_new_tokens=s.min_new_tokens, stop=list(s.stop),
+                              seed=s.seed * 1_000_003 + step * self.world + self.rank)
+
+    def _response_text(self, completion: Completion) -> str:
+        """The completion as scored and trained on: stop string re-appended when the format needs it.
+
+        Backends report EOS and stop strings alike as ``finish_reason == "stop"``, so an EOS right
+        after an answer also gets the stop string. An empty completion (EOS at once) becomes EOS text.
+        """
+        text = completion.text
+        if self.s.append_stop and self.s.stop and completion.finish_reason == "stop":
+            text += self.s.stop[0]
+        return text or (self.tokenizer.eos_token or "")
+
+    # ------------------------------------------------------------------ log-probs and training
+    def _make_microbatches(self, prompts, responses, advantages, raw_rewards) -> list[Microbatch]:
+        """Shuffle once, cut into micro-batches, add old/ref log-probs under no_grad where needed."""
+        order = list(range(len(prompts)))
+        random.Random(self.s.seed + 7919 * self.step + self.rank).shuffle(order)
+        need_old = self.s.epochs_per_rollout_batch > 1 or self.s.loss_type == "grpo_clip"
+        need_ref = self.s.beta > 0
+        batches = []
+        for start in range(0, len(order), self.micro_batch_size):
+            # 1. tokenize this micro-batch's prompts + responses
+            idx = order[start:start + self.micro_batch_size]
+            tok = tokenize_prompt_and_output([prompts[i] for i in idx], [responses[i] for i in idx],
+                                             self.tokenizer)
+            mb = Microbatch(input_ids=tok["input_ids"].to(self.device), labels=tok["labels"].to(self.device),
+                            response_mask=tok["response_mask"].to(self.device),
+                            advantages=advantages[idx].unsqueeze(-1).to(self.device),  # (b, 1)
+                            raw_rewards=raw_rewards[idx].unsqueeze(-1).to(self.device))  # (b, 1)
+            # 2. old log-probs of the sampling policy: computed once, never differentiated
+            if need_old:
+                mb.old_log_probs = self._no_grad_log_probs(self.policy, mb)
+                self.n_old_log_prob_passes += 1
+            # 3. reference log-probs for the k3 KL penalty
+            if need_ref:
+                mb.ref_log_probs = self._no_grad_log_probs(self.ref_model, mb)
+            batches.append(mb)
+        return batches
+
+    @staticmethod
+    def _no_grad_log_probs(model, mb: Microbatch) -> torch.Tensor:
+        with torch.no_grad():
+            return get_response_log_probs(model, mb.input_ids, mb.labels)["log_probs"].detach()  # (b, T)
+
+    def _train_on_rollouts(self, micro: list[Microbatch]) -> dict:
+        s, ga = self.s, self.s.gradient_accumulation_steps
+        self.policy.eval()  # no dropout: old and new log-probs must agree for equal weights
+        stats: dict[str, list[float]] = {"loss": [], "grad_norm": [], "token_entropy": [], "clip_fraction": [],
+                                         "kl": []}
+        for epoch in range(s.epochs_per_rollout_batch):
+            for start in range(0, len(micro), ga):
+                # 1. one optimizer step = gradient_accumulation_steps micro-batches
+                loss_sum = 0.0
+                for mb in micro[start:start + ga]:
+                    # 2. log-probs with grad (+ entropy for logging)
+                    out = get_response_log_probs(self.policy, mb.input_ids, mb.labels, return_token_entropy=True)
+                    # 3. policy-gradient loss (+ k3 KL), backward inside
+                    loss, meta = grpo_microbatch_train_step(
+                        out["log_probs"], mb.response_mask, ga, s.loss_type, raw_rewards=mb.raw_rewards,
+                        advantages=mb.advantages, old_log_probs=mb.old_log_probs, cliprange=s.cliprange,
+                        length_normalization=s.length_normalization,
+                        normalize_constant=float(s.normalize_constant or s.max_new_tokens),
+                        ref_log_probs=mb.ref_log_probs, kl_beta=s.beta)
+                    loss_sum += float(loss)
+                    stats["token_entropy"].append(float(masked_mean(out["token_entropy"], mb.response_mask)))
+                    for key in ("clip_fraction", "kl"):
+                        if key in meta:
+                            stats[key].append(float(meta[key]))
+                # 4. average gradients over processes, clip, step
+                stats["grad_norm"].append(self._optimizer_step())
+                stats["loss"].append(loss_sum)
+        return {k: sum(v) / len(v) if v else None for k, v in stats.items()}
+
+    def _optimizer_step(self) -> float:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if self.world > 1:
+            self._all_reduce_grads(params)
+        max_norm = self.s.max_grad_norm if self.s.max_grad_norm else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    # ------------------------------------------------------------------ distributed helpers
+    def _all_reduce_grads(self, params) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.acc.reduce(flat, reduction="mean")
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def _broadcast_parameters(self) -> None:
+        """Start every process from process 0's weights."""
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for p in self.policy.parameters():
+                dist.broadcast(p.data, src=0)
+
+    def _gather(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        return self.acc.gather(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+
+    def _sum(self, value: float) -> float:
+        return sum(self._gather([float(value)]))
+
+    def _unwrapped(self):
+        return self.acc.unwrap_model(self.policy) if self.acc is not None else self.policy
+
+    # ------------------------------------------------------------------ metrics, evaluation, rollouts table
+    def _reward_metrics(self, scores: list[dict], completions: list[Completion], prefix: str = "") -> dict:
+        reward = self._gather([d["reward"] for d in scores])
+        fmt = self._gather([d["format_reward"] for d in scores])
+        ans = self._gather([d["answer_reward"] for d in scores])
+        lengths = self._gather([c.num_tokens for c in completions])
+        correct = [n for n, a in zip(lengths, ans) if a > 0]
+        wrong = [n for n, a in zip(lengths, ans) if a <= 0]
+        mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+        return {f"{prefix}reward": mean(reward), f"{prefix}format_reward": mean(fmt),
+                f"{prefix}answer_reward": mean(ans), f"{prefix}response_length": mean(lengths),
+                f"{prefix}response_length_correct": mean(correct),
+                f"{prefix}response_length_incorrect": mean(wrong)}
+
+    def evaluate(self) -> dict:
+        """Held-out rewards, gathered: greedy (``val_*``) and, with ``val_samples > 0``, the mean over
+        ``val_samples`` samples per prompt at the training temperature (``val_sampled_*``): the expected
+        reward GRPO maximises. The sampling seed is the same at every evaluation (paired comparison:
+        before/after differ by the weights only). Per-prompt sampled means go to ``self.val_per_prompt``."""
+        if not self.val_prompts:
+            return {}
+        mine = list(range(self.rank, len(self.val_prompts), self.world))
+        n_tok = self.s.eval_max_new_tokens or self.s.max_new_tokens
+        t0 = time.perf_counter()
+        # 1. greedy
+        params = SamplingParams(max_new_tokens=n_tok, temperature=0.0, stop=list(self.s.stop))
+        completions = self.generator.generate([self.val_prompts[i] for i in mine], params)
+        scores = [self.reward_fn(self._response_text(c), self.val_answers[i]) for c, i in zip(completions, mine)]
+        metrics = self._reward_metrics(scores, completions, prefix="val_")
+        # 2. sampled at the training temperature, k per prompt, fixed seed
+        if self.s.val_samples > 0:
+            metrics.update(self._evaluate_sampled(mine, n_tok))
+        logger.info("grpo validation at step %d (%d prompts, %.1fs): %s", self.step, len(self.val_prompts),
+                    time.perf_counter() - t0, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                                        if "reward" in k and v is not None))
+        return metrics
+
+    def _evaluate_sampled(self, mine: list[int], n_tok: int) -> dict:
+        k = self.s.val_samples
+        params = SamplingParams(max_new_tokens=n_tok, temperature=self.s.temperature, top_p=self.s.top_p,
+                                min_new_tokens=self.s.min_new_tokens, stop=list(self.s.stop),
+                                seed=self.s.seed * 1_000_003 + 999_983 + self.rank)
+        completions = self.generator.generate([self.val_prompts[i] for i in mine for _ in range(k)], params)
+        truths = [self.val_answers[i] for i in mine for _ in range(k)]
+        scores = [self.reward_fn(self._response_text(c), a) for c, a in zip(completions, truths)]
+        per_prompt = [sum(d["reward"] for d in scores[j * k:(j + 1) * k]) / k for j in range(len(mine))]
+        self.val_per_prompt = self._gather(per_prompt)  # (n_val,) ordered by rank, then prompt
+        return self._reward_metrics(scores, completions, prefix="val_sampled_")
+
+    def _log_rollouts(self, prompts, responses, answers, scores, advantages) -> None:
+        rows = [{"step": self.step, "rank": self.rank, "prompt": prompts[i][-200:], "response": responses[i],
+                 "ground_truth": answers[i], **scores[i], "advantage": float(advantages[i])}
+                for i in range(min(self.s.rollout_table_size, len(prompts)))]
+        for row in rows:
+            logger.info("rollout step %d | reward %.2f (format %.2f, answer %.2f) adv %+.2f | gold %s | %r",
+                        row["step"], row["reward"], row["format_reward"], row["answer_reward"],
+                        row["advantage"], row["ground_truth"], row["response"][:160])
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / f"rollouts.rank{self.rank}.jsonl", "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def _log_metrics(self, metrics: dict, if_new: bool = False) -> None:
+        """Append one line to metrics.jsonl (process 0 only)."""
+        if self.out is None or self.rank != 0 or not metrics:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "metrics.jsonl"
+        if if_new and path.exists() and path.stat().st_size:
+            return
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({k: v for k, v in metrics.items()}, default=float) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """``checkpoints/step-N/``: trainable weights, optimizer state, step and settings (process 0)."""
+        if self.out is None:
+            return None
+        path = self.out / "checkpoints" / f"step-{self.step}"
+        if self.rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            trainable = {n: p.detach().cpu() for n, p in self._unwrapped().named_parameters() if p.requires_grad}
+            torch.save(trainable, path / "trainable.pt")
+            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+            (path / "state.json").write_text(json.dumps({"step": self.step, "settings": asdict(self.s)}, indent=1))
+            logger.info("grpo: saved checkpoint %s", path)
+        if self.acc is not None:
+            self.acc.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self) -> bool:
+        """Resume from the newest ``checkpoints/step-N``; metrics.jsonl lines after step N are dropped."""
+        ckpts = sorted((self.out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        ckpts = [p for p in ckpts if (p / "state.json").exists()]
+        if not ckpts:
+            return False
+        path = ckpts[-1]
+        trainable = torch.load(path / "trainable.pt", map_location=self.device)
+        missing = set(trainable) - {n for n, _ in self._unwrapped().named_parameters()}
+        if missing:
+            raise ValueError(f"{path}/trainable.pt: parameters not in the policy: {sorted(missing)[:5]}")
+        self._unwrapped().load_state_dict(trainable, strict=False)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        self.step = json.loads((path / "state.json").read_text())["step"]
+        if self.s.sync_weights:
+            self.generator.update_weights(self._unwrapped())
+        self._truncate_metrics(self.step)
+        logger.info("grpo: resumed from %s (step %d)", path, self.step)
+        return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out / "metrics.jsonl"
+        if self.rank != 0 or not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
+                and not json.loads(ln).get("final")]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _short(metrics: dict) -> str:
+    keys = ("loss", "grad_norm", "reward", "format_reward", "answer_reward", "token_entropy", "clip_fraction",
+            "response_length", "val_reward", "val_sampled_reward", "time_generation_s", "time_train_s")
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))

@@ -1,0 +1,149 @@
+"""Verifiable rewards for GRPO: GSM8K final number, DeepSeek-R1-Zero format + math equivalence.
+
+Every reward function has the signature ``reward_fn(response: str, ground_truth: str) -> dict`` and
+returns ``{"reward", "format_reward", "answer_reward"}`` (floats in [0, 1]); this is the signature
+``alignkit.rl.core.compute_group_normalized_rewards`` calls (CS336 A5 convention).
+
+r1-zero format (prompt ``resources/prompts/r1_zero.prompt``, which ends with ``Assistant: <think>``):
+the *completion* starts inside the think block, so a well-formed completion is exactly::
+
+    <reasoning, no tags> </think> <answer> <final answer, no tags> </answer>
+
+i.e. the regex ``^(?:(?!<think>|</think>|<answer>|</answer>).)*</think>\\s*<answer>(.*)</answer>\\s*$``
+(DOTALL, the reasoning and the answer may not contain any of the four tags; whitespace between
+``</think>`` and ``<answer>`` and after ``</answer>`` is allowed; nothing else may follow
+``</answer>``). Generation stops at ``</answer>`` and backends cut the stop string, so the GRPO loop
+re-appends it before scoring (``RewardPreset.append_stop``). Following CS336 / DeepSeek-R1-Zero,
+``reward = answer_reward`` when the completion is well formed and ``0`` otherwise: an unformatted
+correct number earns nothing (``answer_reward`` is then reported as 0 too).
+
+Answers are compared by mathematical equivalence with ``math_verify`` (``0.5 == 1/2 ==
+\\frac{1}{2}``, ``\\boxed{7} == 7``, ``1,000 == 1000``), after a fast exact/numeric check.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+RewardFn = Callable[[str, str], dict]
+
+_TAGS = r"<think>|</think>|<answer>|</answer>"
+_R1_ZERO_RE = re.compile(rf"^(?:(?!{_TAGS}).)*</think>\s*<answer>((?:(?!{_TAGS}).)*)</answer>\s*$", re.DOTALL)
+_NUMBER_RE = re.compile(r"^-?\d+(?:\.\d+)?$")
+
+
+def _result(format_reward: float, answer_reward: float, reward: float) -> dict:
+    return {"reward": float(reward), "format_reward": float(format_reward), "answer_reward": float(answer_reward)}
+
+
+def gold_answer(ground_truth: str) -> str:
+    """The final answer of a gold string: the text after ``####`` (GSM8K solutions) or the string itself."""
+    if "####" in ground_truth:
+        from alignkit.eval.parsers import gsm8k_answer
+
+        return str(gsm8k_answer(ground_truth)).strip()
+    return ground_truth.strip()
+
+
+def _as_number(text: str) -> float | None:
+    text = text.strip().replace(",", "").lstrip("$").rstrip(".")
+    return float(text) if _NUMBER_RE.match(text) else None
+
+
+def answers_equivalent(predicted: str, gold: str) -> bool:
+    """Mathematical equivalence of two answer strings (exact, then numeric, then ``math_verify``)."""
+    predicted, gold = predicted.strip(), gold.strip()
+    if not predicted:
+        return False
+    if predicted == gold:
+        return True
+    a, b = _as_number(predicted), _as_number(gold)
+    if a is not None and b is not None:
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+    from math_verify import parse, verify
+
+    # math_verify times out with SIGALRM, which only works in the main thread.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    gold_parsed = parse(gold, parsing_timeout=timeout)
+    pred_parsed = parse(predicted, parsing_timeout=timeout)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
+
+
+def r1_zero_reward(response: str, ground_truth: str) -> dict:
+    """DeepSeek-R1-Zero reward (Guo et al., 2025; CS336 A5 ``r1_zero_reward_fn``): format then answer.
+
+    ``response`` is the completion after ``Assistant: <think>`` with ``</answer>`` re-appended.
+    """
+    match = _R1_ZERO_RE.match(response)
+    if match is None:
+        return _result(0.0, 0.0, 0.0)
+    correct = answers_equivalent(match.group(1), gold_answer(ground_truth))
+    return _result(1.0, float(correct), float(correct))
+
+
+def gsm8k_reward(response: str, ground_truth: str) -> dict:
+    """GSM8K (Cobbe et al., 2021) reward: the last number of the response equals the gold number.
+
+    ``format_reward`` is 1 when a number can be parsed (``alignkit.eval.parsers.parse_gsm8k_response``).
+    """
+    from alignkit.eval.parsers import parse_gsm8k_response
+
+    predicted = parse_gsm8k_response(response)
+    if predicted is None:
+        return _result(0.0, 0.0, 0.0)
+    correct = answers_equivalent(str(predicted), gold_answer(ground_truth))
+    return _result(1.0, float(correct), float(correct))
+
+
+@dataclass(frozen=True)
+class RewardPreset:
+    """A reward with the prompt and stop strings it expects."""
+
+    fn: RewardFn
+    prompt: str  # name of a bundled prompt (alignkit.resources.prompt), with a {question} field
+    stop: list[str] = field(default_factory=list)
+    append_stop: bool = False  # re-append the stop string to the completion before scoring
+
+
+REWARDS: dict[str, RewardPreset] = {
+    "gsm8k": RewardPreset(gsm8k_reward, prompt="question_only"),
+    "r1_zero": RewardPreset(r1_zero_reward, prompt="r1_zero", stop=["</answer>"], append_stop=True),
+}
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """Import a reward function from ``"package.module:function"``; errors say which part failed."""
+    if spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(
+            f"reward {spec!r}: expected a registered name ({', '.join(REWARDS)}) or 'module.path:function'"
+        )
+    module_name, attr = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"reward {spec!r}: cannot import module {module_name!r}: {exc}") from exc
+    if not hasattr(module, attr):
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise AttributeError(
+            f"reward {spec!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute "
+            f"{attr!r}; callables there: {', '.join(public) or 'none'}"
+        )
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise TypeError(f"reward {spec!r}: {module_name}.{attr} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def get_reward(spec: str | RewardFn) -> RewardPreset:
+    """A preset by registry name, or an imported ``module:function`` (question-only prompt, no stop)."""
+    if callable(spec):
+        return RewardPreset(spec, prompt="question_only")
+    if spec in REWARDS:
+        return REWARDS[spec]
+    return RewardPreset(load_reward_fn(spec), prompt="question_only")
