@@ -138,10 +138,10 @@ def test_bad_data_errors_name_file_line_and_field(tmp_path):
         MMLU(tmp_path).load()
     bad = tmp_path / "g.jsonl"
     bad.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n" + json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(ValueError, match=r"g.jsonl:2: field 'answer'"):
+    with pytest.raises(ValueError, match=r"g.jsonl line 2: field 'answer'"):
         GSM8K(bad).load()
     bad.write_text("{not json\n")
-    with pytest.raises(ValueError, match=r"g.jsonl:1: not valid JSON"):
+    with pytest.raises(ValueError, match=r"g.jsonl line 1: invalid JSON"):
         AlpacaEval(bad).load()
     sst = tmp_path / "s.csv"
     sst.write_text("id,harm_area,counter,category\nsst_1,a,1,b\n")

@@ -14,7 +14,6 @@ Prompt styles (CS336 A5 supplement, sections 2 and 4):
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,21 +48,32 @@ def clean_output(text: str, style: str) -> str:
 
 
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    """Rows of a JSONL file; a bad line or a missing field is an error naming file, line and field."""
+    """Rows of a JSONL file (read by :func:`alignkit.data.io.read_rows`, the package's one reader); a bad
+    line or a missing field is an error naming file, line and field."""
+    from alignkit.data.io import location, read_rows
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            for key in required:
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise ValueError(f"{path}:{line_no}: field {key!r} is missing or not a non-empty string")
-            rows.append(row)
+    for row in read_rows(path):
+        for key in required:
+            if not isinstance(row.data.get(key), str) or not row.data[key].strip():
+                raise ValueError(f"{location(row.source, row.line)}: field {key!r} is missing or not a "
+                                 "non-empty string")
+        rows.append(row.data)
     return rows
+
+
+def accuracy_summary(records: list[dict]) -> dict:
+    """Accuracy = correct / all (unparseable counts as wrong), with the unparseable count and examples."""
+    n = len(records)
+    correct = sum(bool(r["score"]["correct"]) for r in records)
+    unparseable = [r for r in records if r["score"]["parsed"] is None]
+    return {
+        "accuracy": correct / n if n else 0.0,
+        "n": n,
+        "correct": correct,
+        "unparseable": len(unparseable),
+        "unparseable_examples": [{"id": r["id"], "generation": r["generation"]} for r in unparseable[:5]],
+    }
 
 
 def first_n(examples: list[dict], limit: int | None) -> list[dict]:

@@ -6,7 +6,7 @@ Prompt and metric: CS336 A5 supplement section 2.2. ``reward`` gives GRPO the sa
 from __future__ import annotations
 
 from alignkit import resources
-from alignkit.eval.tasks.base import Task, read_jsonl
+from alignkit.eval.tasks.base import Task, accuracy_summary, read_jsonl
 
 
 def numbers_equal(pred: str | None, gold: str) -> bool:
@@ -48,13 +48,4 @@ class GSM8K(Task):
 
     def aggregate(self, records: list[dict]) -> dict:
         """Exact match = correct / all (unparseable counts as wrong)."""
-        n = len(records)
-        correct = sum(bool(r["score"]["correct"]) for r in records)
-        unparseable = [r for r in records if r["score"]["parsed"] is None]
-        return {
-            "accuracy": correct / n if n else 0.0,
-            "n": n,
-            "correct": correct,
-            "unparseable": len(unparseable),
-            "unparseable_examples": [{"id": r["id"], "generation": r["generation"]} for r in unparseable[:5]],
-        }
+        return accuracy_summary(records)

@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from alignkit import resources
-from alignkit.eval.tasks.base import Task, seeded_subset
+from alignkit.eval.tasks.base import Task, accuracy_summary, seeded_subset
 
 PROMPT = (
     "Answer the following multiple choice question about {subject}. Respond with a single "
@@ -74,14 +74,5 @@ class MMLU(Task):
         by_subject: dict[str, list[bool]] = defaultdict(list)
         for r in records:
             by_subject[r["example"]["subject"]].append(bool(r["score"]["correct"]))
-        n = len(records)
-        correct = sum(sum(v) for v in by_subject.values())
-        unparseable = [r for r in records if r["score"]["parsed"] is None]
-        return {
-            "accuracy": correct / n if n else 0.0,
-            "n": n,
-            "correct": correct,
-            "unparseable": len(unparseable),
-            "unparseable_examples": [{"id": r["id"], "generation": r["generation"]} for r in unparseable[:5]],
-            "per_subject": {s: {"accuracy": sum(v) / len(v), "n": len(v)} for s, v in sorted(by_subject.items())},
-        }
+        per_subject = {s: {"accuracy": sum(v) / len(v), "n": len(v)} for s, v in sorted(by_subject.items())}
+        return {**accuracy_summary(records), "per_subject": per_subject}
