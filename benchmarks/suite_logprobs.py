@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.losses import selective_log_softmax
+from alignkit.losses import CHUNK_ELEMENTS, selective_log_softmax
 
 from .common import Context, Row, interleaved, peak_cpu_bytes
 
@@ -21,7 +21,7 @@ def naive_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def bench_logprobs(ctx: Context) -> list[Row]:
     batch, seq = ctx.pick((2, 64), (4, 512))
-    chunk = ctx.pick(32, 256)  # rows per chunk; alignkit's default (4096) is also measured below
+    chunk = ctx.pick(32, 256)  # rows per chunk; alignkit's default (CHUNK_ELEMENTS // V rows) is also measured below
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(batch, seq, VOCAB, generator=gen) * 4  # (B, T, V)
     labels = torch.randint(0, VOCAB, (batch, seq), generator=gen)  # (B, T)
@@ -48,9 +48,10 @@ def bench_logprobs(ctx: Context) -> list[Row]:
     return [
         Row("per-token log-probs: peak memory", peak_ours / 2**20, peak_base / 2**20, "MiB", target=2.0,
             higher_is_better=False, agreement=agreement,
-            details={"shape": shape, "peak_MiB_default_chunk_4096": peak_default / 2**20},
+            details={"shape": shape, "peak_MiB_default_chunk": peak_default / 2**20,
+                     "default_chunk_rows": CHUNK_ELEMENTS // VOCAB},
             notes=f"extra memory of the log-prob step above the logits {shape}; with alignkit's default "
-                  f"chunk_size=4096 (>= B*T rows here: one chunk) the peak is {peak_default / 2**20:.0f} MiB"),
+                  f"chunk ({CHUNK_ELEMENTS // VOCAB} rows) the peak is {peak_default / 2**20:.0f} MiB"),
         Row("per-token log-probs: time", times["ours"], times["base"], "s", higher_is_better=False,
             agreement=agreement, details={"shape": shape}, notes="reported only"),
     ]
