@@ -67,7 +67,7 @@ def test_bad_data_row_names_file_line_field(tmp_path):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2"}\n')
     data = dataclasses.make_dataclass("D", [("path", str), ("eval_path", str)])(str(bad), str(bad))
-    with pytest.raises(ValueError, match=r"train.jsonl:2: field 'answer'"):
+    with pytest.raises(ValueError, match=r"train.jsonl line 2: field 'answer'"):
         grpo.load_examples(grpo.GRPOArgs(), data)
 
 
