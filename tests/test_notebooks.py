@@ -80,7 +80,7 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     book = nbformat.read(copy, as_version=4)
     start = time.perf_counter()
-    NotebookClient(book, timeout=420, kernel_name="python3",
+    NotebookClient(book, timeout=1200, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises CellExecutionError
     print(f"{name}: {time.perf_counter() - start:.0f} s")
     pngs = _pngs(book)
