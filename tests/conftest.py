@@ -10,13 +10,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from alignkit.resources import ROOT as RESOURCES  # noqa: E402
+from alignkit.resources import ROOT as RESOURCES
 
 # Tiny models run fastest single-threaded (thread hand-off dominates); real-model tests may raise it.
 torch.set_num_threads(1)
