@@ -106,6 +106,22 @@ def fill_template(template: str, prompt: str) -> str:
     return head.replace("\x00", prompt)
 
 
+def checked_loader(read, check, stage_dir: Path):
+    """``load_fn`` for :func:`load_split`: ``read(path, split)`` the rows (errors collected), keep the first
+    ``limit``, ``check(rows)`` them (report saved, malformed rows raise) and return the clean rows."""
+
+    def load(path, split, limit, name):
+        rows = read(path, split)
+        if limit:
+            del rows[limit:]
+            del rows.locations[limit:]
+        report = check(rows)
+        save_data_report(report, stage_dir, f"data_check_{name}")
+        return report.kept
+
+    return load
+
+
 def save_data_report(report, stage_dir: Path, name: str) -> None:
     """Write the data check's markdown and JSON next to the outputs and log the headline."""
     stage_dir.mkdir(parents=True, exist_ok=True)

@@ -130,16 +130,11 @@ def preference_loader(recipe, tokenizer, stage_dir: Path):
     max_length = d.max_length or getattr(recipe.train, "max_length", None)
     template = d.template  # the check takes "chat", a bundled prompt name or a template string as is
 
-    def load(path, split, limit, name):
-        pairs = load_preference_rows(path, split=split, format=d.format, columns=d.columns, errors="collect")
-        if limit:
-            del pairs[limit:]
-            del pairs.locations[limit:]
-        report = check_preference(pairs, tokenizer=tokenizer, max_length=max_length, template=template)
-        common.save_data_report(report, stage_dir, f"data_check_{name}")
-        return report.kept
-
-    return load
+    return common.checked_loader(
+        lambda path, split: load_preference_rows(path, split=split, format=d.format, columns=d.columns,
+                                                 errors="collect"),
+        lambda pairs: check_preference(pairs, tokenizer=tokenizer, max_length=max_length, template=template),
+        stage_dir)
 
 
 def run(recipe, stage_dir, model_path=None) -> dict:

@@ -67,16 +67,10 @@ def _loader(recipe, tokenizer, stage_dir: Path):
     max_length = None if packed else recipe.data.max_length or recipe.train.max_length
     template = recipe.data.template  # the check takes "chat", a bundled prompt name or a template string as is
 
-    def load(path, split, limit, name):
-        rows = load_sft_rows(path, split=split, columns=recipe.data.columns, errors="collect")
-        if limit:
-            del rows[limit:]
-            del rows.locations[limit:]
-        report = check_sft(rows, tokenizer=tokenizer, max_length=max_length, template=template)
-        common.save_data_report(report, stage_dir, f"data_check_{name}")
-        return report.kept
-
-    return load
+    return common.checked_loader(
+        lambda path, split: load_sft_rows(path, split=split, columns=recipe.data.columns, errors="collect"),
+        lambda rows: check_sft(rows, tokenizer=tokenizer, max_length=max_length, template=template),
+        stage_dir)
 
 
 def packed_dataset(rows: list[dict], tokenizer, seq_length: int, path: Path, seed: int):
