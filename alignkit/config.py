@@ -50,7 +50,8 @@ class ModelArgs:
     dtype: str = field(default="auto", metadata={
         "help": "Weights dtype: auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16."})
     attn_implementation: str | None = field(default=None, metadata={
-        "help": "Attention kernel: eager, sdpa, flash_attention_2 (None: transformers' default)."})
+        "help": "Attention kernel: eager, sdpa, flash_attention_2, or sdpa_varlen (alignkit.attention: SDPA "
+                "per document, for padding-free batches without flash-attn). None: transformers' default."})
     quantization: str | None = field(default=None, metadata={
         "help": "None, 4bit (QLoRA: NF4 + double quantization) or 8bit (bitsandbytes).",
         "choices": [None, "4bit", "8bit"]})

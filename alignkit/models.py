@@ -408,6 +408,10 @@ def load_model(name_or_path, *, dtype="auto", device=None, attn_implementation=N
     tokenizer = load_tokenizer(source, for_generation=for_generation)
     kwargs = dict(from_pretrained_kwargs, dtype=torch_dtype)
     if attn_implementation is not None:
+        if attn_implementation == "sdpa_varlen":
+            from .attention import register_varlen_sdpa
+
+            register_varlen_sdpa()
         kwargs["attn_implementation"] = attn_implementation
     quant_config = _quantization_config(quantization, torch_dtype)
     if quant_config is not None:

@@ -109,3 +109,27 @@ def test_ctrl_c_checkpoint_then_resume_continues_steps_and_lr(tmp_path, tiny_mod
     for r in resumed:
         assert r["learning_rate"] == pytest.approx(ref_lr[r["step"]], rel=1e-6)
         assert r["loss"] == pytest.approx(ref_loss[r["step"]], rel=1e-4)
+
+
+def test_padding_free_switches_to_per_document_attention(tmp_path, tiny_model_dir, caplog):
+    """train.padding_free on sdpa: the stage trains with sdpa_varlen (loss per document), unless the
+    recipe names an attention implementation."""
+    from alignkit.models import load_model
+
+    data = _write_rows(tmp_path / "d.jsonl")
+    # TRL's BFD packing (its default strategy) is padding-free: documents whole, positions restart
+    stage, out = _stage(tmp_path, tiny_model_dir, data, "train.packing=true")
+    assert stage.train.packing_strategy == "bfd"
+    model, _, _ = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    assert common.use_varlen_attention(model, stage) and model.config._attn_implementation == "sdpa_varlen"
+    pinned, _ = _stage(tmp_path, tiny_model_dir, data, "train.padding_free=true", "model.attn_implementation=eager",
+                       name="pinned.yaml")
+    plain, _ = _stage(tmp_path, tiny_model_dir, data, name="plain.yaml")
+    for recipe in (pinned, plain):
+        other, _, _ = load_model(str(tiny_model_dir), dtype="float32", device="cpu",
+                                 attn_implementation=recipe.model.attn_implementation)
+        assert not common.use_varlen_attention(other, recipe)
+    with caplog.at_level("INFO", logger="alignkit.train"):
+        result = sft.run(stage, out, None)
+    assert result["global_step"] == 2
+    assert "attention set to sdpa_varlen" in caplog.text

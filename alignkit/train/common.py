@@ -32,7 +32,8 @@ def load_for_training(recipe, model_path: str | None, *, model_class=None, **kwa
 
     ``model_path`` (the previous stage's output) wins over ``recipe.model.name_or_path``. LoRA is
     applied by the TRL trainer (``peft_config``); a 4/8-bit model is prepared for k-bit training
-    here (``peft.prepare_model_for_kbit_training``). Returns ``(model, tokenizer, source)``.
+    here (``peft.prepare_model_for_kbit_training``); padding-free batches on ``sdpa`` get
+    ``sdpa_varlen`` (:func:`use_varlen_attention`). Returns ``(model, tokenizer, source)``.
     """
     from alignkit.models import load_model
 
@@ -49,8 +50,30 @@ def load_for_training(recipe, model_path: str | None, *, model_class=None, **kwa
             model, use_gradient_checkpointing=bool(getattr(recipe.train, "gradient_checkpointing", False)))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    use_varlen_attention(model, recipe)
     logger.info("loaded %s (%s) for %s", source.path, source.kind, recipe.stage)
     return model, tokenizer, source
+
+
+def use_varlen_attention(model, recipe) -> bool:
+    """SFT: padding-free batches (``train.padding_free`` or TRL's BFD packing) on plain ``sdpa``: switch to
+    ``sdpa_varlen`` (alignkit.attention), which attends per document instead of over a dense (N, N)
+    block-diagonal mask (the pads saved are otherwise spent on attention; benchmarks/RESULTS.md).
+    Left alone when the recipe names an attention implementation, and for other stages (TRL 1.16's
+    DPOTrainer turns ``padding_free`` off and pads). Returns whether it switched."""
+    if recipe.stage != "sft":
+        return False
+    args = recipe.train
+    packing_free = getattr(args, "packing", False) and getattr(args, "packing_strategy", None) in {"bfd", "bfd_split"}
+    padding_free = getattr(args, "padding_free", False) or packing_free
+    if not padding_free or recipe.model.attn_implementation or model.config._attn_implementation != "sdpa":
+        return False
+    from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
+
+    model.set_attn_implementation(register_varlen_sdpa())
+    logger.info("padding-free batches on sdpa: attention set to %s (per-document SDPA; set "
+                "model.attn_implementation to choose another)", VARLEN_SDPA)
+    return True
 
 
 def holdout(rows: list, val_size: float, seed: int) -> tuple[list, list]:
