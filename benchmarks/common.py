@@ -60,6 +60,11 @@ class Row:
     def to_dict(self) -> dict:
         return {**asdict(self), "ratio": self.ratio, "met": self.met}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Row:
+        """Inverse of :meth:`to_dict` (``ratio`` and ``met`` are recomputed)."""
+        return cls(**{k: v for k, v in d.items() if k not in ("ratio", "met")})
+
 
 @dataclass
 class Plot:

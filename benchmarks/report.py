@@ -58,6 +58,7 @@ def write_plots(plots: list[Plot], rows: list[Row], out: Path) -> list[str]:
         if plot.logx:
             ax.set_xscale("log", base=2 if all(float(x).is_integer() for x in plot.series[label][0]) else 10)
         ax.set(title=plot.title, xlabel=plot.xlabel, ylabel=plot.ylabel)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -67,9 +68,10 @@ def write_plots(plots: list[Plot], rows: list[Row], out: Path) -> list[str]:
     with_ratio = [r for r in rows if r.ratio is not None]
     if with_ratio:
         fig, ax = plt.subplots(figsize=(8, 0.45 * len(with_ratio) + 1.2))
-        names = [r.path[:60] for r in with_ratio]
+        names = [r.path if len(r.path) <= 64 else r.path[:44] + "…" + r.path[-19:] for r in with_ratio]
         colors = ["tab:green" if r.met else "tab:red" if r.met is False else "tab:gray" for r in with_ratio]
-        ax.barh(names, [r.ratio for r in with_ratio], color=colors)
+        ax.barh(range(len(with_ratio)), [r.ratio for r in with_ratio], color=colors)  # one bar per row
+        ax.set_yticks(range(len(with_ratio)), names)
         for i, r in enumerate(with_ratio):
             if r.target:
                 ax.plot([r.target, r.target], [i - 0.4, i + 0.4], color="black")
@@ -82,3 +84,25 @@ def write_plots(plots: list[Plot], rows: list[Row], out: Path) -> list[str]:
         plt.close(fig)
         written.append(str(out / "ratios.png"))
     return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.report RESULTS_JSON [MD]``: redraw the plots and rewrite the table (default
+    ``benchmarks/RESULTS.md``) from a saved run, with the current ``analysis.md``; no re-measuring."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__.splitlines()[0])
+    p.add_argument("json", type=Path)
+    p.add_argument("md", type=Path, nargs="?", default=Path(__file__).parent / "RESULTS.md")
+    args = p.parse_args(argv)
+    doc = json.loads(args.json.read_text())
+    plots = [Plot(**{**p, "series": {k: tuple(v) for k, v in p["series"].items()}}) for p in doc.get("plot_data", [])]
+    doc["plots"] = write_plots(plots, [Row.from_dict(r) for r in doc["rows"]], args.json.parent)
+    write_markdown(doc, args.md, args.json, analysis=Path(__file__).parent / "analysis.md")
+    print(f"wrote {args.md} from {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,6 +9,7 @@ Exit status 1 when a benchmark raised or a path's values disagree with the basel
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -102,6 +103,7 @@ def run(names: list[str], size: str, out: Path, machine: str) -> dict:
                 "model": ("tiny random Llama (2 layers, hidden 32)" if size == "smoke"
                           else "SmolLM2-135M-Instruct fp32"),
                 "rows": [r.to_dict() for r in rows], "durations_s": durations, "errors": errors,
+                "plot_data": [dataclasses.asdict(p) for p in ctx.plots],
                 "total_s": time.perf_counter() - started}
 
     for i, name in enumerate(names, 1):

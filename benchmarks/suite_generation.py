@@ -47,11 +47,19 @@ def _agreement(a, b) -> dict:
     return {"identical_texts": same, "n": len(a), "ok": len(a) == len(b) and same == len(a)}
 
 
+def eval_prompts(n: int, max_new_tokens: int) -> tuple[list[str], SamplingParams]:
+    """What ``alignkit eval --tasks gsm8k`` sends: the task's zero-shot prompts and greedy params."""
+    from alignkit.eval.tasks.gsm8k import GSM8K
+
+    task = GSM8K()
+    prompts = [task.format_prompt(ex) for ex in task.load(limit=n)]
+    return prompts, task.sampling_params(max_new_tokens=max_new_tokens)
+
+
 def bench_eval_generation(ctx: Context) -> list[Row]:
     model, tok = ctx.load()
     n = ctx.pick(8, 16)
-    params = SamplingParams(max_new_tokens=ctx.pick(12, 32), temperature=0.0, stop=["\n\nQuestion:"])
-    prompts = gsm8k_prompts(n)
+    prompts, params = eval_prompts(n, ctx.pick(12, 128))
     batched, single = HFGenerator(model, tok, batch_size=8), HFGenerator(model, tok, batch_size=1)
     batched.generate(prompts[:2], params)  # warm-up
     t0 = time.perf_counter()
@@ -64,13 +72,16 @@ def bench_eval_generation(ctx: Context) -> list[Row]:
     tokens = sum(c.num_tokens for c in out_b)
     rows = [Row("eval generation: batch 8 (HFGenerator) vs one prompt at a time", n / t_b, n / t_s, "examples/s",
                 target=3.0, agreement=agreement,
-                details={"n": n, "max_new_tokens": params.max_new_tokens, "new_tokens": tokens},
-                notes="greedy; texts compared one by one (left padding can flip near-ties)")]
+                details={"n": n, "max_new_tokens": params.max_new_tokens, "new_tokens": tokens,
+                         "generated_tokens_per_s": {"batch 8": tokens / t_b,
+                                                    "one at a time": sum(c.num_tokens for c in out_s) / t_s}},
+                notes=f"GSM8K eval task's zero-shot prompts, greedy, up to {params.max_new_tokens} new tokens, "
+                      f"stop strings; {tokens / n:.0f} new tokens per example; texts compared one by one")]
     # eval time vs number of examples (batched path)
     sizes = ctx.pick([2, 4, 8], [4, 8, 16])
     secs = []
     for k in sizes:
-        prompts_k = gsm8k_prompts(k)
+        prompts_k, _ = eval_prompts(k, params.max_new_tokens)
         t0 = time.perf_counter()
         batched.generate(prompts_k, params)
         secs.append(time.perf_counter() - t0)

@@ -40,10 +40,13 @@ def bench_logprobs(ctx: Context) -> list[Row]:
            - torch.logsumexp(logits.double(), dim=-1))  # (B, T)
     diff = (lp_ours.double() - lp_base.double()).abs().max().item()
     diff_ref = (lp_ours.double() - ref).abs().max().item()
+    diff_base_ref = (lp_base.double() - ref).abs().max().item()
     times = interleaved({"ours": ours, "base": base}, rounds=ctx.pick(2, 3))
     logits_mb = logits.numel() * 4 / 2**20
-    agreement = {"max_abs_diff_vs_baseline": diff, "max_abs_diff_vs_float64": diff_ref, "tol": 1e-5,
-                 "ok": diff <= 1e-5 and diff_ref <= 1e-5}
+    # the tolerance is applied against the float64 truth: at |log p| ~ 30 a float32 ulp is ~4e-6, and the
+    # baseline's own full-vocab log_softmax drifts further from the truth than the chunked path does
+    agreement = {"max_abs_diff_vs_float64": diff_ref, "baseline_max_abs_diff_vs_float64": diff_base_ref,
+                 "max_abs_diff_vs_baseline": diff, "tol": 1e-5, "ok": diff_ref <= 1e-5}
     shape = f"(B={batch}, T={seq}, V={VOCAB}), logits {logits_mb:.0f} MiB, chunk {chunk} rows"
     return [
         Row("per-token log-probs: peak memory", peak_ours / 2**20, peak_base / 2**20, "MiB", target=2.0,

@@ -23,6 +23,27 @@ def test_row_ratio_direction_and_target():
     assert Row("x", None, 1.0, "s").ratio is None and Row("x", 1.0, 1.0, "s").met is None
 
 
+def test_report_redraws_plots_and_table_from_saved_json(tmp_path):
+    """``python -m benchmarks.report``: a saved run (rows + plot data) becomes RESULTS.md and PNGs again;
+    two rows whose names share a long prefix stay two rows (in the table and as two bars)."""
+    from benchmarks import report
+
+    long = "DPO step: precomputed ref log-probs vs live ref forward (TRL"
+    rows = [Row(long + ")", 2.0, 1.0, "steps/s", target=1.3), Row(long + ", LoRA)", 1.2, 1.0, "steps/s", target=1.3)]
+    doc = {"date": "2026-01-01T00:00:00", "machine": "m", "threads": 2, "size": "full", "model": "tiny",
+           "versions": {"torch": "t", "transformers": "x", "trl": "y"}, "total_s": 1.0, "errors": {},
+           "rows": [r.to_dict() for r in rows],
+           "plot_data": [{"name": "curve", "title": "t", "xlabel": "x", "ylabel": "y",
+                          "series": {"a": [[1, 2, 4], [3.0, 2.0, 1.0]]}, "logx": True}]}
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(doc))
+    assert report.main([str(saved), str(tmp_path / "RESULTS.md")]) == 0
+    table = (tmp_path / "RESULTS.md").read_text()
+    assert "| 2.00x | >= 1.3x | yes |" in table and "| 1.20x | >= 1.3x | no |" in table
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "ratios.png").is_file()
+    assert Row.from_dict(doc["rows"][1]).ratio == pytest.approx(1.2)
+
+
 def test_peak_cpu_bytes_sees_a_temporary_tensor():
     n = 1 << 20  # 1 Mi floats = 4 MiB, freed before fn returns
 
@@ -91,6 +112,7 @@ def test_smoke_values_match_independent_checks(smoke_results):
     # padded and padding-free SFT: same loss on the same tokens; cross-document packing differs
     sft = rows["SFT throughput: padding-free (TRL collator, position ids) vs padded"]["agreement"]
     assert sft["abs_diff_padding_free"] <= 1e-4 < sft["abs_diff_cross_doc"]
+    assert sft["abs_diff_varlen"] <= 1e-4  # per-document SDPA: the same loss as the padded batch
     # chunked log-probs vs a float64 reference
     assert rows["per-token log-probs: peak memory"]["agreement"]["max_abs_diff_vs_float64"] <= 1e-5
     # DPO with precomputed reference log-probs: the same per-step losses as with a live reference
