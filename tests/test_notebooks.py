@@ -78,6 +78,12 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     shutil.copy(ROOT / "notebooks" / f"{name}.ipynb", copy)
     monkeypatch.setenv("ALIGNKIT_NOTEBOOK_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # a "python3" kernel of this interpreter, found first (JUPYTER_PATH precedes the user's kernelspecs,
+    # which may point at another, stale environment)
+    from ipykernel.kernelspec import write_kernel_spec
+
+    write_kernel_spec(tmp_path / "jupyter" / "kernels" / "python3")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     book = nbformat.read(copy, as_version=4)
     start = time.perf_counter()
     NotebookClient(book, timeout=1200, kernel_name="python3",
