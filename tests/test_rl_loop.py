@@ -229,8 +229,8 @@ s = GRPOSettings(n_grpo_steps=2, rollout_batch_size=8, group_size=2, train_batch
                  append_stop=True, rollout_table_every=0, output_dir=out)
 gen = Gen()
 loop = GRPOLoop(model, tok, gen, __import__("alignkit.rl.rewards", fromlist=["x"]).r1_zero_reward, prompts,
-                answers, torch.optim.SGD(model.parameters(), lr=0.1), s, val_prompts=prompts[:4],
-                val_answers=answers[:4], accelerator=acc)
+                answers, torch.optim.SGD(model.parameters(), lr=0.1), s, val_prompts=prompts[:5],
+                val_answers=answers[:5], accelerator=acc)  # 5: uneven shares
 loop.train()
 torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{out}/rank{acc.process_index}.pt")
 json.dump(gen.prompts, open(f"{out}/prompts{acc.process_index}.json", "w"))
@@ -262,3 +262,31 @@ def test_two_process_accelerate_ranks_end_equal(tiny_model_dir, tmp_path):
         assert len(step0) == len(step1) == 2 and not set(step0) & set(step1)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == [0, 1, 2, 2]  # rank 0 writes once per step
+
+
+class _Clock:
+    """Stands in for the loop module's ``time``: perf_counter advances by a fixed tick per call."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+@pytest.mark.parametrize("tick", [1e-6, 1.0], ids=["fast-process", "slow-process"])
+def test_collective_calls_do_not_depend_on_timings(tiny_model, gpt2_tokenizer, monkeypatch, tick):
+    """Regression (a 2-process run hung): a gather made only when a local duration passed a threshold
+    left the processes in different collectives. The number of gathers per step must not depend on time."""
+    import alignkit.rl.loop as loop_module
+
+    loop, _ = _loop(copy.deepcopy(tiny_model), gpt2_tokenizer, _settings())
+    calls = []
+    real = loop._gather
+    monkeypatch.setattr(loop, "_gather", lambda values: calls.append(len(values)) or real(values))
+    monkeypatch.setattr(loop_module, "time", _Clock(tick))
+    metrics = loop.train_step()
+    # rewards, format, answer, lengths (4 values each) + generated tokens + trained tokens (1 each)
+    assert calls == [4, 4, 4, 4, 1, 1]
+    assert (metrics["log_prob_tokens_per_s"] is None) == (tick < 1e-3)

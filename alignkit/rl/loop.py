@@ -219,11 +219,14 @@ class GRPOLoop:
         self.step += 1
         # 6. metrics (rewards gathered over processes), sample table
         metrics = {"step": self.step, **train_stats, **self._reward_metrics(scores, completions)}
+        # every process makes the same collective calls whatever its own timings (a call made only when
+        # a local duration passes a threshold leaves the other process waiting in a different collective)
         n_gen = self._sum(sum(c.num_tokens for c in completions))
+        n_tok = self._sum(n_tokens)
         metrics.update(time_generation_s=t_gen, time_log_probs_s=t_logp, time_train_s=t_train,
                        generation_tokens_per_s=n_gen / max(t_gen, 1e-9),
-                       log_prob_tokens_per_s=self._sum(n_tokens) / max(t_logp, 1e-9) if t_logp > 1e-3 else None,
-                       train_tokens_per_s=self._sum(n_tokens) * s.epochs_per_rollout_batch / max(t_train, 1e-9))
+                       log_prob_tokens_per_s=n_tok / t_logp if t_logp > 1e-3 else None,
+                       train_tokens_per_s=n_tok * s.epochs_per_rollout_batch / max(t_train, 1e-9))
         if s.rollout_table_every and (self.step - 1) % s.rollout_table_every == 0:
             self._log_rollouts(prompts, responses, answers, scores, advantages)
         return metrics
@@ -348,9 +351,15 @@ class GRPOLoop:
                 dist.broadcast(p.data, src=0)
 
     def _gather(self, values: list[float]) -> list[float]:
+        """All processes' values, rank 0's first. The lists may differ in length (e.g. held-out prompts
+        that do not split evenly): padded to the longest for the collective, then trimmed."""
         if self.world == 1:
             return list(values)
-        return self.acc.gather(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # (n_local,)
+        counts = self.acc.gather(torch.tensor([len(values)], device=self.device)).tolist()  # (world,)
+        padded = self.acc.pad_across_processes(t, dim=0)  # (max n,)
+        rows = self.acc.gather(padded).view(self.world, -1)  # (world, max n)
+        return [x for r in range(self.world) for x in rows[r, :counts[r]].tolist()]
 
     def _sum(self, value: float) -> float:
         return sum(self._gather([float(value)]))
