@@ -19,8 +19,6 @@ import dataclasses
 import difflib
 import enum
 import json
-import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,7 +27,9 @@ from typing import Any
 
 import yaml
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from alignkit.data.io import write_text_atomic
+from alignkit.models import DEFAULT_MODEL
+
 SECTIONS = ("model", "data", "lora", "train")
 TOP_LEVEL_KEYS = ("stage", "stages", "output_dir", "seed", "resume", "description", "eval", *SECTIONS)
 
@@ -539,20 +539,10 @@ def _plain(obj):
     return str(obj)
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (no half-written files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def save_resolved_config(stage: StageRecipe, path: str | Path, model_source: dict | None = None,
                          recipe_path: str | None = None) -> None:
     """Write the fully resolved stage config (and the model actually loaded) as YAML."""
     doc = {"recipe": recipe_path, **stage.to_dict()}
     if model_source is not None:
         doc["model_source"] = _plain(model_source)
-    write_atomic(path, yaml.safe_dump(_plain(doc), sort_keys=False, allow_unicode=True))
+    write_text_atomic(path, yaml.safe_dump(_plain(doc), sort_keys=False, allow_unicode=True))

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from alignkit.data.io import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -254,15 +256,8 @@ def file_sha256(path: Path) -> str:
     if key in index:
         return index[key]
     index[key] = _sha256_of_file(path)
-    _atomic_write_text(index_file, json.dumps(index, indent=1))
+    write_text_atomic(index_file, json.dumps(index, indent=1))
     return index[key]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _gguf_source(requested: str, gguf_path: Path) -> ModelSource:

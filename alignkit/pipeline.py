@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from alignkit.config import EvalArgs, Recipe, RecipeError, load_recipe, save_resolved_config, write_atomic
+from alignkit.config import EvalArgs, Recipe, RecipeError, load_recipe, save_resolved_config
+from alignkit.data.io import write_text_atomic
+from alignkit.models import DEFAULT_MODEL
 
 logger = logging.getLogger("alignkit.pipeline")
 EXIT_INTERRUPTED = 130
@@ -37,9 +39,9 @@ def mark_done(stage_dir: Path, result: dict) -> None:
     """``state.json`` then ``DONE``, each atomic (main process only)."""
     if not is_main_process():
         return
-    write_atomic(Path(stage_dir) / "state.json",
+    write_text_atomic(Path(stage_dir) / "state.json",
                  json.dumps({"status": "done", "finished": time.time(), "result": result}, indent=2, default=str))
-    write_atomic(Path(stage_dir) / "DONE", "done\n")
+    write_text_atomic(Path(stage_dir) / "DONE", "done\n")
 
 
 def is_done(stage_dir: Path) -> bool:
@@ -98,7 +100,7 @@ def _start_model(recipe: Recipe) -> str:
     first = next(iter(recipe.stages.values()), None)
     if first is not None:
         return first.model.name_or_path
-    return (recipe.raw.get("model") or {}).get("name_or_path") or "HuggingFaceTB/SmolLM2-135M-Instruct"
+    return (recipe.raw.get("model") or {}).get("name_or_path") or DEFAULT_MODEL
 
 
 def score(model: str, ev: EvalArgs, out_dir: Path, base: str, seed: int) -> dict:

@@ -18,12 +18,15 @@ so a data check can list every bad row in one pass.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
 import json
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,48 @@ SUFFIXES = TEXT_SUFFIXES + (".parquet",)
 SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
 # Sources whose ``line`` is a 1-based line of a text file; for the rest it is a 0-based row index.
 _LINE_SOURCES = tuple(s + gz for s in TEXT_SUFFIXES for gz in ("", ".gz"))
+
+
+# ------------------------------------------------------------------------------------------------
+# The package's one atomic writer: every finished file is written to a temporary sibling, flushed
+# and fsynced, then renamed over the target (``os.replace``), so a kill never leaves a torn file.
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on a clean exit it replaces ``path`` atomically.
+
+    The caller writes the temporary file by any means (``np.save``, ``save_pretrained`` of one file,
+    ``open``); on an exception the temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_path`); returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    """``obj`` as indented JSON (non-JSON values through ``str``), written atomically."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> Path:
+    """One JSON object per line, written atomically."""
+    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 class DataError(ValueError):

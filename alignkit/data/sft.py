@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from alignkit.data.io import DataError, location, read_rows
+from alignkit.data.io import DataError, atomic_path, location, read_rows
 from alignkit.resources import prompt as bundled_prompt
 
 logger = logging.getLogger(__name__)
@@ -109,9 +109,8 @@ def tokenize_documents(tokenizer, texts: list[str], batch_size: int = 1000) -> t
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
 
 
 class PackedSFTDataset(Dataset):

@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from alignkit.eval.report import write_json_atomic, write_jsonl_atomic
+from alignkit.data.io import write_json_atomic, write_jsonl_atomic
 from alignkit.resources import ROOT as RESOURCES
 
 logger = logging.getLogger(__name__)

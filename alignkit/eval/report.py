@@ -3,7 +3,7 @@
 * :class:`PredictionLog` appends one JSON line per scored example and flushes it, so a crash at
   example 700 of 805 keeps the 699 finished lines; a torn last line is ignored on read and
   ``--resume`` skips the ids already there.
-* :func:`write_json_atomic` / :func:`write_text_atomic`: tmp file + ``os.replace``.
+* final files go through :mod:`alignkit.data.io`'s atomic writer (tmp file + fsync + ``os.replace``).
 * :func:`write_reports`: ``results.json``, ``report.md`` and ``report.html`` of one run.
 * :func:`main`: ``alignkit compare RUN_DIR... [--output DIR] [--samples N]``, a side-by-side table
   (the "alignment tax" table: base vs SFT vs DPO), a bar chart PNG and sampled failures per run.
@@ -19,6 +19,8 @@ import random
 import sys
 from pathlib import Path
 
+from alignkit.data.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 # headline metric per task, shown in tables and charts (name, higher is better)
@@ -33,23 +35,6 @@ EXTRA = {"alpaca_eval": ["lc_win_rate"]}
 
 
 # ----------------------------------------------------------------------------- writers
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def write_json_atomic(path: str | Path, obj) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
-def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> Path:
-    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 class PredictionLog:
     """Append-only JSONL of per-example records (each has a unique ``id``)."""
 

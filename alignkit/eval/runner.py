@@ -14,7 +14,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from alignkit.eval.report import PredictionLog, write_jsonl_atomic, write_reports
+from alignkit.data.io import write_jsonl_atomic
+from alignkit.eval.report import PredictionLog, write_reports
 from alignkit.eval.tasks import STYLES, Task, clean_output, get_task, parse_task_list
 
 logger = logging.getLogger(__name__)

@@ -77,7 +77,7 @@ class AlpacaEval(Task):
         return [r for r in records if r.get("judge", {}).get("preference") == 0.0][:n]
 
     def write_outputs(self, records: list[dict], out_dir: Path, generator_name: str) -> list[Path]:
-        from alignkit.eval.report import write_json_atomic
+        from alignkit.data.io import write_json_atomic
 
         rows = [{"instruction": r["example"]["instruction"], "output": r["output"], "generator": generator_name,
                  "dataset": r["example"]["dataset"]} for r in records]

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from alignkit import resources
+from alignkit.data.io import write_jsonl_atomic
 from alignkit.eval.tasks.base import Task
 
 COLUMNS = ("id", "harm_area", "category", "prompts_final")
@@ -82,16 +83,15 @@ class SimpleSafetyTests(Task):
 
     def write_outputs(self, records: list[dict], out_dir: Path, generator_name: str) -> list[Path]:
         path = Path(out_dir) / self.outputs_file
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                ex = r["example"]
-                row = {"prompts_final": ex["prompts_final"], "output": r["output"], "id": ex["id"],
-                       "harm_area": ex["harm_area"], "category": ex["category"], "generator": generator_name}
-                if "judge" in r:
-                    row["judge_label"] = r["judge"]["label"]
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        rows = []
+        for r in records:
+            ex = r["example"]
+            row = {"prompts_final": ex["prompts_final"], "output": r["output"], "id": ex["id"],
+                   "harm_area": ex["harm_area"], "category": ex["category"], "generator": generator_name}
+            if "judge" in r:
+                row["judge_label"] = r["judge"]["label"]
+            rows.append(row)
+        write_jsonl_atomic(path, rows)
         return [path]
 
     def reward(self, example: dict, text: str) -> dict:
