@@ -3,7 +3,7 @@
 ``resolve_model`` turns what the user asked for into a :class:`ModelSource` (a local folder that
 ``from_pretrained`` can load, plus where it came from); ``load_model`` / ``load_tokenizer`` load
 from it with the dtype/device chosen from the hardware, optional bitsandbytes 4/8-bit and a
-peft LoRA; ``main`` is ``alignkit merge``. See docs/models.md for the resolution rules.
+peft LoRA; ``merge_adapter`` is what ``alignkit merge`` runs. See docs/models.md for the resolution rules.
 
 GGUF files are dequantized once (transformers' GGUF loader) and cached as an ordinary safetensors
 folder, so every tool that reloads a model from its path (TRL's reference model, lm-eval,
@@ -11,7 +11,6 @@ folder, so every tool that reloads a model from its path (TRL's reference model,
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import importlib.util
@@ -20,14 +19,15 @@ import logging
 import os
 import re
 import shutil
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from alignkit.attention import register_varlen_sdpa
 from alignkit.data.io import write_text_atomic
+from alignkit.resources import ROOT
 
 logger = logging.getLogger(__name__)
 
@@ -404,8 +404,6 @@ def load_model(name_or_path, *, dtype="auto", device=None, attn_implementation=N
     kwargs = dict(from_pretrained_kwargs, dtype=torch_dtype)
     if attn_implementation is not None:
         if attn_implementation == "sdpa_varlen":
-            from .attention import register_varlen_sdpa
-
             register_varlen_sdpa()
         kwargs["attn_implementation"] = attn_implementation
     quant_config = _quantization_config(quantization, torch_dtype)
@@ -442,11 +440,19 @@ def _set_pad_token(model, tokenizer) -> None:
         gen.pad_token_id = tokenizer.pad_token_id
 
 
+def prepare_kbit(model, *, gradient_checkpointing: bool = False):
+    """The one k-bit training preparation (``peft.prepare_model_for_kbit_training``) for a 4/8-bit model:
+    norms in float32, input gradients enabled, gradient checkpointing only when asked."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
 def _apply_lora(model, lora, *, quantized: bool):
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_kbit(model)
     model = get_peft_model(model, lora)  # the adapter records source.path as its base
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -483,8 +489,6 @@ def build_tiny_model(out_dir, seed=0) -> Path:
     """A 2-layer, hidden-32 random Llama (resources/tiny_llama_config.json) + the GPT-2 tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from alignkit.resources import ROOT
-
     config = LlamaConfig(**json.loads((ROOT / "tiny_llama_config.json").read_text()))
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
@@ -514,23 +518,3 @@ def merge_adapter(adapter_dir, out_dir, *, base=None, dtype="float32", device="c
     (out_dir / "alignkit_merge.json").write_text(json.dumps(record, indent=2))
     logger.info("merged %s into %s -> %s", adapter_dir, source.requested, out_dir)
     return out_dir
-
-
-def main(argv=None) -> int:
-    """``alignkit merge ADAPTER_DIR OUT_DIR [--base BASE]``."""
-    parser = argparse.ArgumentParser(prog="alignkit merge", description="merge a LoRA adapter into its base model")
-    parser.add_argument("adapter_dir")
-    parser.add_argument("out_dir")
-    parser.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
-    parser.add_argument("--dtype", default="float32", help="dtype to merge and save in (default float32)")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        out = merge_adapter(args.adapter_dir, args.out_dir, base=args.base, dtype=args.dtype, device=args.device)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"alignkit merge: {err}", file=sys.stderr)
-        return 2
-    print(f"merged model saved to {out}")
-    return 0

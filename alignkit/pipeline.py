@@ -1,4 +1,4 @@
-"""``alignkit train RECIPE.yaml [key=value ...]``: run one stage or a chain of stages.
+"""Stage chains: run one stage or a chain of stages (what ``alignkit train RECIPE.yaml`` runs).
 
 Each step's directory gets ``resolved_config.yaml`` (with the ModelSource actually loaded) and, once
 finished, ``state.json`` + ``DONE`` written atomically. Rerunning a chain skips finished steps and
@@ -9,17 +9,17 @@ before/after table and checks the recipe's claims (exit code 1 when one fails).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
-from alignkit.config import EvalArgs, Recipe, RecipeError, load_recipe, save_resolved_config
+from alignkit.config import EvalArgs, Recipe, save_resolved_config
 from alignkit.data.io import write_text_atomic
 from alignkit.models import DEFAULT_MODEL
+from alignkit.train import get_stage_module
+from alignkit.train.quickstart import materialize_data
 
 logger = logging.getLogger("alignkit.pipeline")
 EXIT_INTERRUPTED = 130
@@ -51,9 +51,6 @@ def is_done(stage_dir: Path) -> bool:
 
 def run_recipe(recipe: Recipe) -> int:
     """Run every step of ``recipe`` in order; returns the process exit code."""
-    from alignkit.train import get_stage_module
-    from alignkit.train.quickstart import materialize_data
-
     recipe.output_dir.mkdir(parents=True, exist_ok=True)
     model_path: str | None = None
     results: dict[str, dict] = {}
@@ -194,34 +191,3 @@ def _print_summary(recipe: Recipe, results: dict) -> None:
         lines.append(f"  {step}: model {result.get('model_dir')} {shown}")
     if is_main_process():
         print("\n".join(lines))
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alignkit train", description="Run a training recipe (one stage or a chain).")
-    p.add_argument("recipe", help="recipe YAML (e.g. recipes/quickstart.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-6 lora.r=32")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as e:
-        print(f"alignkit train: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict(), default=str)), sort_keys=False))
-        return 0
-    try:
-        return run_recipe(recipe)
-    except KeyboardInterrupt:
-        print("alignkit train: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED

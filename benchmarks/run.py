@@ -53,7 +53,7 @@ SUITES = {"cpu": ["logprobs", "data", "memory", "sft", "dpo", "generation", "htt
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alignkit bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     p.add_argument("--suite", default="cpu", help="cpu | gpu | a benchmark name, or several joined by commas")
     p.add_argument("--size", default="smoke", choices=["smoke", "full"])
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -65,7 +65,7 @@ def _names(suite: str, registry: dict) -> list[str]:
     names = SUITES.get(suite) or [n.strip() for n in suite.split(",") if n.strip()]
     unknown = [n for n in names if n not in registry]
     if unknown:
-        raise SystemExit(f"alignkit bench: unknown benchmark(s) {', '.join(unknown)}; suites: "
+        raise SystemExit(f"benchmarks: unknown benchmark(s) {', '.join(unknown)}; suites: "
                          f"{', '.join(SUITES)}; benchmarks: {', '.join(registry)}")
     return names
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in disagree:
         logger.error("values disagree: %s", path)
     met = [r for r in doc["rows"] if r["met"] is not None]
-    print(f"alignkit bench: {len(doc['rows'])} rows, targets met {sum(r['met'] for r in met)}/{len(met)}, "
+    print(f"benchmarks: {len(doc['rows'])} rows, targets met {sum(r['met'] for r in met)}/{len(met)}, "
           f"{len(doc['errors'])} errors, {len(disagree)} disagreements, {doc['total_s']:.0f}s")
     return 1 if doc["errors"] or disagree else 0
 

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 
 import pytest
 
-from alignkit.data.check import check_preference, check_sft, main, parse_columns, render
+from alignkit.data.check import check_preference, check_sft, parse_columns, render
 from alignkit.data.preference import PreferencePair, load_preference_rows
 from alignkit.data.sft_rows import load_sft_rows
 from alignkit.resources import ROOT as RESOURCES
@@ -180,60 +178,12 @@ def test_parse_columns():
         parse_columns("prompt")
 
 
-def test_main_exit_codes(tmp_path, capsys):
-    assert main(["check", "--data", str(BROKEN)]) == 1  # a malformed row
-    assert "| malformed | 1 |" in capsys.readouterr().out
-    clean = _jsonl(tmp_path / "ok.jsonl", [{"question": "q", "good": "a", "bad": "b"}])
-    assert main(["check", "--data", str(clean), "--columns", "prompt=question,chosen=good,rejected=bad"]) == 0
-    same = _jsonl(tmp_path / "same.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"}])
-    assert main(["check", "--data", str(same)]) == 1  # nothing kept
-    assert main(["check", "--data", str(tmp_path / "missing.jsonl")]) == 1
-    assert "not found" in capsys.readouterr().err
-    assert main([]) == 2 and main(["frobnicate"]) == 2
 
 
-def test_main_output_files_and_tokenizer(tmp_path):
-    out = tmp_path / "report"
-    code = main(["check", "--data", str(EXAMPLES / "sft_chat.jsonl"), "--kind", "sft", "--output", str(out)])
-    assert code == 0
-    assert json.loads((out / "report.json").read_text())["rows_kept"] == 3
-    assert (out / "report.md").read_text().startswith("## Data check: sft")
-    assert (out / "lengths.png").stat().st_size > 0
-    assert main(["check", "--data", str(BROKEN), "--tokenizer", GPT2, "--max-length", "20",
-                 "--output", str(out)]) == 1
-    report = json.loads((out / "report.json").read_text())
-    assert report["unit"] == "tokens" and report["dropped"]["over max length"] == [{"source": str(BROKEN), "line": 3}]
 
 
-def test_main_reads_a_recipe_through_load_recipe(tmp_path, monkeypatch):
-    calls = []
-
-    def load_recipe(path, overrides):
-        calls.append((path, overrides))
-        return {"stage": "dpo", "data": {"path": str(EXAMPLES / "hh_sample.jsonl"), "multi_turn": "keep"}}
-
-    monkeypatch.setitem(sys.modules, "alignkit.config", types.SimpleNamespace(load_recipe=load_recipe))
-    out = tmp_path / "o"
-    assert main(["check", "r.yaml", "train.lr=1", "--output", str(out)]) == 0
-    assert calls == [("r.yaml", ["train.lr=1"])]
-    report = json.loads((out / "report.json").read_text())
-    assert report["kind"] == "preference" and report["rows_kept"] == 4  # multi_turn keep from the recipe
 
 
-def test_main_with_a_real_recipe(tmp_path, tiny_model_dir, capsys):
-    recipe = tmp_path / "dpo.yaml"
-    recipe.write_text(f"stage: dpo\nmodel: {{name_or_path: {tiny_model_dir}}}\n"
-                      f"data: {{path: {EXAMPLES / 'preference_broken.csv'}}}\ntrain: {{max_length: 20}}\n")
-    out = tmp_path / "o"
-    assert main(["check", str(recipe), "--output", str(out)]) == 1  # line 9 is malformed
-    capsys.readouterr()
-    report = json.loads((out / "report.json").read_text())
-    assert report["unit"] == "tokens" and report["max_length"] == 20
-    assert report["dropped"]["over max length"] == [{"source": str(BROKEN), "line": 3}]
-    assert main(["check", str(recipe), "data.max_length=1000"]) == 1
-    assert "| dropped: over max length |" not in capsys.readouterr().out
-    assert main(["check", str(recipe), "data.nonsense=1"]) == 1
-    assert "nonsense" in capsys.readouterr().err
 
 
 def test_chat_template_option_measures_plain_text_as_messages(gpt2_tokenizer):

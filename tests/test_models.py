@@ -485,36 +485,8 @@ def test_8bit_cpu_load(tmp_path):
     assert 0 < diff < 0.5  # int8: close, not equal
 
 
-def test_merge_round_trip_and_adapter_folder(tmp_path, tiny_model_dir, tiny_model, capsys):
-    from transformers import AutoModelForCausalLM
-
-    peft_model, _, _ = models.load_model(tiny_model_dir, lora=_lora(init_lora_weights=False), device="cpu")
-    peft_model.eval()
-    adapter_dir = tmp_path / "adapter"
-    peft_model.save_pretrained(adapter_dir)
-    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
-        tiny_model_dir.resolve())
-    expected = _logits(peft_model)
-    assert (expected - _logits(tiny_model)).abs().max() > 1e-3  # the adapter changes the model
-    assert models.main([str(adapter_dir), str(tmp_path / "merged")]) == 0
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    torch.testing.assert_close(_logits(merged), expected, atol=1e-5, rtol=0)
-    assert (tmp_path / "merged" / "tokenizer.json").is_file()
-    record = json.loads((tmp_path / "merged" / "alignkit_merge.json").read_text())
-    assert record["base"]["kind"] == "folder"
-    # an adapter folder loads as base + adapter
-    loaded, _, source = models.load_model(adapter_dir, device="cpu")
-    assert source.kind == "folder"
-    torch.testing.assert_close(_logits(loaded.eval()), expected, atol=1e-5, rtol=0)
 
 
-def test_merge_errors(tmp_path, capsys):
-    assert models.main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
-    assert "nope is not a LoRA adapter folder: no adapter_config.json" in capsys.readouterr().err
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": None}))
-    assert models.main([str(tmp_path / "a"), str(tmp_path / "out")]) == 2
-    assert "base_model_name_or_path is empty; pass --base" in capsys.readouterr().err
 
 
 def test_build_tiny_model_matches_conftest(tmp_path):

@@ -110,18 +110,3 @@ def test_eval_step_scores_base_and_final_and_fails_checks(tmp_path, fake_stages,
     assert code == 1  # the claim failed
     assert "| gsm8k_format_rate | 0.500 | 0.250 | -0.250 |" in capsys.readouterr().out
     assert (tmp_path / "run" / "2_eval" / "before_after.md").exists()
-
-
-def test_main_reports_bad_recipe_with_exit_2(tmp_path, capsys):
-    path = tmp_path / "r.yaml"
-    path.write_text("stage: sft\ntrain: {learning_rat: 1}\n")
-    assert pipeline.main([str(path)]) == 2
-    err = capsys.readouterr().err
-    assert "unknown key 'learning_rat'" in err and "did you mean 'learning_rate'" in err
-
-
-def test_print_config(tmp_path, capsys):
-    path = tmp_path / "r.yaml"
-    path.write_text("stage: sft\ndata: {path: a.jsonl}\n")
-    assert pipeline.main([str(path), "train.learning_rate=3e-4", "--print-config"]) == 0
-    assert "learning_rate: 0.0003" in capsys.readouterr().out

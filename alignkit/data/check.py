@@ -17,7 +17,7 @@ repeat of an earlier row), ``over max length`` (prompt + reply longer than ``max
 TRL's RewardTrainer; with ``drop_over_length=False`` such rows are kept and counted as would-be truncated,
 as DPOTrainer's collator truncates them). Length statistics cover rows that passed the content checks.
 
-``main(argv)`` is ``alignkit data check``.
+``run_check(opts, tokenizer=...)`` is what ``alignkit data check`` (:mod:`alignkit.cli.data`) runs.
 """
 from __future__ import annotations
 
@@ -27,7 +27,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignkit.data.io import Malformed, empty_field, location
+from alignkit.data.io import Malformed, empty_field, location, write_json_atomic, write_text_atomic
+from alignkit.data.preference import load_preference_rows
+from alignkit.data.sft_rows import load_sft_rows
+from alignkit.resources import prompt as bundled_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +175,7 @@ def resolve_template(template: str | None) -> str | None:
     """None, "chat", a template string, or the text of a bundled prompt named ``template``."""
     if template is None or template == "chat" or "{" in template:
         return template
-    from alignkit.resources import prompt
-
-    return prompt(template)
+    return bundled_prompt(template)
 
 
 def render(template: str | None, prompt: str, reply: str | None = None) -> str:
@@ -347,30 +348,7 @@ def check_sft(rows, *, tokenizer=None, max_length: int | None = None, template: 
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI: alignkit data check
-
-
-def _parser():
-    import argparse
-
-    p = argparse.ArgumentParser(prog="alignkit data check", description=(
-        "Check a recipe's training data: rows kept/dropped and why, malformed rows, token lengths. "
-        "Exit status 1 when rows are malformed or none is kept."))
-    p.add_argument("recipe", nargs="?", help="recipe YAML (its data, model and max_length are used)")
-    p.add_argument("overrides", nargs="*", help="recipe overrides key=value")
-    p.add_argument("--stage", default=None, help="which training stage of a chain recipe (default: the first)")
-    p.add_argument("--data", help="data file, folder or hub dataset name (overrides the recipe)")
-    p.add_argument("--split", default=None)
-    p.add_argument("--kind", choices=("preference", "sft"), default=None)
-    p.add_argument("--format", default=None, help="auto | prompt_chosen_rejected | conversational | hh")
-    p.add_argument("--columns", default=None, help="column mapping, e.g. prompt=question,chosen=good,rejected=bad")
-    p.add_argument("--multi-turn", choices=("drop", "keep"), default=None, help="HH multi-turn rows")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (model) path for token lengths")
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--template", default=None, help="prompt template string or bundled prompt name")
-    p.add_argument("--keep-over-length", action="store_true", help="count over-length rows, don't drop them")
-    p.add_argument("--output", default=None, help="folder for report.md, report.json, lengths.png")
-    return p
+# Running a check from options (what `alignkit data check` does)
 
 
 def parse_columns(text: str | None) -> dict | None:
@@ -386,88 +364,11 @@ def parse_columns(text: str | None) -> dict | None:
     return out
 
 
-def _lookup(obj, dotted: str):
-    """``recipe["data"]["path"]`` or ``recipe.data.path``; None when absent."""
-    for part in dotted.split("."):
-        if obj is None:
-            return None
-        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
-    return obj
+def run_check(opts: dict, *, tokenizer=None, drop_over_length: bool = True) -> DataReport:
+    """Load ``opts["data"]`` (errors collected) and check it with ``tokenizer`` (None: lengths in characters).
 
-
-def _first(obj, *names):
-    return next((v for v in (_lookup(obj, n) for n in names) if v is not None), None)
-
-
-def _recipe_options(path: str, overrides: list[str], stage: str | None = None) -> dict:
-    """Data options of one training stage of a recipe, read with ``alignkit.config.load_recipe``."""
-    from alignkit.config import load_recipe
-
-    recipe = load_recipe(path, overrides)
-    stages = getattr(recipe, "stages", None)
-    if isinstance(stages, dict) and stages:
-        stage = stage or next(iter(stages))
-        if stage not in stages:
-            raise ValueError(f"{path}: no stage {stage!r}; training stages: {', '.join(stages)}")
-        recipe = stages[stage]
-    stage = stage or _first(recipe, "stage")
-    kind = {"sft": "sft", "dpo": "preference", "reward": "preference"}.get(str(stage))
-    if kind is None:
-        raise ValueError(f"{path}: the data check covers sft, dpo and reward stages, not {stage!r}")
-    data = _first(recipe, "data")
-    _materialize_quickstart(data)
-    return {
-        "data": _first(data, "path"), "split": _first(data, "split"), "format": _first(data, "format"),
-        "columns": _first(data, "columns"), "multi_turn": _first(data, "multi_turn"),
-        "template": _first(data, "template"), "kind": kind,
-        "tokenizer": _first(recipe, "model.name_or_path", "model.path", "model.name"),
-        "max_length": _first(data, "max_length") or _first(recipe, "train.max_length"),
-    }
-
-
-def _materialize_quickstart(data) -> None:
-    """``quickstart:<name>`` data paths are built by alignkit.train.quickstart (into a temporary folder)."""
-    path = _first(data, "path")
-    if isinstance(path, str) and path.startswith("quickstart:") and not isinstance(data, dict):
-        import tempfile
-
-        from alignkit.train.quickstart import materialize_data
-
-        materialize_data(data, Path(tempfile.mkdtemp(prefix="alignkit-data-check-")))
-
-
-def _options(args) -> dict:
-    opts = _recipe_options(args.recipe, args.overrides, args.stage) if args.recipe else {}
-    cli = {"data": args.data, "split": args.split, "format": args.format, "columns": parse_columns(args.columns),
-           "multi_turn": args.multi_turn, "tokenizer": args.tokenizer, "max_length": args.max_length,
-           "template": args.template, "kind": args.kind}
-    opts.update({k: v for k, v in cli.items() if v is not None})
-    if not opts.get("data"):
-        raise ValueError("no data: pass a recipe with a data section, or --data PATH")
-    if isinstance(opts.get("columns"), str):
-        opts["columns"] = parse_columns(opts["columns"])
-    return opts
-
-
-def _load_tokenizer(name: str):
-    """A tokenizer-only folder directly; models, GGUF files and hub names through alignkit.models."""
-    path = Path(name).expanduser()
-    if path.is_dir() and not (path / "config.json").exists():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    from alignkit.models import load_tokenizer
-
-    return load_tokenizer(name)
-
-
-def run_check(opts: dict, *, drop_over_length: bool = True) -> DataReport:
-    """Load ``opts["data"]`` (errors collected) and check it; ``opts`` as built by the CLI."""
-    from alignkit.data.preference import load_preference_rows
-    from alignkit.data.sft_rows import load_sft_rows
-
+    ``opts``: data, split, kind (preference | sft), format, columns, multi_turn, max_length, template."""
     split, kind = opts.get("split") or "train", opts.get("kind") or "preference"
-    tokenizer = _load_tokenizer(opts["tokenizer"]) if opts.get("tokenizer") else None
     common = {"tokenizer": tokenizer, "max_length": opts.get("max_length"), "template": opts.get("template"),
                   "drop_over_length": drop_over_length}
     if kind == "sft":
@@ -484,30 +385,9 @@ def run_check(opts: dict, *, drop_over_length: bool = True) -> DataReport:
 
 
 def write_outputs(report: DataReport, out_dir) -> Path:
+    """``report.md``, ``report.json`` and ``lengths.png`` in ``out_dir``; returns the folder."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(report.to_markdown())
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    write_text_atomic(out / "report.md", report.to_markdown())
+    write_json_atomic(out / "report.json", report.to_dict())
     report.histogram_png(out / "lengths.png")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``alignkit data check RECIPE.yaml [key=value ...]`` or ``alignkit data check --data PATH ...``."""
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "check":
-        print("usage: alignkit data check [RECIPE.yaml [key=value ...]] [--data PATH] [options]; "
-              "see alignkit data check --help", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    args = _parser().parse_args(argv[1:])
-    try:
-        report = run_check(_options(args), drop_over_length=not args.keep_over_length)
-    except (ValueError, FileNotFoundError) as exc:  # DataError is a ValueError
-        print(f"alignkit data check: {exc}", file=sys.stderr)
-        return 1
-    print(report.to_markdown())
-    if args.output:
-        print(f"wrote {write_outputs(report, args.output)}/report.md, report.json, lengths.png")
-    return 1 if report.malformed or not report.kept else 0

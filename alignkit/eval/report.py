@@ -5,21 +5,19 @@
   ``--resume`` skips the ids already there.
 * final files go through :mod:`alignkit.data.io`'s atomic writer (tmp file + fsync + ``os.replace``).
 * :func:`write_reports`: ``results.json``, ``report.md`` and ``report.html`` of one run.
-* :func:`main`: ``alignkit compare RUN_DIR... [--output DIR] [--samples N]``, a side-by-side table
+* :func:`write_comparison` (what ``alignkit compare RUN_DIR...`` writes): a side-by-side table
   (the "alignment tax" table: base vs SFT vs DPO), a bar chart PNG and sampled failures per run.
 """
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import logging
-import os
 import random
-import sys
 from pathlib import Path
 
 from alignkit.data.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from alignkit.eval.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +201,6 @@ def comparison_chart(runs: dict[str, dict], rows, path: Path) -> Path:
 
 def sampled_failures(run_dir: Path, n: int, seed: int = 0) -> dict[str, list[dict]]:
     """N random wrong/unsafe/refused records per task of one run (from predictions + judgments)."""
-    from alignkit.eval.tasks import TASKS
-
     out = {}
     for task_name, cls in TASKS.items():
         pred = run_dir / task_name / "predictions.jsonl"
@@ -222,33 +218,17 @@ def sampled_failures(run_dir: Path, n: int, seed: int = 0) -> dict[str, list[dic
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="alignkit compare", description="Compare eval runs side by side.")
-    p.add_argument("runs", nargs="+", help="output folders of `alignkit eval` (each has results.json)")
-    p.add_argument("--output", default=None, help="where to write comparison.md/.png (default: first run dir)")
-    p.add_argument("--samples", type=int, default=3, help="sampled wrong/unsafe examples per run and task")
-    p.add_argument("--names", default=None, help="comma-separated labels for the runs (default: folder names)")
-    args = p.parse_args(argv)
-    try:
-        dirs = [Path(r) for r in args.runs]
-        names = args.names.split(",") if args.names else [d.name or str(d) for d in dirs]
-        if len(names) != len(dirs) or len(set(names)) != len(names):
-            raise ValueError(f"--names needs {len(dirs)} distinct labels, got {names}")
-        runs = {name: load_run(d) for name, d in zip(names, dirs)}
-    except (FileNotFoundError, ValueError) as err:
-        print(f"alignkit compare: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.output) if args.output else dirs[0]
+def write_comparison(runs: dict[str, dict], dirs: list[Path], out: Path, samples: int) -> tuple[str, Path]:
+    """``comparison.md`` (table, chart, sampled failures per run) and ``comparison.png`` in ``out``;
+    returns (the markdown table, the chart path)."""
     rows = comparison_rows(runs)
     table = comparison_markdown(runs, rows)
     chart = comparison_chart(runs, rows, out / "comparison.png")
     parts = ["# Comparison", "", table, f"![chart]({chart.name})", ""]
-    for name, d in zip(names, dirs):
-        for task, samples in sampled_failures(d, args.samples).items():
-            if samples:
+    for name, d in zip(runs, dirs):
+        for task, picked in sampled_failures(d, samples).items():
+            if picked:
                 parts += [f"## {name}: {task} sampled failures", ""]
-                parts += ["```text\n" + _sample_text(s).replace("```", "'''") + "\n```" for s in samples]
+                parts += ["```text\n" + _sample_text(s).replace("```", "'''") + "\n```" for s in picked]
     write_text_atomic(out / "comparison.md", "\n".join(parts) + "\n")
-    print(table)
-    print(f"wrote {out / 'comparison.md'} and {chart}")
-    return 0
+    return table, chart

@@ -11,6 +11,9 @@ import random
 import time
 from pathlib import Path
 
+from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
+from alignkit.models import load_model, prepare_kbit
+from alignkit.resources import prompt as bundled_prompt
 from alignkit.train.callbacks import GracefulInterruptCallback, MetricsJsonlCallback, plot_metrics
 
 logger = logging.getLogger("alignkit.train")
@@ -35,8 +38,6 @@ def load_for_training(recipe, model_path: str | None, *, model_class=None, **kwa
     here (``peft.prepare_model_for_kbit_training``); padding-free batches on ``sdpa`` get
     ``sdpa_varlen`` (:func:`use_varlen_attention`). Returns ``(model, tokenizer, source)``.
     """
-    from alignkit.models import load_model
-
     m = recipe.model
     fresh = model_path is None
     model, tokenizer, source = load_model(
@@ -44,10 +45,8 @@ def load_for_training(recipe, model_path: str | None, *, model_class=None, **kwa
         quantization=m.quantization, revision=m.revision if fresh else None,
         gguf_file=m.gguf_file if fresh else None, model_class=model_class, **kwargs)
     if m.quantization:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(getattr(recipe.train, "gradient_checkpointing", False)))
+        model = prepare_kbit(model, gradient_checkpointing=bool(getattr(recipe.train, "gradient_checkpointing",
+                                                                        False)))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     use_varlen_attention(model, recipe)
@@ -68,8 +67,6 @@ def use_varlen_attention(model, recipe) -> bool:
     padding_free = getattr(args, "padding_free", False) or packing_free
     if not padding_free or recipe.model.attn_implementation or model.config._attn_implementation != "sdpa":
         return False
-    from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
-
     model.set_attn_implementation(register_varlen_sdpa())
     logger.info("padding-free batches on sdpa: attention set to %s (per-document SDPA; set "
                 "model.attn_implementation to choose another)", VARLEN_SDPA)
@@ -116,9 +113,7 @@ def text_template(template: str | None) -> str | None:
         return None
     if "{" in template:
         return template
-    from alignkit.resources import prompt
-
-    return prompt(template)
+    return bundled_prompt(template)
 
 
 def fill_template(template: str, prompt: str) -> str:

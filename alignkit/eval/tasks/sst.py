@@ -8,8 +8,6 @@ area, category and, when judged, the label).
 from __future__ import annotations
 
 import csv
-import json
-import os
 from pathlib import Path
 
 from alignkit import resources

@@ -1,0 +1,125 @@
+"""``alignkit data check [RECIPE.yaml [key=value ...]] [--data PATH] [options]``: what training would see.
+
+Options come from the recipe's training stage (read with :func:`alignkit.config.load_recipe`, so the
+check sees the same data section, template, tokenizer and max length as ``alignkit train``) and are
+overridden by flags. Exit status 1 when rows are malformed or none is kept, 2 on usage errors.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from alignkit.config import load_recipe
+from alignkit.data.check import parse_columns, run_check, write_outputs
+from alignkit.models import load_tokenizer
+from alignkit.train.quickstart import materialize_data
+
+KINDS = {"sft": "sft", "dpo": "preference", "reward": "preference"}  # stage -> data kind
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alignkit data check", description=(
+        "Check a recipe's training data: rows kept/dropped and why, malformed rows, token lengths. "
+        "Exit status 1 when rows are malformed or none is kept."))
+    p.add_argument("recipe", nargs="?", help="recipe YAML (its data, model and max_length are used)")
+    p.add_argument("overrides", nargs="*", help="recipe overrides key=value")
+    p.add_argument("--stage", default=None, help="which training stage of a chain recipe (default: the first)")
+    p.add_argument("--data", help="data file, folder or hub dataset name (overrides the recipe)")
+    p.add_argument("--split", default=None)
+    p.add_argument("--kind", choices=("preference", "sft"), default=None)
+    p.add_argument("--format", default=None, help="auto | prompt_chosen_rejected | conversational | hh")
+    p.add_argument("--columns", default=None, help="column mapping, e.g. prompt=question,chosen=good,rejected=bad")
+    p.add_argument("--multi-turn", choices=("drop", "keep"), default=None, help="HH multi-turn rows")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (model) path for token lengths")
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--template", default=None, help="prompt template string or bundled prompt name")
+    p.add_argument("--keep-over-length", action="store_true", help="count over-length rows, don't drop them")
+    p.add_argument("--output", default=None, help="folder for report.md, report.json, lengths.png")
+    return p
+
+
+def _lookup(obj, dotted: str):
+    """``recipe["data"]["path"]`` or ``recipe.data.path``; None when absent."""
+    for part in dotted.split("."):
+        if obj is None:
+            return None
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+    return obj
+
+
+def _first(obj, *names):
+    return next((v for v in (_lookup(obj, n) for n in names) if v is not None), None)
+
+
+def recipe_options(path: str, overrides: list[str], stage: str | None = None) -> dict:
+    """Data options of one training stage of a recipe (``quickstart:`` data built into a temp folder)."""
+    recipe = load_recipe(path, overrides)
+    stages = getattr(recipe, "stages", None)
+    if isinstance(stages, dict) and stages:
+        stage = stage or next(iter(stages))
+        if stage not in stages:
+            raise ValueError(f"{path}: no stage {stage!r}; training stages: {', '.join(stages)}")
+        recipe = stages[stage]
+    stage = stage or _first(recipe, "stage")
+    kind = KINDS.get(str(stage))
+    if kind is None:
+        raise ValueError(f"{path}: the data check covers sft, dpo and reward stages, not {stage!r}")
+    data = _first(recipe, "data")
+    data_path = _first(data, "path")
+    if isinstance(data_path, str) and data_path.startswith("quickstart:") and not isinstance(data, dict):
+        materialize_data(data, Path(tempfile.mkdtemp(prefix="alignkit-data-check-")))
+    return {
+        "data": _first(data, "path"), "split": _first(data, "split"), "format": _first(data, "format"),
+        "columns": _first(data, "columns"), "multi_turn": _first(data, "multi_turn"),
+        "template": _first(data, "template"), "kind": kind,
+        "tokenizer": _first(recipe, "model.name_or_path", "model.path", "model.name"),
+        "max_length": _first(data, "max_length") or _first(recipe, "train.max_length"),
+    }
+
+
+def options(args) -> dict:
+    """The recipe's options (if one is given) with every flag that was set on top."""
+    opts = recipe_options(args.recipe, args.overrides, args.stage) if args.recipe else {}
+    cli = {"data": args.data, "split": args.split, "format": args.format, "columns": parse_columns(args.columns),
+           "multi_turn": args.multi_turn, "tokenizer": args.tokenizer, "max_length": args.max_length,
+           "template": args.template, "kind": args.kind}
+    opts.update({k: v for k, v in cli.items() if v is not None})
+    if not opts.get("data"):
+        raise ValueError("no data: pass a recipe with a data section, or --data PATH")
+    if isinstance(opts.get("columns"), str):
+        opts["columns"] = parse_columns(opts["columns"])
+    return opts
+
+
+def tokenizer_for(name: str | None):
+    """None; a tokenizer-only folder directly; models, GGUF files and hub names through alignkit.models."""
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "check":
+        print("usage: alignkit data check [RECIPE.yaml [key=value ...]] [--data PATH] [options]; "
+              "see alignkit data check --help", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    args = build_parser().parse_args(argv[1:])
+    try:
+        opts = options(args)
+        report = run_check(opts, tokenizer=tokenizer_for(opts.get("tokenizer")),
+                           drop_over_length=not args.keep_over_length)
+    except (ValueError, FileNotFoundError) as exc:  # DataError and RecipeError are ValueErrors
+        print(f"alignkit data check: {exc}", file=sys.stderr)
+        return 1
+    print(report.to_markdown())
+    if args.output:
+        print(f"wrote {write_outputs(report, args.output)}/report.md, report.json, lengths.png")
+    return 1 if report.malformed or not report.kept else 0
