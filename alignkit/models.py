@@ -149,7 +149,7 @@ def _hub_source(name: str, *, gguf_file, revision) -> ModelSource:
     """A hub repository: downloaded (or found in the HF cache); the packaged GGUF for the default."""
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    offline = _hub_offline()
+    offline = hub_offline()
     try:
         if gguf_file is not None:
             file = _hub_file(name, gguf_file, revision=revision, local_only=offline)
@@ -172,7 +172,7 @@ def _hub_source(name: str, *, gguf_file, revision) -> ModelSource:
     return ModelSource(requested=name, kind="hub", path=str(folder), revision=_snapshot_revision(Path(folder)))
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     from huggingface_hub import constants
 
     flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))

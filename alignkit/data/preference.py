@@ -155,7 +155,9 @@ def _parse_hh(data: dict, multi_turn: str):
     if rejected[:-1] != prompt:
         turn = next((i for i, (a, b) in enumerate(zip(prompt, rejected[:-1])) if a != b),
                     min(len(prompt), len(rejected) - 1))
-        raise RowProblem("rejected", f"chosen and rejected transcripts differ before the last reply (turn {turn})")
+        what = "its human message differs from the chosen transcript's: " if turn == 0 else ""
+        raise RowProblem("rejected", f"{what}chosen and rejected transcripts differ before the last reply "
+                                     f"(turn {turn})")
     n_human = sum(t["role"] == "user" for t in prompt)
     if multi_turn == "keep":
         return prompt, chosen[-1:], rejected[-1:]

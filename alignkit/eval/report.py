@@ -16,7 +16,7 @@ import logging
 import random
 from pathlib import Path
 
-from alignkit.data.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from alignkit.data.io import read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from alignkit.eval.tasks import TASKS
 
 logger = logging.getLogger(__name__)
@@ -43,23 +43,14 @@ class PredictionLog:
             self.path.unlink()
 
     def read(self) -> list[dict]:
-        """Records written so far; a torn (unparseable) last line from a crash is dropped."""
+        """Records written so far; a torn (unparseable) last line from a crash is dropped and the file
+        rewritten without it, so that appends continue on a clean line."""
         if not self.path.exists():
             return []
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        records = []
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:
-                    logger.warning("%s: dropping a torn last line (crash while writing)", self.path)
-                    self._rewrite(records)
-                    break
-                raise ValueError(f"{self.path}: line {i + 1} is not valid JSON") from None
-        return records
+        records = read_jsonl(self.path, drop_torn_tail=True)
+        if records.torn_tail:
+            self._rewrite(records)
+        return list(records)
 
     def _rewrite(self, records: list[dict]) -> None:
         write_jsonl_atomic(self.path, records)

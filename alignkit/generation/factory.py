@@ -1,13 +1,16 @@
 """Build a Generator from a string: ``hf:PATH``, ``vllm:PATH``, ``http(s)://HOST:PORT/v1`` (+ model name)."""
 from __future__ import annotations
 
+from alignkit.generation.hf import HFGenerator
+from alignkit.generation.openai_http import OpenAIHTTPGenerator
+from alignkit.generation.vllm import VLLMGenerator
+from alignkit.models import load_model
+
 SPEC_FORMS = "'hf:PATH_OR_NAME', 'vllm:PATH_OR_NAME', 'http://HOST:PORT/v1' (with model=NAME, or URL#NAME)"
 
 
 def load_hf(path: str, **load_kwargs):
     """(model, tokenizer) for generation through alignkit's one model loader."""
-    from alignkit.models import load_model
-
     model, tokenizer, _source = load_model(path, for_generation=True, **load_kwargs)
     return model, tokenizer
 
@@ -30,12 +33,8 @@ def make_generator(spec: str, *, model=None, tokenizer=None, batch_size: int = 8
             model, tokenizer = load_hf(path, **kw)
         elif tokenizer is None:
             raise ValueError("make_generator('hf:...', model=...): pass the tokenizer too")
-        from alignkit.generation.hf import HFGenerator
-
         return HFGenerator(model, tokenizer, batch_size=batch_size, name=spec)
     if spec.startswith("vllm:"):
-        from alignkit.generation.vllm import VLLMGenerator
-
         return VLLMGenerator(spec[5:], **kw)
     if spec.startswith(("http://", "https://")):
         url, _, fragment = spec.partition("#")
@@ -43,7 +42,5 @@ def make_generator(spec: str, *, model=None, tokenizer=None, batch_size: int = 8
         if not isinstance(name, str) or not name:
             raise ValueError(f"make_generator({spec!r}): an HTTP backend needs the served model's name "
                              "(model='NAME' or 'URL#NAME')")
-        from alignkit.generation.openai_http import OpenAIHTTPGenerator
-
         return OpenAIHTTPGenerator(url, name, **kw)
     raise ValueError(f"make_generator: unknown generator spec {spec!r}; expected {SPEC_FORMS}")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from alignkit.data.io import read_jsonl
+
 logger = logging.getLogger("alignkit.train")
 
 
@@ -85,7 +87,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return list(read_jsonl(path, drop_torn_tail=True))
 
 
 def plot_metrics(jsonl: str | Path, png: str | Path) -> Path | None:
