@@ -73,6 +73,27 @@ def test_gradient_of_the_likelihood_vanishes_at_the_ratings():
     assert abs(loglik_gradient(battles, nudged)["x"]) > 1e-2  # the check can fail
 
 
+def test_matches_hunters_mm_algorithm():
+    # Hunter 2004, eq. (3): pi_i <- W_i / sum_j N_ij / (pi_i + pi_j), an independent fixed-point iteration
+    battles = random_battles(5, n_models=6, n=400)
+    names = sorted({a for a, _, _ in battles} | {b for _, b, _ in battles})
+    wins = dict.fromkeys(names, 0.0)
+    meetings: dict[tuple[str, str], int] = {}
+    for a, b, y in battles:
+        wins[a] += y
+        wins[b] += 1 - y
+        meetings[(a, b)] = meetings.get((a, b), 0) + 1
+        meetings[(b, a)] = meetings.get((b, a), 0) + 1
+    pi = dict.fromkeys(names, 1.0)
+    for _ in range(5000):
+        pi = {i: wins[i] / sum(n / (pi[i] + pi[j]) for (k, j), n in meetings.items() if k == i) for i in names}
+        geo = math.exp(sum(math.log(v) for v in pi.values()) / len(pi))
+        pi = {i: v / geo for i, v in pi.items()}
+    ratings = bradley_terry(battles, l2=0)
+    for name in names:
+        assert ratings[name] == pytest.approx(1000.0 + 400 * math.log10(pi[name]), abs=1e-6)
+
+
 def test_default_prior_is_stationary_for_the_penalised_likelihood_and_tiny():
     battles = random_battles(0)
     ratings = bradley_terry(battles)  # l2 = 1e-3
