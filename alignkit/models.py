@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from alignkit.attention import register_varlen_sdpa
-from alignkit.data.io import write_text_atomic
+from alignkit.data.io import write_json_atomic, write_text_atomic
 from alignkit.resources import ROOT
 
 logger = logging.getLogger(__name__)
@@ -515,6 +515,6 @@ def merge_adapter(adapter_dir, out_dir, *, base=None, dtype="float32", device="c
         tokenizer = load_tokenizer(str(adapter_dir))
     tokenizer.save_pretrained(out_dir)
     record = {"adapter": str(adapter_dir.resolve()), "base": source.to_dict()}
-    (out_dir / "alignkit_merge.json").write_text(json.dumps(record, indent=2))
+    write_json_atomic(out_dir / "alignkit_merge.json", record)
     logger.info("merged %s into %s -> %s", adapter_dir, source.requested, out_dir)
     return out_dir

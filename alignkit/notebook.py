@@ -28,7 +28,7 @@ import yaml
 
 from alignkit import models
 from alignkit.config import load_recipe
-from alignkit.data.io import write_jsonl_atomic
+from alignkit.data.io import save_figure_atomic, write_jsonl_atomic, write_text_atomic
 from alignkit.train.callbacks import read_metrics
 from alignkit.train.quickstart import completion_logps
 
@@ -93,7 +93,7 @@ def write_recipe(raw: dict, path: str | Path):
     """Write ``raw`` as a recipe YAML to ``path`` and load it with :func:`alignkit.config.load_recipe`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(raw, sort_keys=False))
     return load_recipe(path)
 
 
@@ -169,9 +169,7 @@ def plot_series(panels: dict[str, list[tuple[str | Path, str]]], png: str | Path
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90)
+    png = save_figure_atomic(fig, png, dpi=90)
     return png
 
 

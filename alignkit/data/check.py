@@ -27,7 +27,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignkit.data.io import Malformed, empty_field, location, write_json_atomic, write_text_atomic
+from alignkit.data.io import (
+    Malformed,
+    empty_field,
+    location,
+    save_figure_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from alignkit.data.preference import load_preference_rows
 from alignkit.data.sft_rows import load_sft_rows
 from alignkit.resources import prompt as bundled_prompt
@@ -153,10 +160,7 @@ class DataReport:
         if not series:
             fig.text(0.5, 0.5, "no rows kept", ha="center")
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        return path
+        return save_figure_atomic(fig, path)
 
     def raise_if_empty(self) -> DataReport:
         """Raise ValueError with the report's counts when no row is kept."""

@@ -82,6 +82,13 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> Path:
     return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def save_figure_atomic(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """``fig.savefig`` (a matplotlib figure) to ``path`` atomically; the format follows ``path``'s suffix."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or None, **savefig_kwargs)
+    return Path(path)
+
+
 class DataError(ValueError):
     """A problem with one row (or one file) of input data; the message names file, line and field."""
 

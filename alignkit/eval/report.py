@@ -16,7 +16,13 @@ import logging
 import random
 from pathlib import Path
 
-from alignkit.data.io import read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from alignkit.data.io import (
+    read_jsonl,
+    save_figure_atomic,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from alignkit.eval.tasks import TASKS
 
 logger = logging.getLogger(__name__)
@@ -184,8 +190,7 @@ def comparison_chart(runs: dict[str, dict], rows, path: Path) -> Path:
     ax.set_ylabel("score")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure_atomic(fig, path, dpi=100)
     plt.close(fig)
     return path
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from alignkit.data.io import read_jsonl
+from alignkit.data.io import read_jsonl, save_figure_atomic
 
 logger = logging.getLogger("alignkit.train")
 
@@ -116,6 +116,6 @@ def plot_metrics(jsonl: str | Path, png: str | Path) -> Path | None:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    save_figure_atomic(fig, png, dpi=100)
     plt.close(fig)
     return Path(png)

@@ -5,13 +5,13 @@ Stages get runtime objects (a :class:`alignkit.config.StageRecipe`-like object w
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
 from pathlib import Path
 
 from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
+from alignkit.data.io import write_json_atomic, write_text_atomic
 from alignkit.models import load_model, prepare_kbit
 from alignkit.resources import prompt as bundled_prompt
 from alignkit.train.callbacks import GracefulInterruptCallback, MetricsJsonlCallback, plot_metrics
@@ -143,8 +143,8 @@ def checked_loader(read, check, stage_dir: Path):
 def save_data_report(report, stage_dir: Path, name: str) -> None:
     """Write the data check's markdown and JSON next to the outputs and log the headline."""
     stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / f"{name}.md").write_text(report.to_markdown())
-    (stage_dir / f"{name}.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    write_text_atomic(stage_dir / f"{name}.md", report.to_markdown())
+    write_json_atomic(stage_dir / f"{name}.json", report.to_dict())
     logger.info("data check (%s): %d read, %d kept, %d dropped, %d malformed -> %s", name, report.rows_read,
                 report.rows_kept, report.rows_dropped, len(report.malformed), stage_dir / f"{name}.md")
     if report.malformed:
