@@ -170,3 +170,51 @@ def test_unclosed_json_array(tmp_path):
     path.write_text('[{"a": 1},\n{"a": 2}\n')  # EOF reached on line 3
     with pytest.raises(DataError, match=r"d.json line 3: invalid JSON \(the array is not closed"):
         list(read_rows(path))
+
+
+def test_bom_crlf_and_blank_lines_load_every_row(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(3)]
+    body = "\r\n\r\n".join(json.dumps(r) for r in rows) + "\r\n"
+    path = tmp_path / "excel.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))  # UTF-8 BOM, CRLF, blank lines between rows
+    got = list(read_rows(path))
+    assert [r.data for r in got] == rows and [r.line for r in got] == [1, 3, 5]
+    csv_path = tmp_path / "excel.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbfprompt,chosen\r\nq,a\r\n")
+    assert [r.data for r in read_rows(csv_path)] == [{"prompt": "q", "chosen": "a"}]
+
+
+def test_cut_gzip_names_where_it_broke_and_keeps_the_rows_before(tmp_path):
+    whole = tmp_path / "whole.jsonl.gz"
+    lines = [json.dumps({"prompt": f"p{i}", "chosen": "c" * 50, "rejected": "r"}) for i in range(200)]
+    with gzip.open(whole, "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    rows = list(read_rows(cut, errors="collect"))
+    good = [r for r in rows if r.error is None]
+    bad = [r for r in rows if r.error]
+    assert 0 < len(good) < 200 and [r.data["prompt"] for r in good] == [f"p{i}" for i in range(len(good))]
+    assert bad and "truncated or corrupt compressed file" in bad[-1].error
+    assert f"the {len(good)} rows before it were read" in bad[-1].error
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz line \d+: .*truncated or corrupt compressed file"):
+        list(read_rows(cut))
+
+
+def test_undecodable_bytes_name_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    bad_line = b'{"a": "caf\xe9"}'
+    path.write_bytes(b'{"a": "ok"}\n' + bad_line + b"\n")
+    byte = bad_line.index(b"\xe9") + 1  # 1-based position of the Latin-1 e-acute
+    with pytest.raises(DataError, match=rf"latin1\.jsonl line 2: undecodable bytes: not UTF-8 at byte {byte} "):
+        list(read_rows(path))
+
+
+def test_invalid_json_shows_the_text_at_the_break(tmp_path):
+    path = tmp_path / "d.jsonl"
+    line = '{"prompt": "q", "chosen": "a" "rejected": "b"}'  # missing comma before "rejected"
+    path.write_text(line + "\n")
+    with pytest.raises(DataError) as info:
+        list(read_rows(path))
+    col = line.index('"rejected"') + 1
+    assert f"at column {col}" in str(info.value) and '"a" "rejected"' in str(info.value)

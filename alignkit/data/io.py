@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,9 +121,40 @@ def _suffix(path: Path) -> str:
 
 
 def _open_text(path: Path):
+    """Text of a file (``.gz`` decompressed); a UTF-8 byte-order mark (Excel, Windows tools) is skipped."""
     if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+class _BrokenFile(Exception):
+    """The bytes of a file stopped making sense (truncated or corrupt gzip stream) after ``lines`` lines."""
+
+    def __init__(self, lines: int, cause: Exception):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.lines = lines
+
+
+# what a cut or damaged gzip stream raises while it is read (gzip.BadGzipFile is an OSError)
+_GZIP_ERRORS = (EOFError, OSError, zlib.error)
+
+
+def _byte_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw bytes)`` of every line; a broken compressed stream raises :class:`_BrokenFile`
+    after the lines that decompressed cleanly were yielded."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    lineno = 0
+    with opener(path, "rb") as fh:
+        try:
+            for lineno, raw in enumerate(fh, start=1):
+                yield lineno, raw
+        except _GZIP_ERRORS as exc:
+            raise _BrokenFile(lineno, exc) from None
+
+
+def _decode_line(raw: bytes, lineno: int) -> str:
+    """UTF-8 text of one line (a byte-order mark allowed on line 1); UnicodeDecodeError otherwise."""
+    return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
 
 
 def read_rows(path, *, split: str = "train", errors: str = "raise") -> Iterator[Row]:
@@ -235,31 +267,48 @@ def _bad(errors: str, source: str, line: int, message: str) -> Row:
     return Row(source, line, {}, error=message)
 
 
+def _json_error(exc: json.JSONDecodeError, n_read: int) -> str:
+    """``invalid JSON (msg at column C, near '...')`` with the text around the break."""
+    near = exc.doc[max(0, exc.pos - 15): exc.pos + 15].strip()
+    return f"invalid JSON ({exc.msg} at column {exc.colno}, near {near!r}); {n_read} rows were read before it"
+
+
 def _read_jsonl(path: Path, errors: str) -> Iterator[Row]:
-    source, n_read = str(path), 0
-    with _open_text(path) as fh:
-        for lineno, text in enumerate(fh, start=1):
-            # 1. skip blank lines; 2. parse; 3. require an object
+    source, n_read, lineno = str(path), 0, 0
+    try:
+        for lineno, raw in _byte_lines(path):
+            # 1. decode (BOM, CRLF fine); 2. skip blank lines; 3. parse; 4. require an object
+            try:
+                text = _decode_line(raw, lineno)
+            except UnicodeDecodeError as exc:
+                yield _bad(errors, source, lineno, f"undecodable bytes: not UTF-8 at byte {exc.start + 1} of the "
+                                                   f"line; {n_read} rows were read before it")
+                continue
             if not text.strip():
                 continue
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield _bad(errors, source, lineno,
-                           f"invalid JSON ({exc.msg} at column {exc.colno}); {n_read} rows were read before it")
+                yield _bad(errors, source, lineno, _json_error(exc, n_read))
                 continue
             if not isinstance(obj, dict):
                 yield _bad(errors, source, lineno, f"expected a JSON object, got {type(obj).__name__}")
                 continue
             n_read += 1
             yield Row(source, lineno, obj)
+    except _BrokenFile as exc:
+        yield _bad(errors, source, exc.lines + 1, f"truncated or corrupt compressed file ({exc}) after line "
+                                                  f"{exc.lines}; the {n_read} rows before it were read")
 
 
 def _read_json_array(path: Path, errors: str) -> Iterator[Row]:
     """Objects of a JSON array, each with the file line where it starts."""
     source = str(path)
-    with _open_text(path) as fh:
-        text = fh.read()
+    try:
+        with _open_text(path) as fh:
+            text = fh.read()
+    except (UnicodeDecodeError, *_GZIP_ERRORS) as exc:
+        raise DataError(f"{source}: cannot read the JSON array ({type(exc).__name__}: {exc})", source=source) from None
     decoder, pos, line = json.JSONDecoder(), text.index("[") + 1, 1
     line += text.count("\n", 0, pos)
     while True:
@@ -287,25 +336,33 @@ def _read_json_array(path: Path, errors: str) -> Iterator[Row]:
 
 
 def _read_csv(path: Path, delimiter: str, errors: str) -> Iterator[Row]:
-    source = str(path)
+    source, n_read = str(path), 0
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with _open_text(path) as fh:
         reader = csv.reader(fh, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            return
-        header[0] = header[0].lstrip("\ufeff")
-        start = reader.line_num + 1
-        for record in reader:
-            # 1. the record started on the line after the previous one ended; 2. check its width
-            line, start = start, reader.line_num + 1
-            if not record:
-                continue
-            if len(record) != len(header):
-                yield _bad(errors, source, line,
-                           f"expected {len(header)} fields ({', '.join(header)}), got {len(record)}")
-                continue
-            yield Row(source, line, dict(zip(header, record)))
+        start = 1
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            start = reader.line_num + 1
+            for record in reader:
+                # 1. the record started on the line after the previous one ended; 2. check its width
+                line, start = start, reader.line_num + 1
+                if not record:
+                    continue
+                if len(record) != len(header):
+                    yield _bad(errors, source, line,
+                               f"expected {len(header)} fields ({', '.join(header)}), got {len(record)}")
+                    continue
+                n_read += 1
+                yield Row(source, line, dict(zip(header, record)))
+        except UnicodeDecodeError:
+            yield _bad(errors, source, start, f"undecodable bytes (not UTF-8) at or after this line; the {n_read} "
+                                              "rows before it were read")
+        except _GZIP_ERRORS as exc:
+            yield _bad(errors, source, start, f"truncated or corrupt compressed file ({type(exc).__name__}: {exc}); "
+                                              f"the {n_read} rows before it were read")
 
 
 def _read_parquet(path: Path) -> Iterator[Row]:
