@@ -403,6 +403,33 @@ class RowProblem(Exception):
         super().__init__(message)
         self.field, self.message = field, message
 
+    @classmethod
+    def merge(cls, problems: list[RowProblem]) -> RowProblem:
+        """One problem naming every bad field: ``field`` "chosen, rejected", each field's reason in turn."""
+        if len(problems) == 1:
+            return problems[0]
+        return cls(", ".join(str(p.field) for p in problems), "; ".join(f"{p.field}: {p.message}" for p in problems))
+
+
+def each_field(names, read) -> list:
+    """``[read(name) for name in names]``, with the RowProblem of EVERY bad field raised together."""
+    values, problems = [], []
+    for name in names:
+        try:
+            values.append(read(name))
+        except RowProblem as problem:
+            problems.append(problem)
+    if problems:
+        raise RowProblem.merge(problems)
+    return values
+
+
+def check_not_empty(fields: dict) -> None:
+    """RowProblem naming every empty (whitespace-only) text among ``{name: str or message list}``."""
+    empty = [bad for bad in (empty_field(v, k) for k, v in fields.items()) if bad]
+    if empty:
+        raise RowProblem.merge([RowProblem(name, "empty text") for name in empty])
+
 
 @dataclass(frozen=True)
 class Malformed:
@@ -415,7 +442,11 @@ class Malformed:
 
     def __str__(self) -> str:
         where = location(self.source, self.line)
-        return f"{where}: field {self.field!r}: {self.message}" if self.field else f"{where}: {self.message}"
+        if not self.field:
+            return f"{where}: {self.message}"
+        if ", " in self.field:  # several fields (RowProblem.merge): each reason names its field
+            return f"{where}: fields {self.field}: {self.message}"
+        return f"{where}: field {self.field!r}: {self.message}"
 
     def to_dict(self) -> dict:
         return {"source": self.source, "line": self.line, "field": self.field, "message": self.message}

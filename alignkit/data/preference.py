@@ -30,7 +30,8 @@ from alignkit.data.io import (
     Malformed,
     RowProblem,
     apply_columns,
-    empty_field,
+    check_not_empty,
+    each_field,
     get_messages,
     get_text,
     is_messages,
@@ -87,8 +88,10 @@ def detect_format(data: dict) -> str:
     chosen = data["chosen"]
     if is_messages(chosen):
         return "conversational"
-    if not isinstance(chosen, str):
-        raise RowProblem("chosen", f"expected a string or a list of messages, got {type(chosen).__name__}")
+    bad = [RowProblem(k, f"expected a string or a list of messages, got {type(data[k]).__name__}")
+           for k in ("chosen", "rejected") if not isinstance(data[k], str) and not is_messages(data[k])]
+    if bad:
+        raise RowProblem.merge(bad)
     if "prompt" in data:
         return "prompt_chosen_rejected"
     if _HH_TURN.search(chosen):
@@ -98,14 +101,14 @@ def detect_format(data: dict) -> str:
 
 
 def _parse_standard(data: dict, multi_turn: str):
-    return tuple(get_text(data, name) for name in FIELDS)
+    return tuple(each_field(FIELDS, lambda name: get_text(data, name)))
 
 
 def _parse_conversational(data: dict, multi_turn: str):
     """Explicit message-list prompt, a string prompt before assistant replies, or the implicit shared prefix."""
     from trl.data_utils import extract_prompt
 
-    chosen, rejected = get_messages(data, "chosen"), get_messages(data, "rejected")
+    chosen, rejected = each_field(("chosen", "rejected"), lambda name: get_messages(data, name))
     prompt = data.get("prompt")
     if isinstance(prompt, list):
         prompt = get_messages(data, "prompt")
@@ -149,8 +152,7 @@ def parse_hh_transcript(text: str, field: str = "chosen") -> list[dict]:
 
 def _parse_hh(data: dict, multi_turn: str):
     """Split HH transcripts into the shared prompt turns and the final assistant replies."""
-    chosen = parse_hh_transcript(get_text(data, "chosen"), "chosen")
-    rejected = parse_hh_transcript(get_text(data, "rejected"), "rejected")
+    chosen, rejected = each_field(("chosen", "rejected"), lambda name: parse_hh_transcript(get_text(data, name), name))
     prompt = chosen[:-1]
     if rejected[:-1] != prompt:
         turn = next((i for i, (a, b) in enumerate(zip(prompt, rejected[:-1])) if a != b),
@@ -176,10 +178,7 @@ def _parse_row(data: dict, fmt: str, columns, multi_turn: str, allow_empty: bool
         fmt = detect_format(data)
     parsed = _PARSERS[fmt](data, multi_turn)
     if parsed is not None and not allow_empty:
-        for name, value in zip(FIELDS, parsed):
-            bad = empty_field(value, name)
-            if bad:
-                raise RowProblem(bad, "empty text")
+        check_not_empty(dict(zip(FIELDS, parsed)))
     return fmt, parsed
 
 

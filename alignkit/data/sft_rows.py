@@ -18,7 +18,8 @@ from alignkit.data.io import (
     Malformed,
     RowProblem,
     apply_columns,
-    empty_field,
+    check_not_empty,
+    each_field,
     get_messages,
     get_text,
     problem_to_error,
@@ -54,11 +55,12 @@ def _parse(data: dict, shape: str) -> dict:
         return {"messages": messages}
     prompt_col, completion_col = shape.split("/")
     if isinstance(data.get(prompt_col), list):
-        return {"prompt": get_messages(data, prompt_col), "completion": get_messages(data, completion_col)}
-    prompt = get_text(data, prompt_col)
+        prompt, completion = each_field((prompt_col, completion_col), lambda name: get_messages(data, name))
+        return {"prompt": prompt, "completion": completion}
+    prompt, completion = each_field((prompt_col, completion_col), lambda name: get_text(data, name))
     if prompt_col == "instruction" and data.get("input"):
         prompt = f"{prompt}\n\n{get_text(data, 'input')}"
-    return {"prompt": prompt, "completion": get_text(data, completion_col)}
+    return {"prompt": prompt, "completion": completion}
 
 
 def _parse_row(data: dict, columns: dict | None, allow_empty: bool) -> tuple[str, dict]:
@@ -66,10 +68,7 @@ def _parse_row(data: dict, columns: dict | None, allow_empty: bool) -> tuple[str
     shape = _columns_of(data)
     row = _parse(data, shape)
     if not allow_empty:
-        for name, value in row.items():
-            bad = empty_field(value, name)
-            if bad:
-                raise RowProblem(bad, "empty text")
+        check_not_empty(row)
     return shape, row
 
 
