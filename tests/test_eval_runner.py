@@ -1,4 +1,4 @@
-"""run_eval end to end on the tiny model, file formats, resume after a crash, reports, compare, CLI."""
+"""run_eval end to end on the tiny model, file formats, resume after a crash, reports, compare."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,6 @@ import types
 import pytest
 
 from alignkit import resources
-from alignkit.eval import cli
 from alignkit.eval import report as report_mod
 from alignkit.eval.report import PredictionLog
 from alignkit.eval.runner import run_eval
@@ -179,24 +178,3 @@ def test_torn_last_line_is_dropped(tmp_path):
     assert log.done_ids() == {"a"}
     log.append({"id": "c"})
     assert [r["id"] for r in log.read()] == ["a", "c"]
-
-
-def test_cli_errors_exit_2(tmp_path, capsys):
-    assert cli.main(["--model", str(tmp_path / "nope"), "--tasks", "mmlu"]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert cli.main(["--model", str(tmp_path), "--tasks", "mmlu,hellaswag"]) == 2
-    assert "unknown eval task 'hellaswag'; valid tasks: mmlu, gsm8k" in capsys.readouterr().err
-    assert cli.main(["--model", str(tmp_path), "--tasks", "mmlu", "--prompt", "fewshot"]) == 2
-    assert cli.main(["--task-dir"]) == 0
-    printed = capsys.readouterr().out.strip()
-    assert printed.endswith("lm_eval_tasks") and any(p.suffix == ".yaml" for p in __import__("pathlib").Path(
-        printed).iterdir())
-
-
-def test_cli_runs_tiny_model_and_prints_summary(tiny_model_dir, tmp_path, capsys):
-    rc = cli.main(["--model", str(tiny_model_dir), "--tasks", "gsm8k", "--limit", "1", "--max-new-tokens", "3",
-                   "--output", str(tmp_path)])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert re.search(r"gsm8k\s+accuracy\s+0\.0000\s+1", out) or re.search(r"gsm8k\s+accuracy\s+1\.0000\s+1", out)
-    assert json.loads((tmp_path / "results.json").read_text())["metrics"]["gsm8k"]["n"] == 1
