@@ -104,15 +104,18 @@ def _start_model(recipe: Recipe) -> str:
 
 
 def score(model: str, ev: EvalArgs, out_dir: Path, base: str, seed: int) -> dict:
-    """Flat metrics ``{"task/metric": value}`` of one model: run_eval tasks + quickstart metrics."""
+    """Flat metrics ``{"task/metric": value}`` of one model: the stage's EvalConfig run on ``model``
+    (bundled tasks and lm-eval tasks, every setting the CLI has) + the quickstart metrics."""
     metrics: dict[str, float] = {}
-    if ev.tasks:
-        from alignkit.eval.runner import run_eval
+    if ev.tasks or ev.harness:
+        from alignkit.eval.runner import run_eval_config
 
-        res = run_eval(model, ev.tasks, str(out_dir), limit=ev.limit, prompt=ev.prompt, backend=ev.backend,
-                       max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, seed=seed)
-        for task, values in res["metrics"].items():
+        res = run_eval_config(ev.run_config(model, out_dir, seed))
+        for task, values in res.get("metrics", {}).items():
             metrics.update({f"{task}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+        for task, values in (res.get("harness") or {}).get("results", {}).items():  # lm-eval: "acc,none"
+            metrics.update({f"{task}/{k.removesuffix(',none')}": v for k, v in values.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool) and "_stderr" not in k})
     if ev.quickstart:
         from alignkit.train.quickstart import evaluate
 
