@@ -103,7 +103,10 @@ def test_harness_only_refuses_flags_it_ignores(extra, tmp_path, monkeypatch, cap
 @pytest.mark.parametrize(("extra", "message"), [
     (["--timeout", "5"], ("--timeout is read by --backend http and an http(s) --judge; --backend hf with --judge "
                           "None ignores it")),
-    (["--api-key-env", "K", "--judge", "self"], "--api-key-env is read by --backend http and an http(s) --judge"),
+    (["--api-key-env", "K", "--judge", "self", "--tasks", "sst"],
+     "--api-key-env is read by --backend http and an http(s) --judge; --backend hf with --judge self ignores it"),
+    (["--judge", "self"], ("--judge is read by the judged tasks (alpaca_eval, sst, over_refusal); --tasks gsm8k "
+                          "ignore it")),
     (["--base-url", "http://h:1/v1"], "--base-url is read only by --backend http; --backend hf ignores it"),
     (["--backend", "http"], "--backend http needs --base-url"),
     (["--backend", "vllm", "--device", "cuda:1"], ("--device is read by the bundled tasks with --backend hf and "

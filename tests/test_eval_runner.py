@@ -201,7 +201,7 @@ def test_chain_eval_stage_passes_every_setting_to_run_eval_config(tmp_path, monk
                                                            "exact_match,flexible": 0.5, "alias": "x"}}}}
 
     monkeypatch.setattr(runner, "run_eval_config", fake)
-    recipe = _eval_recipe(tmp_path, "{tasks: [gsm8k], judge: self, resume: true, backend: http, "
+    recipe = _eval_recipe(tmp_path, "{tasks: [gsm8k, sst], judge: self, resume: true, backend: http, "
                                     "base_url: 'http://h:1/v1', timeout: 5, max_retries: 1, api_key_env: K, "
                                     "limit: 3, harness: [alignkit_gsm8k], max_new_tokens: 9, prompt: chat}")
     metrics = pipeline.score("final-model", recipe.eval, tmp_path / "after", "base", 7)
@@ -211,7 +211,7 @@ def test_chain_eval_stage_passes_every_setting_to_run_eval_config(tmp_path, monk
     assert type(cfg) is EvalConfig and model is None
     assert (cfg.model, cfg.output, cfg.seed) == ("final-model", str(tmp_path / "after"), 7)
     assert (cfg.tasks, cfg.harness, cfg.judge, cfg.resume, cfg.backend, cfg.base_url) == (
-        ["gsm8k"], ["alignkit_gsm8k"], "self", True, "http", "http://h:1/v1")
+        ["gsm8k", "sst"], ["alignkit_gsm8k"], "self", True, "http", "http://h:1/v1")
     assert (cfg.timeout, cfg.max_retries, cfg.api_key_env, cfg.limit, cfg.max_new_tokens, cfg.prompt) == (
         5.0, 1, "K", 3, 9, "chat")
     assert (cfg.max_concurrency, cfg.batch_size, cfg.device) == (8, 8, None)  # EvalConfig's defaults

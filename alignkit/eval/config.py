@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from alignkit.eval.tasks import STYLES, TASKS, parse_task_list
+from alignkit.eval.tasks import STYLES, TASKS, get_task_class, parse_task_list
 from alignkit.generation.openai_http import OpenAIHTTPGenerator
 
 BACKENDS = ("hf", "vllm", "http")
@@ -118,6 +118,10 @@ def unread(cfg: EvalConfig, key: Callable[[str], str] = str) -> list[str]:
                for n in TASKS_ONLY if is_set(cfg, n)]
     else:
         out = []
+        judged = [n for n in cfg.tasks if n in TASKS and get_task_class(n).uses_judge]
+        if is_set(cfg, "judge") and not judged:
+            out.append(f"{key('judge')} is read by the judged tasks ({', '.join(n for n in TASKS if TASKS[n].uses_judge)}); "
+                       f"{key('tasks')} {','.join(cfg.tasks)} ignore it")
         http_judge = isinstance(cfg.judge, str) and cfg.judge.startswith(("http://", "https://"))
         if cfg.backend != "http" and is_set(cfg, "base_url"):
             out.append(f"{key('base_url')} is read only by {key('backend')} http; "
