@@ -87,6 +87,19 @@ def test_lm_eval_reads_max_gen_toks():
     assert norm["max_gen_toks"] == 8
 
 
+@pytest.mark.slow  # ~10 s: real lm-eval, 2 examples of alignkit_gsm8k (its YAML says max_gen_toks: 256)
+def test_harness_cap_reaches_real_lm_eval(tiny_model_dir, tmp_path):
+    pytest.importorskip("lm_eval")
+    from transformers import AutoTokenizer
+
+    rc = cli.main(["--model", str(tiny_model_dir), "--harness", "alignkit_gsm8k", "--limit", "2", "--max-new-tokens",
+                   "3", "--batch-size", "2", "--device", "cpu", "--output", str(tmp_path)])
+    assert rc == 0
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [json.loads(x) for x in (tmp_path / "harness" / "samples_alignkit_gsm8k.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(len(tok(r["resps"][0][0])["input_ids"]) <= 3 for r in rows)
+
+
 @pytest.mark.parametrize("extra", [["--judge", "self"], ["--prompt", "chat"], ["--resume"], ["--seed", "3"],
                                    ["--backend", "http"], ["--base-url", "http://h:1/v1"], ["--timeout", "5"],
                                    ["--max-retries", "0"], ["--max-concurrency", "2"], ["--api-key-env", "K"]])
