@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from alignkit.data.io import write_text_atomic
+from alignkit.eval.config import EvalConfig, is_set, problems, unread
 from alignkit.models import DEFAULT_MODEL
 
 SECTIONS = ("model", "data", "lora", "train")
@@ -110,16 +111,17 @@ class LoraArgs:
 
 
 @dataclass
-class EvalArgs:
-    """The chain's ``eval`` stage: score the base model and the final model and compare."""
+class EvalArgs(EvalConfig):
+    """The chain's ``eval`` stage: an :class:`~alignkit.eval.config.EvalConfig` (every setting of
+    ``alignkit eval``: tasks, judge, backend/base_url, HTTP options, resume, harness, ...) run on the
+    starting model (before) and the final model (after), plus the chain-only fields below."""
 
-    tasks: list[str] = field(default_factory=list, metadata={
-        "help": "alignkit.eval task names for run_eval (e.g. gsm8k, mmlu); may be empty."})
-    limit: int | None = field(default=None, metadata={"help": "Examples per task (None: all)."})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "Generation cap (None: task default)."})
-    batch_size: int = field(default=8, metadata={"help": "Generation batch size."})
-    prompt: str = field(default="zero_shot", metadata={"help": "Prompt style passed to run_eval."})
-    backend: str = field(default="hf", metadata={"help": "Generation backend for run_eval: hf, vllm."})
+    model: str | None = field(default=None, metadata={
+        "help": "Set by the chain (the starting model, then the final model); not a recipe key."})
+    output: str | None = field(default=None, metadata={
+        "help": "Set by the chain (<output_dir>/<n>_eval/before|after); not a recipe key."})
+    seed: int | None = field(default=None, metadata={
+        "help": "Set by the chain (the recipe's top-level seed); not a recipe key."})
     include_base: bool = field(default=True, metadata={"help": "Also score the starting model (before)."})
     quickstart: bool = field(default=False, metadata={
         "help": "Add the quickstart metrics: held-out GSM8K answer format/accuracy, preference accuracy and "
@@ -130,6 +132,31 @@ class EvalArgs:
     checks: dict[str, str] = field(default_factory=dict, metadata={
         "help": "Claims checked after eval, exit code 1 if one fails: {metric: 'rise'} (after > before) or "
                 "{metric: '>0.6'} / {metric: '<x'} on the final model."})
+
+    _SET_BY_CHAIN: typing.ClassVar[dict[str, str]] = {
+        "model": "model.name_or_path, then each stage's output", "output": "output_dir",
+        "seed": "the top-level seed"}
+    _QUICKSTART: typing.ClassVar[tuple[str, ...]] = (
+        "quickstart_questions", "quickstart_pairs", "quickstart_max_new_tokens")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        errors = [f"{k} is set by the chain (from {by}); remove it from the eval section"
+                  for k, by in self._SET_BY_CHAIN.items() if getattr(self, k) is not None]
+        if not self.tasks and not self.harness:
+            errors += [f"{k} is read by the eval tasks and harness; this eval has neither (quickstart only)"
+                       for k in ("limit", "max_new_tokens") if is_set(self, k)]
+        if not self.quickstart:
+            errors += [f"{k} is read only with quickstart: true; this eval has quickstart: false"
+                       for k in self._QUICKSTART if is_set(self, k)]
+        errors += problems(self) if self.tasks or self.harness else unread(self)
+        if errors:
+            raise ValueError(errors[0])
+
+    def run_config(self, model: str, output: str | Path, seed: int) -> EvalConfig:
+        """The component config of one scoring run: this stage's EvalConfig fields + the chain's values."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(EvalConfig)}
+        return EvalConfig(**{**values, "model": model, "output": str(output), "seed": seed})
 
 
 # ------------------------------------------------------------------------------------------------

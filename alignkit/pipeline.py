@@ -4,7 +4,7 @@ Each step's directory gets ``resolved_config.yaml`` (with the ModelSource actual
 finished, ``state.json`` + ``DONE`` written atomically. Rerunning a chain skips finished steps and
 restarts at the first unfinished one; ``resume=true`` also continues that step from its last
 checkpoint. The ``eval`` step scores the starting model (before) and the chain's final model
-(after) with :func:`alignkit.eval.runner.run_eval` (and the quickstart metrics when asked), prints a
+(after) with :func:`alignkit.eval.runner.run_eval_config` (and the quickstart metrics when asked), prints a
 before/after table and checks the recipe's claims (exit code 1 when one fails).
 """
 from __future__ import annotations
@@ -17,9 +17,10 @@ from pathlib import Path
 
 from alignkit.config import EvalArgs, Recipe, save_resolved_config
 from alignkit.data.io import write_text_atomic
+from alignkit.eval.runner import run_eval_config
 from alignkit.models import DEFAULT_MODEL
 from alignkit.train import get_stage_module
-from alignkit.train.quickstart import materialize_data
+from alignkit.train.quickstart import evaluate, materialize_data
 
 logger = logging.getLogger("alignkit.pipeline")
 EXIT_INTERRUPTED = 130
@@ -101,18 +102,17 @@ def _start_model(recipe: Recipe) -> str:
 
 
 def score(model: str, ev: EvalArgs, out_dir: Path, base: str, seed: int) -> dict:
-    """Flat metrics ``{"task/metric": value}`` of one model: run_eval tasks + quickstart metrics."""
+    """Flat metrics ``{"task/metric": value}`` of one model: the stage's EvalConfig run on ``model``
+    (bundled tasks and lm-eval tasks, every setting the CLI has) + the quickstart metrics."""
     metrics: dict[str, float] = {}
-    if ev.tasks:
-        from alignkit.eval.runner import run_eval
-
-        res = run_eval(model, ev.tasks, str(out_dir), limit=ev.limit, prompt=ev.prompt, backend=ev.backend,
-                       max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, seed=seed)
-        for task, values in res["metrics"].items():
+    if ev.tasks or ev.harness:
+        res = run_eval_config(ev.run_config(model, out_dir, seed))
+        for task, values in res.get("metrics", {}).items():
             metrics.update({f"{task}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+        for task, values in (res.get("harness") or {}).get("results", {}).items():  # lm-eval: "acc,none"
+            metrics.update({f"{task}/{k.removesuffix(',none')}": v for k, v in values.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool) and "_stderr" not in k})
     if ev.quickstart:
-        from alignkit.train.quickstart import evaluate
-
         metrics.update(evaluate(model, base, out_dir, questions=ev.quickstart_questions,
                                 pairs=ev.quickstart_pairs, max_new_tokens=ev.quickstart_max_new_tokens,
                                 batch_size=ev.batch_size))
@@ -129,7 +129,7 @@ def run_eval_step(recipe: Recipe, final_model: str | None, stage_dir: Path) -> d
     columns["after"] = score(final, ev, stage_dir / "after", base, recipe.seed)
     table = before_after_table(columns)
     print(table)
-    (stage_dir / "before_after.md").write_text(table + "\n")
+    write_text_atomic(stage_dir / "before_after.md", table + "\n")
     failures = check_claims(columns, ev.checks)
     for failure in failures:
         logger.error("check failed: %s", failure)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from alignkit.eval import cli
+from alignkit.cli import eval as cli
 from alignkit.models import DEFAULT_MODEL
 
 TASKS = ["mmlu", "gsm8k", "alpaca_eval", "sst"]

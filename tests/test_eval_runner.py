@@ -1,16 +1,18 @@
-"""run_eval end to end on the tiny model, file formats, resume after a crash, reports, compare, CLI."""
+"""run_eval end to end on the tiny model, file formats, resume after a crash, reports, compare."""
 from __future__ import annotations
 
 import json
 import re
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
-from alignkit import resources
+from alignkit import pipeline, resources
 from alignkit.cli import compare as compare_cli
-from alignkit.eval import cli
+from alignkit.config import RecipeError, load_recipe
+from alignkit.eval.config import EvalConfig
 from alignkit.eval.report import PredictionLog
 from alignkit.eval.runner import run_eval
 from alignkit.generation.base import Completion
@@ -181,22 +183,70 @@ def test_torn_last_line_is_dropped(tmp_path):
     assert [r["id"] for r in log.read()] == ["a", "c"]
 
 
-def test_cli_errors_exit_2(tmp_path, capsys):
-    assert cli.main(["--model", str(tmp_path / "nope"), "--tasks", "mmlu"]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert cli.main(["--model", str(tmp_path), "--tasks", "mmlu,hellaswag"]) == 2
-    assert "unknown eval task 'hellaswag'; valid tasks: mmlu, gsm8k" in capsys.readouterr().err
-    assert cli.main(["--model", str(tmp_path), "--tasks", "mmlu", "--prompt", "fewshot"]) == 2
-    assert cli.main(["--task-dir"]) == 0
-    printed = capsys.readouterr().out.strip()
-    assert printed.endswith("lm_eval_tasks") and any(p.suffix == ".yaml" for p in __import__("pathlib").Path(
-        printed).iterdir())
+# ------------------------------------------------------------------ the chain's eval stage (EvalArgs)
+def _eval_recipe(tmp_path, section: str, *overrides):
+    path = tmp_path / "chain.yaml"
+    path.write_text(f"stages: [eval]\neval: {section}\n")
+    return load_recipe(path, [f"output_dir={tmp_path / 'run'}", *overrides])
 
 
-def test_cli_runs_tiny_model_and_prints_summary(tiny_model_dir, tmp_path, capsys):
-    rc = cli.main(["--model", str(tiny_model_dir), "--tasks", "gsm8k", "--limit", "1", "--max-new-tokens", "3",
-                   "--output", str(tmp_path)])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert re.search(r"gsm8k\s+accuracy\s+0\.0000\s+1", out) or re.search(r"gsm8k\s+accuracy\s+1\.0000\s+1", out)
-    assert json.loads((tmp_path / "results.json").read_text())["metrics"]["gsm8k"]["n"] == 1
+def test_chain_eval_stage_passes_every_setting_to_run_eval_config(tmp_path, monkeypatch):
+    seen = []
+
+    def fake(cfg, model=None):
+        seen.append((cfg, model))
+        return {"metrics": {"gsm8k": {"accuracy": 0.5, "n": 2, "parsed_rate": 1.0}},
+                "harness": {"results": {"alignkit_gsm8k": {"exact_match,none": 0.25, "exact_match_stderr,none": 0.1,
+                                                           "exact_match,flexible": 0.5, "alias": "x"}}}}
+
+    monkeypatch.setattr(pipeline, "run_eval_config", fake)
+    recipe = _eval_recipe(tmp_path, "{tasks: [gsm8k, sst], judge: self, resume: true, backend: http, "
+                                    "base_url: 'http://h:1/v1', timeout: 5, max_retries: 1, api_key_env: K, "
+                                    "limit: 3, harness: [alignkit_gsm8k], max_new_tokens: 9, prompt: chat}")
+    metrics = pipeline.score("final-model", recipe.eval, tmp_path / "after", "base", 7)
+    assert metrics == {"gsm8k/accuracy": 0.5, "gsm8k/n": 2, "gsm8k/parsed_rate": 1.0,
+                       "alignkit_gsm8k/exact_match": 0.25, "alignkit_gsm8k/exact_match,flexible": 0.5}
+    [(cfg, model)] = seen
+    assert type(cfg) is EvalConfig and model is None
+    assert (cfg.model, cfg.output, cfg.seed) == ("final-model", str(tmp_path / "after"), 7)
+    assert (cfg.tasks, cfg.harness, cfg.judge, cfg.resume, cfg.backend, cfg.base_url) == (
+        ["gsm8k", "sst"], ["alignkit_gsm8k"], "self", True, "http", "http://h:1/v1")
+    assert (cfg.timeout, cfg.max_retries, cfg.api_key_env, cfg.limit, cfg.max_new_tokens, cfg.prompt) == (
+        5.0, 1, "K", 3, 9, "chat")
+    assert (cfg.max_concurrency, cfg.batch_size, cfg.device) == (8, 8, None)  # EvalConfig's defaults
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("{tasks: [gsm8k], model: x}", "eval: model is set by the chain (from model.name_or_path"),
+    ("{tasks: [gsm8k], output: o}", "eval: output is set by the chain (from output_dir)"),
+    ("{tasks: [gsm8k], seed: 3}", "eval: seed is set by the chain (from the top-level seed)"),
+    ("{quickstart: true, judge: self}", ("eval: judge is read only by the bundled-task runner (tasks); an eval "
+                                        "without tasks ignores it")),
+    ("{harness: [alignkit_gsm8k], resume: true}", ("eval: resume is read only by the bundled-task runner (tasks); "
+                                                  "harness (lm-eval) ignores it")),
+    ("{tasks: [gsm8k], timeout: 5}", "eval: timeout is read by backend http and an http(s) judge; backend hf"),
+    ("{tasks: [gsm8k], backend: http}", "eval: backend http needs base_url"),
+    ("{quickstart: true, limit: 5}", "eval: limit is read by the eval tasks and harness; this eval has neither"),
+    ("{tasks: [gsm8k], quickstart_pairs: 8}", "eval: quickstart_pairs is read only with quickstart: true"),
+    ("{tasks: [hellaswag]}", "unknown eval task 'hellaswag'; valid tasks: mmlu"),
+])
+def test_chain_eval_stage_refuses_keys_it_would_not_read(tmp_path, section, message):
+    with pytest.raises(RecipeError) as info:
+        _eval_recipe(tmp_path, section)
+    assert message in str(info.value)
+
+
+def test_shipped_eval_sections_still_load():
+    for name in ("quickstart.yaml", "sft_dpo_eval.yaml"):
+        ev = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / name).eval
+        assert isinstance(ev, EvalConfig) and ev.model is None and ev.output is None
+
+
+def test_chain_score_runs_the_tiny_model(tiny_model_dir, tmp_path):
+    recipe = _eval_recipe(tmp_path, "{tasks: [gsm8k], limit: 1, max_new_tokens: 2, batch_size: 1}")
+    metrics = pipeline.score(str(tiny_model_dir), recipe.eval, tmp_path / "after", str(tiny_model_dir), 0)
+    results = json.loads((tmp_path / "after" / "results.json").read_text())
+    assert metrics["gsm8k/n"] == 1 and metrics["gsm8k/accuracy"] == results["metrics"]["gsm8k"]["accuracy"]
+    assert results["config"]["max_new_tokens"] == 2 and results["model_source"]["kind"] == "folder"
+    [pred] = read_jsonl(tmp_path / "after" / "gsm8k" / "predictions.jsonl")
+    assert pred["num_tokens"] <= 2

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from alignkit.cli import compare, data, merge, train
-from alignkit.eval import cli as eval_cli
+from alignkit.cli import eval as eval_cli
 
 # name -> (main function, one-line help)
 COMMANDS = {

@@ -1,4 +1,6 @@
-"""``run_eval``: generate, score, judge and report a model on a list of tasks.
+"""``run_eval`` / ``run_eval_config``: generate, score, judge and report a model on a list of tasks
+(and run lm-eval tasks when the config names some). One path: ``run_eval``'s keywords are
+:class:`~alignkit.eval.config.EvalConfig`'s fields, with its defaults.
 
 Layout of ``output_dir``::
 
@@ -6,17 +8,25 @@ Layout of ``output_dir``::
     <task>/predictions.jsonl                      # one line per example, appended as it finishes
     <task>/judgments.jsonl                        # judged tasks: verdicts per example
     <task>/alpaca_eval_outputs.json | sst_outputs.jsonl   # task-specific outputs
+    harness/                                      # lm-eval: results.json, samples_<task>.jsonl
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import time
 from importlib import metadata
 from pathlib import Path
 
 from alignkit.data.io import write_jsonl_atomic
-from alignkit.eval.report import PredictionLog, write_reports
-from alignkit.eval.tasks import STYLES, Task, clean_output, get_task, parse_task_list
+from alignkit.eval.config import EvalConfig, default, problems
+from alignkit.eval.harness import run_harness
+from alignkit.eval.judge import Judge
+from alignkit.eval.report import HEADLINE, PredictionLog, write_reports
+from alignkit.eval.tasks import Task, clean_output, get_task, parse_task_list
+from alignkit.generation.factory import make_generator
+from alignkit.models import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -35,57 +45,35 @@ def _is_generator(obj) -> bool:
     return all(hasattr(obj, a) for a in ("generate", "chat", "name"))
 
 
-def _load_hf(model: str, batch_size: int):
-    """HFGenerator over alignkit.models.load_model (transformers directly if that module is absent)."""
-    from alignkit.generation.hf import HFGenerator
-
-    try:
-        from alignkit.models import load_model
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        hf_model, tokenizer, source = load_model(model, for_generation=True)
-        source = source.to_dict()
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
-        hf_model = AutoModelForCausalLM.from_pretrained(model, dtype="auto").eval()
-        source = {"requested": model, "kind": "folder" if Path(model).is_dir() else "hub", "path": model}
-    return HFGenerator(hf_model, tokenizer, batch_size=batch_size, name=f"hf:{model}"), source
-
-
-def build_generator(model, backend: str = "hf", batch_size: int = 8, base_url: str | None = None):
-    """(Generator, model_source dict) from a Generator or a model path/name and a backend."""
+def build_generator(model, cfg: EvalConfig):
+    """(Generator, model_source dict) from a Generator, or a model path/name and ``cfg.backend``."""
     if _is_generator(model):
         return model, {"requested": model.name, "kind": "generator"}
-    if backend == "hf":
-        return _load_hf(str(model), batch_size)
-    from alignkit.generation import make_generator
-
-    if backend == "vllm":
+    if cfg.backend == "hf":  # loaded here (not by the factory) so that the ModelSource is recorded
+        hf_model, tokenizer, source = load_model(str(model), for_generation=True, device=cfg.device)
+        generator = make_generator(f"hf:{model}", model=hf_model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+        return generator, source.to_dict()
+    if cfg.backend == "vllm":
         return make_generator(f"vllm:{model}"), {"requested": str(model), "kind": "vllm"}
-    if backend == "http":
-        if not base_url:
+    if cfg.backend == "http":
+        if not cfg.base_url:
             raise ValueError("backend 'http' needs base_url (e.g. http://localhost:8000/v1)")
-        return make_generator(base_url, model=str(model)), {"requested": str(model), "kind": "http",
-                                                             "base_url": base_url}
-    raise ValueError(f"unknown backend {backend!r}; valid backends: hf, vllm, http")
+        generator = make_generator(cfg.base_url, model=str(model), **cfg.http_kwargs())
+        return generator, {"requested": str(model), "kind": "http", "base_url": cfg.base_url}
+    raise ValueError(f"unknown backend {cfg.backend!r}; valid backends: hf, vllm, http")
 
 
-def build_judge(judge, generator):
-    """None | Judge | Generator | "self" (the evaluated model) | a make_generator spec string."""
-    from alignkit.eval.judge import Judge
-
+def build_judge(judge, generator, http_kwargs: dict | None = None):
+    """None | Judge | Generator | "self" (the evaluated model) | a make_generator spec string
+    (``http_kwargs``: OpenAIHTTPGenerator options for an http(s) spec)."""
     if judge is None or isinstance(judge, Judge):
         return judge
     if isinstance(judge, str) and judge == "self":
         return Judge(generator)
     if _is_generator(judge):
         return Judge(judge)
-    from alignkit.generation import make_generator
-
-    return Judge(make_generator(str(judge)))
+    spec = str(judge)
+    return Judge(make_generator(spec, **(http_kwargs or {}) if spec.startswith(("http://", "https://")) else {}))
 
 
 def _generate(generator, task: Task, examples: list[dict], style: str, max_new_tokens):
@@ -158,37 +146,74 @@ def run_task(task: Task, generator, out_dir: Path, *, limit, seed, style, max_ne
     return task.aggregate(records), throughput, task.sample_failures(records, n=3)
 
 
-def run_eval(model, tasks: list[str], output_dir: str, *, limit=None, prompt="zero_shot", backend="hf",
-             judge=None, max_new_tokens=None, batch_size=8, resume=False, seed=0, base_url=None) -> dict:
+def run_eval(model, tasks, output_dir, **settings) -> dict:
     """Evaluate ``model`` (a path/name loaded with ``backend``, or a Generator) on ``tasks``.
 
-    Returns the results.json content: metrics, config, versions, model_source, throughput.
+    ``settings``: any other :class:`~alignkit.eval.config.EvalConfig` field (limit, prompt, backend,
+    judge (also a Judge or Generator), max_new_tokens, batch_size, resume, seed, base_url, HTTP
+    options, harness, device), with EvalConfig's defaults. Returns :func:`run_eval_config`'s dict.
     """
-    names = parse_task_list(tasks)
-    if prompt not in STYLES:
-        raise ValueError(f"unknown prompt style {prompt!r}; valid styles: {', '.join(STYLES)}")
-    out = Path(output_dir)
-    generator, source = build_generator(model, backend, batch_size, base_url)
-    judge_obj = build_judge(judge, generator)
+    return run_eval_config(EvalConfig(tasks=tasks, output=str(output_dir), **settings), model=model)
+
+
+_SETTINGS = [f for f in dataclasses.fields(EvalConfig) if f.name not in ("model", "tasks", "output")]
+run_eval.__signature__ = inspect.Signature(  # what help(run_eval) shows: EvalConfig's defaults
+    [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ("model", "tasks", "output_dir")]
+    + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default(f)) for f in _SETTINGS])
+
+
+def run_eval_config(cfg: EvalConfig, model=None) -> dict:
+    """Run ``cfg`` on ``model`` (default ``cfg.model``; a Generator for the bundled tasks only).
+
+    Returns the results.json content of the bundled tasks (metrics, config, versions,
+    model_source, throughput; ``{}`` without tasks) plus ``"harness"``: run_harness's summary
+    when ``cfg.harness`` is set. A setting that this run would ignore raises ValueError.
+    """
+    model = cfg.model if model is None else model
+    if cfg.tasks:
+        parse_task_list(cfg.tasks)  # KeyError naming the valid tasks
+    errors = problems(cfg) + ([] if model is not None else ["no model given"])
+    if not cfg.tasks and not cfg.harness:
+        errors.append("no tasks and no harness tasks given")
+    if errors:
+        raise ValueError("; ".join(errors))
+    results = _run_tasks(cfg, model) if cfg.tasks else {}
+    if cfg.harness:
+        results["harness"] = _run_harness(cfg, model)
+    return results
+
+
+def _run_tasks(cfg: EvalConfig, model) -> dict:
+    """The bundled tasks: generate/score/judge each, writing the run's files after each task."""
+    names, out = parse_task_list(cfg.tasks), Path(cfg.output)
+    generator, source = build_generator(model, cfg)
+    judge_obj = build_judge(cfg.judge, generator, cfg.http_kwargs())
+    recorded = {f.name: getattr(cfg, f.name) for f in _SETTINGS if f.name != "judge"}  # never the API key
     results = {"metrics": {}, "throughput": {}, "samples": {}, "model_source": source,
                "generator": generator.name, "judge": judge_obj.name if judge_obj else None,
-               "config": {"tasks": names, "limit": limit, "prompt": prompt, "backend": backend, "seed": seed,
-                          "max_new_tokens": max_new_tokens, "batch_size": batch_size, "resume": resume},
-               "versions": _versions()}
+               "config": {**recorded, "tasks": names}, "versions": _versions()}
     for name in names:
         # 1. generate/score/judge one task; 2. write the run's files so far (atomic)
-        metrics, thr, samples = run_task(get_task(name), generator, out / name, limit=limit, seed=seed,
-                                         style=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                         resume=resume, judge=judge_obj)
+        metrics, thr, samples = run_task(get_task(name), generator, out / name, limit=cfg.limit, seed=cfg.seed,
+                                         style=cfg.prompt, max_new_tokens=cfg.max_new_tokens,
+                                         batch_size=cfg.batch_size, resume=cfg.resume, judge=judge_obj)
         results["metrics"][name], results["throughput"][name], results["samples"][name] = metrics, thr, samples
         write_reports(out, results)
     logger.info("eval done: %s", summary_line(results))
     return results
 
 
-def summary_line(results: dict) -> str:
-    from alignkit.eval.report import HEADLINE
+def _run_harness(cfg: EvalConfig, model) -> dict:
+    """lm-eval on ``model`` (a path or name); ``max_new_tokens`` becomes lm-eval's ``max_gen_toks``."""
+    if not isinstance(model, (str, Path)):
+        raise TypeError("harness: lm-eval loads the model itself; give a model path or name, not a Generator")
+    gen_kwargs = None if cfg.max_new_tokens is None else {"max_gen_toks": cfg.max_new_tokens}
+    return run_harness(str(model), list(cfg.harness), Path(cfg.output) / "harness", limit=cfg.limit,
+                       batch_size=cfg.batch_size, device=cfg.device, gen_kwargs=gen_kwargs)
 
+
+def summary_line(results: dict) -> str:
+    """``"gsm8k accuracy=0.5000; sst n=2"``: each task's headline metric."""
     parts = []
     for name, m in results["metrics"].items():
         key = HEADLINE.get(name, ("n", True))[0]

@@ -1,0 +1,203 @@
+"""`alignkit eval` (alignkit.cli.eval): flags generated from EvalConfig, exit codes, the tiny model end to
+end, lm-eval's token cap, refused flags, and the HTTP backend with its options against a stub server."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from alignkit.cli import eval as cli
+from alignkit.eval import runner
+from alignkit.eval.config import EvalConfig
+from alignkit.eval.runner import run_eval
+
+# today's spellings (and the README's): the generated parser must keep every one
+FLAGS = ["--model", "--tasks", "--prompt", "--limit", "--seed", "--output", "--backend", "--base-url", "--judge",
+         "--batch-size", "--max-new-tokens", "--resume", "--harness", "--device", "--task-dir"]
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    assert cli.main(["--model", str(tmp_path / "nope"), "--tasks", "mmlu"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["--model", str(tmp_path), "--tasks", "mmlu,hellaswag"]) == 2
+    assert "unknown eval task 'hellaswag'; valid tasks: mmlu, gsm8k" in capsys.readouterr().err
+    assert cli.main(["--model", str(tmp_path), "--tasks", "mmlu", "--prompt", "fewshot"]) == 2
+    assert cli.main(["--task-dir"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.endswith("lm_eval_tasks") and any(p.suffix == ".yaml" for p in __import__("pathlib").Path(
+        printed).iterdir())
+
+
+def test_cli_runs_tiny_model_and_prints_summary(tiny_model_dir, tmp_path, capsys):
+    rc = cli.main(["--model", str(tiny_model_dir), "--tasks", "gsm8k", "--limit", "1", "--max-new-tokens", "3",
+                   "--output", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert re.search(r"gsm8k\s+accuracy\s+0\.0000\s+1", out) or re.search(r"gsm8k\s+accuracy\s+1\.0000\s+1", out)
+    assert json.loads((tmp_path / "results.json").read_text())["metrics"]["gsm8k"]["n"] == 1
+
+
+def test_flags_are_generated_from_eval_config(capsys):
+    parser = cli.build_parser()
+    options = {s for a in parser._actions for s in a.option_strings}
+    assert set(FLAGS) <= options
+    assert {"--timeout", "--max-retries", "--max-concurrency", "--api-key-env"} <= options
+    ns = vars(parser.parse_args(["--tasks", "mmlu,gsm8k", "--batch-size", "4", "--resume", "--timeout", "2.5"]))
+    assert ns == {"tasks": "mmlu,gsm8k", "batch_size": 4, "resume": True, "timeout": 2.5}  # unset flags absent
+    cfg = EvalConfig(**ns)
+    assert (cfg.tasks, cfg.batch_size, cfg.resume, cfg.timeout) == (["mmlu", "gsm8k"], 4, True, 2.5)
+    assert (cfg.prompt, cfg.output, cfg.limit, cfg.max_retries) == ("zero_shot", "eval_out", None, 3)
+    assert cli.main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "OpenAI-compatible server for backend http" in text and "(default: eval_out)" in text
+    assert cli.main(["--limit", "many"]) == 2  # argparse's own usage error: a code, not SystemExit
+
+
+class _FakeHarness:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, tasks, output_dir, **kw):
+        self.calls.append({"model": model, "tasks": tasks, "output_dir": Path(output_dir), **kw})
+        return {"results": {tasks[0]: {"exact_match,none": 0.25, "alias": tasks[0]}}}
+
+
+def test_harness_gets_the_token_cap(tmp_path, monkeypatch, capsys):
+    fake = _FakeHarness()
+    monkeypatch.setattr(runner, "run_harness", fake)
+    args = ["--model", str(tmp_path), "--harness", "alignkit_gsm8k", "--limit", "2", "--output", str(tmp_path / "o")]
+    assert cli.main([*args, "--max-new-tokens", "8"]) == 0
+    assert cli.main(args) == 0
+    assert [c["gen_kwargs"] for c in fake.calls] == [{"max_gen_toks": 8}, None]
+    assert fake.calls[0]["tasks"] == ["alignkit_gsm8k"] and fake.calls[0]["limit"] == 2
+    assert fake.calls[0]["output_dir"] == tmp_path / "o" / "harness"
+    assert "alignkit_gsm8k {'exact_match,none': 0.25}" in capsys.readouterr().out
+
+
+def test_lm_eval_reads_max_gen_toks():
+    """The key we send is the one lm-eval's models read (its normaliser keeps max_gen_toks first)."""
+    utils = pytest.importorskip("lm_eval.models.utils")
+    norm = utils.normalize_gen_kwargs({"max_gen_toks": 8, "max_new_tokens": 99, "do_sample": False}, 256)
+    assert norm["max_gen_toks"] == 8
+
+
+@pytest.mark.slow  # ~10 s: real lm-eval, 2 examples of alignkit_gsm8k (its YAML says max_gen_toks: 256)
+def test_harness_cap_reaches_real_lm_eval(tiny_model_dir, tmp_path):
+    pytest.importorskip("lm_eval")
+    from transformers import AutoTokenizer
+
+    rc = cli.main(["--model", str(tiny_model_dir), "--harness", "alignkit_gsm8k", "--limit", "2", "--max-new-tokens",
+                   "3", "--batch-size", "2", "--device", "cpu", "--output", str(tmp_path)])
+    assert rc == 0
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [json.loads(x) for x in (tmp_path / "harness" / "samples_alignkit_gsm8k.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(len(tok(r["resps"][0][0])["input_ids"]) <= 3 for r in rows)
+
+
+@pytest.mark.parametrize("extra", [["--judge", "self"], ["--prompt", "chat"], ["--resume"], ["--seed", "3"],
+                                   ["--backend", "http"], ["--base-url", "http://h:1/v1"], ["--timeout", "5"],
+                                   ["--max-retries", "0"], ["--max-concurrency", "2"], ["--api-key-env", "K"]])
+def test_harness_only_refuses_flags_it_ignores(extra, tmp_path, monkeypatch, capsys):
+    fake = _FakeHarness()
+    monkeypatch.setattr(runner, "run_harness", fake)
+    assert cli.main(["--model", str(tmp_path), "--harness", "alignkit_gsm8k", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"alignkit eval: {extra[0]} is read only by the bundled-task runner (--tasks); "
+                   "--harness (lm-eval) ignores it")
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--timeout", "5"], ("--timeout is read by --backend http and an http(s) --judge; --backend hf with --judge "
+                          "None ignores it")),
+    (["--api-key-env", "K", "--judge", "self", "--tasks", "sst"],
+     "--api-key-env is read by --backend http and an http(s) --judge; --backend hf with --judge self ignores it"),
+    (["--judge", "self"], ("--judge is read by the judged tasks (alpaca_eval, sst, over_refusal); --tasks gsm8k "
+                          "ignore it")),
+    (["--base-url", "http://h:1/v1"], "--base-url is read only by --backend http; --backend hf ignores it"),
+    (["--backend", "http"], "--backend http needs --base-url"),
+    (["--backend", "vllm", "--device", "cuda:1"], ("--device is read by the bundled tasks with --backend hf and "
+                                                   "by --harness; this eval (--backend vllm, no harness)")),
+    (["--backend", "tgi"], "unknown --backend 'tgi'; valid: hf, vllm, http"),
+])
+def test_flags_the_backend_ignores_are_refused(extra, message, tmp_path, capsys):
+    assert cli.main(["--model", str(tmp_path), "--tasks", "gsm8k", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_http_options_are_accepted_with_an_http_judge(tmp_path):
+    cfg = EvalConfig(model=str(tmp_path), tasks=["alpaca_eval"], judge="http://h:1/v1#judge", timeout=5)
+    assert cli.usage_error(cfg) is None
+
+
+# ------------------------------------------------------------------ HTTP backend against a stub server
+class _Stub(BaseHTTPRequestHandler):
+    seen: ClassVar[list[dict]] = []
+    delay = 0.0
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        time.sleep(type(self).delay)
+        choice = {"text": "so the answer is 18", "finish_reason": "stop"}
+        if self.path.endswith("/chat/completions"):
+            choice = {"message": {"content": "so the answer is 18"}, "finish_reason": "stop"}
+        data = json.dumps({"choices": [choice], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        try:
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client timed out first (the timeout test)
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub_server():
+    _Stub.seen, _Stub.delay = [], 0.0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", _Stub
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_backend_reads_its_options_and_never_stores_the_key(stub_server, tmp_path, monkeypatch, capsys):
+    url, stub = stub_server
+    monkeypatch.setenv("ALIGNKIT_TEST_KEY", "sekret-123")
+    rc = cli.main(["--model", "served-name", "--backend", "http", "--base-url", url, "--tasks", "gsm8k",
+                   "--limit", "2", "--max-new-tokens", "5", "--timeout", "7", "--max-retries", "0",
+                   "--max-concurrency", "1", "--api-key-env", "ALIGNKIT_TEST_KEY", "--output", str(tmp_path)])
+    assert rc == 0
+    assert len(stub.seen) == 2 and {s["auth"] for s in stub.seen} == {"Bearer sekret-123"}
+    assert {(s["path"], s["body"]["model"], s["body"]["max_tokens"]) for s in stub.seen} == {
+        ("/v1/completions", "served-name", 5)}
+    text = (tmp_path / "results.json").read_text()
+    results = json.loads(text)
+    assert {k: results["config"][k] for k in ("timeout", "max_retries", "max_concurrency", "api_key_env")} == {
+        "timeout": 7.0, "max_retries": 0, "max_concurrency": 1, "api_key_env": "ALIGNKIT_TEST_KEY"}
+    preds = [json.loads(x) for x in (tmp_path / "gsm8k" / "predictions.jsonl").read_text().splitlines()]
+    assert results["metrics"]["gsm8k"]["correct"] == sum(p["score"]["gold"] == "18" for p in preds)
+    captured = capsys.readouterr()
+    assert not any("sekret-123" in t for t in (text, captured.out, captured.err,
+                                                *(p.read_text() for p in tmp_path.rglob("*") if p.is_file())))
+
+
+def test_http_timeout_and_retries_are_honoured(stub_server, tmp_path):
+    url, stub = stub_server
+    stub.delay = 1.0
+    with pytest.raises(RuntimeError, match="failed after 1 attempts; last error: ReadTimeout"):
+        run_eval("served", ["gsm8k"], str(tmp_path), limit=1, backend="http", base_url=url, timeout=0.2,
+                 max_retries=0)
+    assert len(stub.seen) == 1
