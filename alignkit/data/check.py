@@ -41,6 +41,7 @@ from alignkit.resources import prompt as bundled_prompt
 
 logger = logging.getLogger(__name__)
 
+ON_ERROR = ("raise", "drop")  # what a malformed row does: stop the run, or leave the row out
 EMPTY, IDENTICAL, DUPLICATE, TOO_LONG = "empty text", "chosen == rejected", "duplicate", "over max length"
 _PROMPT_SLOT = re.compile(r"\{(instruction|prompt|question)\}")
 _REPLY_SLOTS = ("{response}", "{completion}")
@@ -161,6 +162,18 @@ class DataReport:
             fig.text(0.5, 0.5, "no rows kept", ha="center")
         fig.tight_layout()
         return save_figure_atomic(fig, path)
+
+    def verdict(self, on_error: str = "raise", report_path: str | None = None) -> DataReport:
+        """The one policy check and training share: malformed rows stop the run (``on_error="raise"``) or are
+        left out and counted (``"drop"``); rows dropped for a reason (empty text, chosen == rejected,
+        duplicate, over max length) are always left out. Raises ValueError (one line) or returns self."""
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+        if self.malformed and on_error == "raise":
+            full = f" (full list: {report_path})" if report_path else ""
+            raise ValueError(f"{len(self.malformed)} malformed data rows, first: {self.malformed[0]}{full}; "
+                             "fix them, or set data.on_error=drop to leave them out")
+        return self.raise_if_empty()
 
     def raise_if_empty(self) -> DataReport:
         """Raise ValueError with the report's counts when no row is kept."""
@@ -371,18 +384,20 @@ def parse_columns(text: str | None) -> dict | None:
 def run_check(opts: dict, *, tokenizer=None, drop_over_length: bool = True) -> DataReport:
     """Load ``opts["data"]`` (errors collected) and check it with ``tokenizer`` (None: lengths in characters).
 
-    ``opts``: data, split, kind (preference | sft), format, columns, multi_turn, max_length, template."""
+    The one loader ``alignkit data check`` and every training stage use, so they reach the same verdict
+    (:meth:`DataReport.verdict`). ``opts``: data, split, kind (preference | sft), format, columns,
+    multi_turn, max_length, template, max_rows (read only the first N records)."""
     split, kind = opts.get("split") or "train", opts.get("kind") or "preference"
     common = {"tokenizer": tokenizer, "max_length": opts.get("max_length"), "template": opts.get("template"),
                   "drop_over_length": drop_over_length}
     if kind == "sft":
         rows = load_sft_rows(opts["data"], split=split, columns=opts.get("columns"), errors="collect",
-                             allow_empty=True)
+                             allow_empty=True, limit=opts.get("max_rows"))
         report = check_sft(rows, **common)
     else:
         rows = load_preference_rows(opts["data"], split=split, format=opts.get("format") or "auto",
                                     columns=opts.get("columns"), errors="collect", allow_empty=True,
-                                    multi_turn=opts.get("multi_turn") or "drop")
+                                    multi_turn=opts.get("multi_turn") or "drop", limit=opts.get("max_rows"))
         report = check_preference(rows, **common)
     report.source = str(opts["data"])
     return report

@@ -183,8 +183,10 @@ def _parse_row(data: dict, fmt: str, columns, multi_turn: str, allow_empty: bool
 
 
 def load_preference_rows(path, *, split: str = "train", format: str = "auto", columns: dict | None = None,
-                         errors: str = "raise", allow_empty: bool = False, multi_turn: str = "drop") -> LoadedRows:
-    """Read preference pairs from ``path`` (see :func:`alignkit.data.io.read_rows` for paths).
+                         errors: str = "raise", allow_empty: bool = False, multi_turn: str = "drop",
+                         limit: int | None = None) -> LoadedRows:
+    """Read preference pairs from ``path`` (see :func:`alignkit.data.io.read_rows` for paths); with ``limit``,
+    reading stops after the first ``limit`` records (bad ones included).
 
     Returns a list of :class:`PreferencePair` (a :class:`~alignkit.data.io.LoadedRows` carrying
     ``format``, ``rows_read``, ``malformed`` and ``skipped``).
@@ -195,7 +197,9 @@ def load_preference_rows(path, *, split: str = "train", format: str = "auto", co
         raise ValueError(f"multi_turn must be 'drop' or 'keep', got {multi_turn!r}")
     out, fmt = LoadedRows(format=format), format
     for row in read_rows(path, split=split, errors=errors):
-        # 1. count the record; 2. collect bad records; 3. parse (detecting the format once); 4. keep or skip
+        # 1. count the record (stop at the limit); 2. collect bad records; 3. parse (format detected once); 4. keep
+        if limit is not None and out.rows_read >= limit:
+            break
         out.rows_read += 1
         if row.error:
             out.malformed.append(Malformed(row.source, row.line, None, row.error))

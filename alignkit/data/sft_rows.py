@@ -73,8 +73,9 @@ def _parse_row(data: dict, columns: dict | None, allow_empty: bool) -> tuple[str
 
 
 def load_sft_rows(path, *, split: str = "train", columns: dict | None = None, errors: str = "raise",
-                  allow_empty: bool = False) -> LoadedRows:
-    """Read SFT rows from ``path`` (see :func:`alignkit.data.io.read_rows`) as plain dicts.
+                  allow_empty: bool = False, limit: int | None = None) -> LoadedRows:
+    """Read SFT rows from ``path`` (see :func:`alignkit.data.io.read_rows`) as plain dicts; with ``limit``,
+    reading stops after the first ``limit`` records (bad ones included), so ``rows_read`` is at most ``limit``.
 
     The result is a list of ``{"prompt", "completion"}`` / ``{"messages"}`` dicts (a
     :class:`~alignkit.data.io.LoadedRows` with ``format``, ``rows_read``, ``malformed``, and
@@ -82,7 +83,9 @@ def load_sft_rows(path, *, split: str = "train", columns: dict | None = None, er
     """
     out, shapes = LoadedRows(), {}
     for row in read_rows(path, split=split, errors=errors):
-        # 1. count; 2. collect bad records; 3. parse and validate; 4. keep with its location
+        # 1. count (stop at the limit); 2. collect bad records; 3. parse and validate; 4. keep with its location
+        if limit is not None and out.rows_read >= limit:
+            break
         out.rows_read += 1
         if row.error:
             out.malformed.append(Malformed(row.source, row.line, None, row.error))
