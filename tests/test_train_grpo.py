@@ -246,7 +246,8 @@ def test_ignored_keys_default_alignkit_hf():
     ignored = grpo.ignored_keys(_stage())
     assert _train_keys(ignored) == DERIVED | {"train.http_base_url", "train.http_model",
                                              "train.vllm_gpu_memory_utilization", "train.bf16",
-                                             "train.cliprange", "train.normalize_constant"}
+                                             "train.cliprange", "train.normalize_constant",
+                                             "train.arithmetic_max"}
     assert ignored["train.bf16"] == "read by engine trl; this recipe's engine is alignkit"
     assert ignored["train.cliprange"] == ("read by engine alignkit with loss_type grpo_clip; this recipe's "
                                           "loss_type is reinforce_with_baseline")
@@ -267,7 +268,7 @@ def test_ignored_keys_engine_trl():
                                              "train.vllm_gpu_memory_utilization", "train.advantage_eps",
                                              "train.normalize_constant", "train.val_samples", "train.eval_every",
                                              "train.rollout_table_every", "train.rollout_table_size",
-                                             "train.improvement_sigmas"}
+                                             "train.improvement_sigmas", "train.arithmetic_max"}
     assert ignored["train.eval_every"].startswith("read by engine alignkit (") and ignored[
         "train.eval_every"].endswith("this recipe's engine is trl")
     assert ignored["train.http_base_url"] == "read by engine alignkit; this recipe's engine is trl"
@@ -295,14 +296,16 @@ def test_ignored_keys_task_arithmetic_data_paths():
     ignored = grpo.ignored_keys(_stage(task="arithmetic"))
     assert ignored["data.path"] == "read by task gsm8k; this recipe's task is arithmetic"
     assert "data.eval_path" in ignored and "train.arithmetic_max" not in ignored
-    assert "data.path" not in grpo.ignored_keys(_stage(task="gsm8k"))
+    gsm8k = grpo.ignored_keys(_stage(task="gsm8k"))
+    assert "data.path" not in gsm8k
+    assert gsm8k["train.arithmetic_max"] == "read by task arithmetic; this recipe's task is gsm8k"
 
 
 def test_ignored_keys_cover_every_field_trl_does_not_map():
     """Under engine trl every train field is either refused (ignored_keys), sent to TRL's config
     (TRL_NAMES) or read by run_trl itself (TRL_STAGE_READS): nothing falls between."""
     for backend in ("hf", "vllm"):
-        ignored = _train_keys(grpo.ignored_keys(_stage(engine="trl", rollout_backend=backend)))
+        ignored = _train_keys(grpo.ignored_keys(_stage(engine="trl", rollout_backend=backend, task="arithmetic")))
         for f in dataclasses.fields(grpo.GRPOArgs):
             read = f.name in grpo.TRL_NAMES or f.name in grpo.TRL_STAGE_READS or f.name == "output_dir"
             if f.name == "vllm_gpu_memory_utilization":

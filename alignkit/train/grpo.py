@@ -47,7 +47,7 @@ TASKS = ("gsm8k", "arithmetic")
 
 def _arg(default, help: str, **meta):
     """A stage field: ``help`` plus, where it matters, ``engines`` (the engines that read it; absent:
-    all) and ``backends`` ({engine: the rollout backends under which that engine reads it})."""
+    all), ``backends`` ({engine: the rollout backends under which that engine reads it}) and ``tasks``."""
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -64,7 +64,7 @@ class GRPOArgs(GRPOConfig):
     prompt: str | None = _arg(None, "Bundled prompt name or a template with {question}; default: the reward's.")
     n_train: int | None = _arg(None, "Use the first N training questions (None: all).")
     n_val: int = _arg(64, "Held-out questions scored greedily before/after training and every eval_every steps.")
-    arithmetic_max: int = _arg(9, "arithmetic task: operands drawn from 1..arithmetic_max.")
+    arithmetic_max: int = _arg(9, "arithmetic task: operands drawn from 1..arithmetic_max.", tasks=("arithmetic",))
     # --- optimizer (AdamW; the loop takes the optimizer object)
     learning_rate: float = _arg(1e-5, "AdamW learning rate.")
     weight_decay: float = _arg(0.0, "AdamW weight decay.")
@@ -153,14 +153,17 @@ def _alternatives(values) -> str:
 
 
 def unread_reason(args: GRPOArgs, f: dataclasses.Field) -> str | None:
-    """Why the path ``args`` selects (engine, rollout_backend, and the loop's ``when`` conditions) does not
-    read field ``f``; None when it does."""
+    """Why the path ``args`` selects (engine, task, rollout_backend, and the loop's ``when`` conditions) does
+    not read field ``f``; None when it does."""
     name, meta = f.name, f.metadata
     if name in DERIVED:
         return f"{DERIVED[name]}; not a recipe key"
     engines = meta.get("engines", ENGINES)
     if args.engine not in engines:
         return f"read by engine {_alternatives(engines)}; this recipe's engine is {args.engine}"
+    tasks = meta.get("tasks", TASKS)
+    if args.task not in tasks:
+        return f"read by task {_alternatives(tasks)}; this recipe's task is {args.task}"
     if args.engine == "trl" and name in TRL_UNREAD:
         return f"read by engine alignkit ({TRL_UNREAD[name]}); this recipe's engine is trl"
     backends = meta.get("backends", {}).get(args.engine, BACKENDS)
