@@ -97,6 +97,9 @@ class GRPOConfig:
                              "clearing old logs).")
 
 
+GRPOSettings = GRPOConfig  # old name, still used by benchmarks/suite_rl_data.py; remove once it says GRPOConfig
+
+
 @dataclass
 class Microbatch:
     """One micro-batch of a rollout batch, tokenized; old/ref log-probs filled once if needed."""
