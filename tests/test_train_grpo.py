@@ -3,15 +3,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
-from alignkit.config import load_recipe
+import alignkit.generation.factory as factory_mod
+import alignkit.generation.vllm as vllm_mod
+from alignkit.config import DataArgs, LoraArgs, load_recipe
 from alignkit.generation.base import SamplingParams
-from alignkit.rl.loop import GRPOSettings
+from alignkit.generation.hf import HFGenerator
+from alignkit.generation.openai_http import OpenAIHTTPGenerator
+from alignkit.rl.loop import GRPOConfig, GRPOLoop
 from alignkit.rl.rewards import get_reward
 from alignkit.train import grpo
 
@@ -34,10 +40,10 @@ def test_every_arg_has_help_and_settings_share_names():
     for f in dataclasses.fields(grpo.GRPOArgs):
         assert f.metadata.get("help"), f"GRPOArgs.{f.name} has no help"
     args = grpo.GRPOArgs(group_size=4, loss_type="grpo_clip", rollout_backend="http")
-    s = args.settings(get_reward("r1_zero"))
-    assert isinstance(s, GRPOSettings) and s.group_size == 4 and s.loss_type == "grpo_clip"
+    s = args.loop_config(get_reward("r1_zero"))
+    assert isinstance(s, GRPOConfig) and s.group_size == 4 and s.loss_type == "grpo_clip"
     assert s.stop == ["</answer>"] and s.append_stop and not s.sync_weights
-    assert grpo.GRPOArgs(stop=[]).settings(get_reward("r1_zero")).append_stop is False
+    assert grpo.GRPOArgs(stop=[]).loop_config(get_reward("r1_zero")).append_stop is False
     with pytest.raises(ValueError, match="train.engine='ppo': valid values are alignkit, trl"):
         grpo.GRPOArgs(engine="ppo")
 
@@ -124,8 +130,6 @@ def test_stage_run_lora_with_kl_to_adapter_free_base(tmp_path, tiny_model_dir, l
 
 def test_vllm_backend_request_building(monkeypatch):
     """No vLLM on CPU: check what the GRPO stage asks of the vLLM backend, not the backend."""
-    import alignkit.generation.vllm as vllm_mod
-
     made = {}
 
     class FakeVLLM:
@@ -133,18 +137,19 @@ def test_vllm_backend_request_building(monkeypatch):
             made.update(model_path=model_path, **kw)
 
     monkeypatch.setattr(vllm_mod, "VLLMGenerator", FakeVLLM)
+    monkeypatch.setattr(factory_mod, "VLLMGenerator", FakeVLLM, raising=False)  # if the factory imports it
     args = grpo.GRPOArgs(rollout_backend="vllm", vllm_gpu_memory_utilization=0.3, seed=5)
-    grpo.make_generator(args, None, None, "/models/policy")
+    grpo.rollout_generator(args, None, None, "/models/policy")
     assert made == {"model_path": "/models/policy", "gpu_memory_utilization": 0.3, "seed": 5}
     # the loop's rollout sampling params, as vLLM receives them
-    s = args.settings(get_reward("r1_zero"))
+    s = args.loop_config(get_reward("r1_zero"))
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                             min_new_tokens=s.min_new_tokens, stop=s.stop, seed=7)
     kw = vllm_mod.to_vllm_sampling_kwargs(params)
     assert kw["stop"] == ["</answer>"] and kw["min_tokens"] == 4 and kw["max_tokens"] == 1024
     assert kw["temperature"] == 1.0 and kw["seed"] == 7
     with pytest.raises(ValueError, match="http_base_url and train.http_model"):
-        grpo.make_generator(grpo.GRPOArgs(rollout_backend="http"), None, None)
+        grpo.rollout_generator(grpo.GRPOArgs(rollout_backend="http"), None, None)
 
 
 def test_trl_reward_wrapper_signature():
@@ -170,3 +175,215 @@ def test_recipes_parse():
     for name in ("grpo.yaml", "grpo_quickstart.yaml"):
         stage = load_recipe(ROOT / "recipes" / name).stages["grpo"]
         assert isinstance(stage.train, grpo.GRPOArgs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One config: the loop's GRPOConfig is the stage's GRPOArgs' base, never restated
+# ----------------------------------------------------------------------------------------------------------
+def test_one_config_loop_and_stage_share_field_objects():
+    loop_fields = {f.name: f for f in dataclasses.fields(GRPOConfig)}
+    stage_fields = {f.name: f for f in dataclasses.fields(grpo.GRPOArgs)}
+    assert issubclass(grpo.GRPOArgs, GRPOConfig)
+    for name, f in loop_fields.items():
+        assert f.metadata.get("help"), f"GRPOConfig.{name} has no help"
+        g = stage_fields[name]
+        assert g is f, f"GRPOArgs re-declares the loop field {name}"  # the very same Field object
+        assert (g.default, g.default_factory, g.metadata["help"]) == (f.default, f.default_factory, f.metadata["help"])
+    # the stage adds only stage-level fields, none of them the loop reads
+    own = set(stage_fields) - set(loop_fields)
+    assert {"engine", "task", "reward", "prompt", "rollout_backend", "http_base_url", "http_model", "n_train",
+            "n_val", "learning_rate"} <= own
+    # defaults once: a bare stage section and a bare loop config agree on every loop field
+    bare_stage, bare_loop = grpo.GRPOArgs(), GRPOConfig()
+    assert all(getattr(bare_stage, n) == getattr(bare_loop, n) for n in loop_fields)
+    assert bare_loop.resume is False  # a fresh run does not resume unless asked (recipe default: resume false)
+
+
+def test_loop_config_derives_only_the_computed_values(tmp_path):
+    preset = get_reward("r1_zero")
+    args = grpo.GRPOArgs(stop=["\n\n"], group_size=4, rollout_batch_size=16, train_batch_size=16)
+    cfg = args.loop_config(preset, resume=True, output_dir=str(tmp_path))
+    changed = {f.name for f in dataclasses.fields(GRPOConfig) if getattr(cfg, f.name) != getattr(args, f.name)}
+    assert changed <= {"stop", "append_stop", "sync_weights", "resume", "output_dir"}
+    assert cfg.stop == ["\n\n"] and cfg.append_stop is True and cfg.sync_weights is True  # user's stop kept
+    assert cfg.resume is True and cfg.output_dir == str(tmp_path) and isinstance(cfg, GRPOConfig)
+    assert args.loop_config(preset).resume is False and args.resume is False  # args itself untouched
+
+
+def test_loop_runs_directly_on_a_stage_section(tiny_model, gpt2_tokenizer):
+    """GRPOLoop takes the stage's section (a GRPOConfig) as it is: no copy into a second settings class."""
+    class Gen:
+        def generate(self, prompts, params):
+            return [SimpleNamespace(text=" 1 </think> <answer>2", num_tokens=3, finish_reason="stop")
+                    for _ in prompts]
+
+        def update_weights(self, model):
+            pass
+
+    args = grpo.GRPOArgs(rollout_batch_size=2, group_size=2, train_batch_size=2, gradient_accumulation_steps=1,
+                         max_new_tokens=4).loop_config(get_reward("r1_zero"))
+    loop = GRPOLoop(tiny_model, gpt2_tokenizer, Gen(), get_reward("r1_zero").fn, ["p"], ["2"],
+                    torch.optim.SGD(tiny_model.parameters(), lr=0.0), args)
+    assert loop.s is args and loop.micro_batch_size == 2  # 2 // (1 accumulation step x 1 process)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Nothing silently ignored: ignored_keys per engine / backend / loss / task
+# ----------------------------------------------------------------------------------------------------------
+def _stage(lora=False, **train):
+    return SimpleNamespace(train=grpo.GRPOArgs(**train), data=DataArgs(), lora=LoraArgs(enabled=lora))
+
+
+DERIVED = {"train.append_stop", "train.sync_weights", "train.resume"}
+DATA_UNREAD = {f"data.{f.name}" for f in dataclasses.fields(DataArgs)} - {"data.path", "data.eval_path"}
+
+
+def _train_keys(ignored: dict) -> set[str]:
+    return {k for k in ignored if k.startswith("train.")}
+
+
+def test_ignored_keys_default_alignkit_hf():
+    ignored = grpo.ignored_keys(_stage())
+    assert _train_keys(ignored) == DERIVED | {"train.http_base_url", "train.http_model",
+                                             "train.vllm_gpu_memory_utilization", "train.bf16",
+                                             "train.cliprange", "train.normalize_constant",
+                                             "train.arithmetic_max"}
+    assert ignored["train.bf16"] == "read by engine trl; this recipe's engine is alignkit"
+    assert ignored["train.cliprange"] == ("read by engine alignkit with loss_type grpo_clip; this recipe's "
+                                          "loss_type is reinforce_with_baseline")
+    assert ignored["train.http_model"] == ("read by engine alignkit with rollout_backend http; this recipe's "
+                                           "rollout_backend is hf")
+    assert "not a recipe key" in ignored["train.resume"] and "top-level resume" in ignored["train.resume"]
+    # data: only path / eval_path, for gsm8k; lora off: its settings unread
+    assert {k for k in ignored if k.startswith("data.")} == DATA_UNREAD
+    assert {k for k in ignored if k.startswith("lora.")} == {f"lora.{f.name}" for f in dataclasses.fields(LoraArgs)
+                                                             if f.name != "enabled"}
+    assert not any(k.startswith("lora.") for k in grpo.ignored_keys(_stage(lora=True)))
+
+
+def test_ignored_keys_engine_trl():
+    ignored = grpo.ignored_keys(_stage(engine="trl"))
+    assert "train.loss_type" not in ignored  # mapped: TRL's clipped objective (on-policy = the baseline loss)
+    assert _train_keys(ignored) == DERIVED | {"train.http_base_url", "train.http_model",
+                                             "train.vllm_gpu_memory_utilization", "train.advantage_eps",
+                                             "train.normalize_constant", "train.val_samples", "train.eval_every",
+                                             "train.rollout_table_every", "train.rollout_table_size",
+                                             "train.improvement_sigmas", "train.arithmetic_max"}
+    assert ignored["train.eval_every"].startswith("read by engine alignkit (") and ignored[
+        "train.eval_every"].endswith("this recipe's engine is trl")
+    assert ignored["train.http_base_url"] == "read by engine alignkit; this recipe's engine is trl"
+    # trl + vllm: the vLLM memory share is read, the validation batch size too
+    vllm = grpo.ignored_keys(_stage(engine="trl", rollout_backend="vllm"))
+    assert "train.vllm_gpu_memory_utilization" not in vllm and "train.generation_batch_size" not in vllm
+
+
+def test_ignored_keys_alignkit_backends_and_loss_conditions():
+    vllm = grpo.ignored_keys(_stage(rollout_backend="vllm"))
+    assert vllm["train.generation_batch_size"] == ("read by engine alignkit with rollout_backend hf; this "
+                                                   "recipe's rollout_backend is vllm")
+    assert "train.vllm_gpu_memory_utilization" not in vllm and "train.http_model" in vllm
+    http = grpo.ignored_keys(_stage(rollout_backend="http", http_base_url="http://h/v1", http_model="m"))
+    assert {"train.http_base_url", "train.http_model"}.isdisjoint(http)
+    assert {"train.generation_batch_size", "train.vllm_gpu_memory_utilization"} <= set(http)
+    dr = grpo.ignored_keys(_stage(loss_type="grpo_clip", length_normalization="constant",
+                                  use_std_normalization=False))
+    assert {"train.cliprange", "train.normalize_constant"}.isdisjoint(dr)
+    assert dr["train.advantage_eps"] == ("read by engine alignkit with use_std_normalization True; this "
+                                         "recipe's use_std_normalization is False")
+
+
+def test_ignored_keys_task_arithmetic_data_paths():
+    ignored = grpo.ignored_keys(_stage(task="arithmetic"))
+    assert ignored["data.path"] == "read by task gsm8k; this recipe's task is arithmetic"
+    assert "data.eval_path" in ignored and "train.arithmetic_max" not in ignored
+    gsm8k = grpo.ignored_keys(_stage(task="gsm8k"))
+    assert "data.path" not in gsm8k
+    assert gsm8k["train.arithmetic_max"] == "read by task arithmetic; this recipe's task is gsm8k"
+
+
+def test_ignored_keys_cover_every_field_trl_does_not_map():
+    """Under engine trl every train field is either refused (ignored_keys), sent to TRL's config
+    (TRL_NAMES) or read by run_trl itself (TRL_STAGE_READS): nothing falls between."""
+    for backend in ("hf", "vllm"):
+        ignored = _train_keys(grpo.ignored_keys(_stage(engine="trl", rollout_backend=backend, task="arithmetic")))
+        for f in dataclasses.fields(grpo.GRPOArgs):
+            read = f.name in grpo.TRL_NAMES or f.name in grpo.TRL_STAGE_READS or f.name == "output_dir"
+            if f.name == "vllm_gpu_memory_utilization":
+                read = backend == "vllm"
+            assert read != (f"train.{f.name}" in ignored), (backend, f.name)
+
+
+def test_shipped_grpo_recipes_set_no_ignored_key():
+    for name in ("grpo.yaml", "grpo_quickstart.yaml"):
+        raw = yaml.safe_load((ROOT / "recipes" / name).read_text())
+        stage = load_recipe(ROOT / "recipes" / name).stages["grpo"]
+        ignored = grpo.ignored_keys(stage)
+        user = {f"{sec}.{k}" for sec in ("train", "data", "lora") for k in (raw.get(sec) or {})}
+        assert not user & set(ignored), (name, {k: ignored[k] for k in user & set(ignored)})
+
+
+def test_trl_engine_refuses_what_trl_cannot_run():
+    with pytest.raises(ValueError, match="train.loss_type=no_baseline is read by engine alignkit only"):
+        grpo.GRPOArgs(engine="trl", loss_type="no_baseline")
+    with pytest.raises(ValueError, match="set train.loss_type=grpo_clip"):
+        grpo.GRPOArgs(engine="trl", epochs_per_rollout_batch=2)  # off-policy: TRL clips, alignkit would not
+    with pytest.raises(ValueError, match="train.rollout_backend=http is read by engine alignkit only"):
+        grpo.GRPOArgs(engine="trl", rollout_backend="http")
+    grpo.GRPOArgs(engine="trl", epochs_per_rollout_batch=2, loss_type="grpo_clip")  # the same objective: fine
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What engine trl reads reaches TRL's GRPOConfig (built, not trained)
+# ----------------------------------------------------------------------------------------------------------
+def test_trl_config_values_by_hand(tmp_path):
+    args = grpo.GRPOArgs(engine="trl", n_grpo_steps=3, rollout_batch_size=8, group_size=4, train_batch_size=4,
+                         gradient_accumulation_steps=2, epochs_per_rollout_batch=2, loss_type="grpo_clip",
+                         learning_rate=3e-6, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.9, cliprange=0.3,
+                         beta=0.04, use_std_normalization=False, length_normalization="constant",
+                         max_new_tokens=32, min_new_tokens=3, temperature=0.7, top_p=0.9, max_grad_norm=None,
+                         log_every=2, save_every=1, seed=11, use_cpu=True)
+    c = grpo.trl_config(args, tmp_path)
+    # 8 rollouts / 4 per optimizer step = 2 optimizer steps per pass, x 2 passes = 4 per GRPO step
+    assert (c.max_steps, c.logging_steps, c.save_steps) == (3 * 4, 2 * 4, 1 * 4)
+    assert (c.per_device_train_batch_size, c.gradient_accumulation_steps) == (4 // 2, 2)
+    assert (c.generation_batch_size, c.steps_per_generation, c.num_generations, c.num_iterations) == (8, 4, 4, 2)
+    assert (c.learning_rate, c.weight_decay, c.adam_beta1, c.adam_beta2) == (3e-6, 0.1, 0.8, 0.9)
+    assert (c.epsilon, c.beta, c.scale_rewards, c.loss_type) == (0.3, 0.04, "none", "dr_grpo")
+    assert (c.max_completion_length, c.generation_kwargs) == (32, {"min_new_tokens": 3})
+    assert (c.temperature, c.top_p, c.max_grad_norm, c.seed, c.use_vllm) == (0.7, 0.9, 0.0, 11, False)
+    assert c.reward_weights == [1.0, 0.0, 0.0] and c.output_dir == str(tmp_path)
+    vllm = grpo.trl_config(dataclasses.replace(args, rollout_backend="vllm", vllm_gpu_memory_utilization=0.4),
+                           tmp_path)
+    assert vllm.use_vllm and vllm.vllm_gpu_memory_utilization == 0.4 and vllm.generation_kwargs == {"min_tokens": 3}
+
+
+ALTERNATIVES = {"learning_rate": 2e-5, "weight_decay": 0.1, "adam_beta1": 0.8, "adam_beta2": 0.9, "n_grpo_steps": 5,
+                "rollout_batch_size": 16, "train_batch_size": 4, "gradient_accumulation_steps": 4,
+                "group_size": 2, "epochs_per_rollout_batch": 2, "max_new_tokens": 16, "min_new_tokens": 1,
+                "temperature": 0.5, "top_p": 0.8, "beta": 0.1, "cliprange": 0.1, "use_std_normalization": False,
+                "length_normalization": "constant", "max_grad_norm": 0.5, "seed": 3, "log_every": 2,
+                "save_every": 1, "rollout_backend": "hf", "vllm_gpu_memory_utilization": 0.5,
+                "use_cpu": False, "bf16": True}
+
+
+def test_every_trl_mapped_field_changes_trl_config(tmp_path):
+    base = grpo.GRPOArgs(engine="trl", loss_type="grpo_clip", rollout_batch_size=8, group_size=4,
+                         train_batch_size=8, gradient_accumulation_steps=2, n_grpo_steps=2, use_cpu=True,
+                         rollout_backend="vllm", vllm_gpu_memory_utilization=0.3)
+    assert set(ALTERNATIVES) == set(grpo.TRL_NAMES)
+    ref = grpo.trl_config(base, tmp_path)
+    for ours, theirs in grpo.TRL_NAMES.items():
+        changed = dataclasses.replace(base, **{ours: ALTERNATIVES[ours]})
+        got = grpo.trl_config(changed, tmp_path)
+        assert getattr(got, theirs) != getattr(ref, theirs), f"train.{ours} does not reach TRL's {theirs}"
+
+
+def test_rollout_generators_come_from_the_factory(tiny_model, gpt2_tokenizer, caplog):
+    hf = grpo.rollout_generator(grpo.GRPOArgs(generation_batch_size=3), tiny_model, gpt2_tokenizer, "/m")
+    assert isinstance(hf, HFGenerator) and hf.model is tiny_model and hf.batch_size == 3 and hf.name == "hf:/m"
+    args = grpo.GRPOArgs(rollout_backend="http", http_base_url="http://127.0.0.1:1/v1", http_model="served")
+    with caplog.at_level(logging.WARNING, logger="alignkit.train.grpo"):
+        http = grpo.rollout_generator(args, None, None)
+    assert isinstance(http, OpenAIHTTPGenerator) and http.model == "served"
+    assert http.base_url == "http://127.0.0.1:1/v1" and "weights are not updated" in caplog.text
+    assert grpo.make_generator is factory_mod.make_generator and not hasattr(grpo, "main")  # no twin, no main()

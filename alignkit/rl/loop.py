@@ -2,7 +2,7 @@
 
 It takes runtime objects (policy, tokenizer, a :class:`~alignkit.generation.base.Generator`, a
 reward function ``(response, ground_truth) -> {"reward", "format_reward", "answer_reward"}``,
-formatted prompts + answers, an optimizer, :class:`GRPOSettings`, an optional reference model and
+formatted prompts + answers, an optimizer, :class:`GRPOConfig`, an optional reference model and
 an optional ``accelerate.Accelerator``) and knows nothing of YAML. The maths lives in
 :mod:`alignkit.rl.core`; this module schedules it.
 
@@ -42,41 +42,62 @@ logger = logging.getLogger(__name__)
 LENGTH_NORMALIZATIONS = ("mean", "constant")
 
 
-@dataclass
-class GRPOSettings:
-    """Plain GRPO settings (defaults: CS336 A5 reference run, on-policy)."""
+def _f(default, help: str, **meta):
+    """A config field with its ``help`` (and extra metadata such as ``when``)."""
+    return field(default=default, metadata={"help": help, **meta})
 
-    n_grpo_steps: int = 200
-    rollout_batch_size: int = 256  # responses per step (all processes)
-    group_size: int = 8  # samples per prompt
-    train_batch_size: int = 256  # responses per optimizer step (all processes)
-    gradient_accumulation_steps: int = 128
-    epochs_per_rollout_batch: int = 1
-    loss_type: str = "reinforce_with_baseline"  # no_baseline | reinforce_with_baseline | grpo_clip
-    use_std_normalization: bool = True  # False = Dr. GRPO advantages r - mean
-    advantage_eps: float = 1e-6
-    cliprange: float = 0.2
-    length_normalization: str = "mean"  # mean (GRPO) | constant (Dr. GRPO; / normalize_constant)
-    normalize_constant: float | None = None  # None: max_new_tokens
-    beta: float = 0.0  # k3 KL penalty coefficient; needs a reference model
-    max_grad_norm: float | None = 1.0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    min_new_tokens: int = 4
-    max_new_tokens: int = 1024
-    stop: list[str] = field(default_factory=list)
-    append_stop: bool = False  # re-append the stop string to completions that stopped
-    sync_weights: bool = True  # generator.update_weights(policy) after each step (False: HTTP servers)
-    eval_max_new_tokens: int | None = None  # None: max_new_tokens
-    val_samples: int = 0  # > 0: also score val_samples samples per held-out prompt at `temperature`, fixed seed
-    seed: int = 0
-    log_every: int = 1
-    rollout_table_every: int = 10  # 0: never
-    rollout_table_size: int = 4
-    eval_every: int = 0  # 0: only before and after training
-    save_every: int = 0  # 0: only at the end
-    output_dir: str | None = None  # metrics.jsonl, rollouts.jsonl, checkpoints/
-    resume: bool = True
+
+@dataclass
+class GRPOConfig:
+    """Every setting of :class:`GRPOLoop` (defaults: CS336 A5 reference run, on-policy). Batch sizes are
+    global (all processes). ``metadata["when"]`` = ``{other_field: values}``: the loop reads the field only
+    while the other field has one of those values (e.g. ``cliprange`` only with ``loss_type: grpo_clip``)."""
+
+    n_grpo_steps: int = _f(200, "Number of GRPO steps (rollout batch + its updates).")
+    rollout_batch_size: int = _f(256, "Responses sampled per step (prompts x group_size).")
+    group_size: int = _f(8, "Responses per prompt (the group of the group-normalised advantage).")
+    train_batch_size: int = _f(256, "Responses per optimizer step; < rollout_batch_size means several "
+                                    "steps per rollout batch (off-policy).")
+    gradient_accumulation_steps: int = _f(128, "Micro-batches per optimizer step.")
+    epochs_per_rollout_batch: int = _f(1, "Passes over each rollout batch (> 1: off-policy, use grpo_clip).")
+    loss_type: str = _f("reinforce_with_baseline", "no_baseline, reinforce_with_baseline or grpo_clip.")
+    use_std_normalization: bool = _f(True, "Divide advantages by the group std (False: Dr. GRPO).")
+    advantage_eps: float = _f(1e-6, "Added to the group std.", when={"use_std_normalization": (True,)})
+    cliprange: float = _f(0.2, "PPO/GRPO clip epsilon (grpo_clip).", when={"loss_type": ("grpo_clip",)})
+    length_normalization: str = _f("mean", "mean (per-sequence masked mean, GRPO) or constant "
+                                           "(masked sum / normalize_constant, Dr. GRPO).")
+    normalize_constant: float | None = _f(None, "Constant for length_normalization=constant "
+                                                "(None: max_new_tokens).",
+                                          when={"length_normalization": ("constant",)})
+    beta: float = _f(0.0, "k3 KL penalty coefficient against a reference model (0: no reference model).")
+    max_grad_norm: float | None = _f(1.0, "Gradient clipping norm (None: off).")
+    temperature: float = _f(1.0, "Rollout sampling temperature.")
+    top_p: float = _f(1.0, "Rollout nucleus sampling.")
+    min_new_tokens: int = _f(4, "Minimum generated tokens per rollout.")
+    max_new_tokens: int = _f(1024, "Maximum generated tokens per rollout.")
+    stop: list[str] | None = field(default=None, metadata={
+        "help": "Stop strings for rollouts and validation (None: none; the GRPO stage uses its reward's, "
+                "r1_zero: </answer>)."})
+    append_stop: bool = _f(False, "Re-append the first stop string to completions that stopped (a format "
+                                  "that ends with it, e.g. r1_zero's </answer>).")
+    sync_weights: bool = _f(True, "generator.update_weights(policy) after each step (False: a server "
+                                  "whose weights cannot be updated).")
+    eval_max_new_tokens: int | None = _f(None, "Validation generation cap (None: max_new_tokens); greedy.")
+    val_samples: int = _f(0, "> 0: also score this many samples per held-out prompt at the training "
+                             "temperature (fixed seed; the expected reward GRPO maximises).")
+    seed: int = _f(0, "Seed for prompt sampling, rollout generation and micro-batch shuffling.")
+    log_every: int = _f(1, "Log a metrics line every N steps.")
+    rollout_table_every: int = _f(10, "Log a table of sample rollouts every N steps (0: never).")
+    rollout_table_size: int = _f(4, "Rows of the rollout table.")
+    eval_every: int = _f(0, "Validation every N steps (0: only before and after).")
+    save_every: int = _f(0, "Checkpoint every N steps (0: at the end only).")
+    output_dir: str | None = _f(None, "metrics.jsonl, rollouts.rank*.jsonl and checkpoints/ go here "
+                                      "(None: nothing written).")
+    resume: bool = _f(False, "Continue from the newest output_dir/checkpoints/step-N (False: start fresh, "
+                             "clearing old logs).")
+
+
+GRPOSettings = GRPOConfig  # old name, still used by benchmarks/suite_rl_data.py; remove once it says GRPOConfig
 
 
 @dataclass
@@ -92,7 +113,7 @@ class Microbatch:
     ref_log_probs: torch.Tensor | None = None  # (b, T), no grad
 
 
-def check_batch_sizes(s: GRPOSettings, num_processes: int = 1) -> int:
+def check_batch_sizes(s: GRPOConfig, num_processes: int = 1) -> int:
     """CS336's consistency checks; returns the per-process micro-batch size. Errors name the setting."""
     def need(ok: bool, msg: str) -> None:
         if not ok:
@@ -130,7 +151,7 @@ class GRPOLoop:
 
     def __init__(self, policy, tokenizer, generator, reward_fn: Callable[[str, str], dict],
                  train_prompts: Sequence[str], train_answers: Sequence[str], optimizer,
-                 settings: GRPOSettings, *, val_prompts: Sequence[str] = (), val_answers: Sequence[str] = (),
+                 settings: GRPOConfig, *, val_prompts: Sequence[str] = (), val_answers: Sequence[str] = (),
                  ref_model=None, accelerator=None) -> None:
         if len(train_prompts) != len(train_answers) or not train_prompts:
             raise ValueError(f"GRPOLoop: {len(train_prompts)} train prompts but {len(train_answers)} answers "
@@ -247,7 +268,7 @@ class GRPOLoop:
     def _sampling_params(self, step: int) -> SamplingParams:
         s = self.s
         return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                              min_new_tokens=s.min_new_tokens, stop=list(s.stop),
+                              min_new_tokens=s.min_new_tokens, stop=list(s.stop or ()),
                               seed=s.seed * 1_000_003 + step * self.world + self.rank)
 
     def _response_text(self, completion: Completion) -> str:
@@ -392,7 +413,7 @@ class GRPOLoop:
         n_tok = self.s.eval_max_new_tokens or self.s.max_new_tokens
         t0 = time.perf_counter()
         # 1. greedy
-        params = SamplingParams(max_new_tokens=n_tok, temperature=0.0, stop=list(self.s.stop))
+        params = SamplingParams(max_new_tokens=n_tok, temperature=0.0, stop=list(self.s.stop or ()))
         completions = self.generator.generate([self.val_prompts[i] for i in mine], params)
         scores = [self.reward_fn(self._response_text(c), self.val_answers[i]) for c, i in zip(completions, mine)]
         metrics = self._reward_metrics(scores, completions, prefix="val_")
@@ -407,7 +428,7 @@ class GRPOLoop:
     def _evaluate_sampled(self, mine: list[int], n_tok: int) -> dict:
         k = self.s.val_samples
         params = SamplingParams(max_new_tokens=n_tok, temperature=self.s.temperature, top_p=self.s.top_p,
-                                min_new_tokens=self.s.min_new_tokens, stop=list(self.s.stop),
+                                min_new_tokens=self.s.min_new_tokens, stop=list(self.s.stop or ()),
                                 seed=self.s.seed * 1_000_003 + 999_983 + self.rank)
         completions = self.generator.generate([self.val_prompts[i] for i in mine for _ in range(k)], params)
         truths = [self.val_answers[i] for i in mine for _ in range(k)]

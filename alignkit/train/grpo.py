@@ -1,30 +1,42 @@
-"""GRPO stage: RL with verifiable rewards (stage-module contract: ``ARGS_CLASS`` + ``run``).
+"""GRPO stage: RL with verifiable rewards (stage-module contract: ``ARGS_CLASS`` + ``run`` + ``ignored_keys``).
 
 ``engine: alignkit`` runs :class:`alignkit.rl.loop.GRPOLoop` (the from-scratch CS336 loop on
 :mod:`alignkit.rl.core`, rollouts from an alignkit Generator: ``hf``, ``vllm`` or ``http``);
 ``engine: trl`` runs TRL's ``GRPOTrainer`` with the same reward functions wrapped in TRL's
 reward-function signature. See docs/rl.md for when to choose which.
 
+The recipe's ``train:`` section (:class:`GRPOArgs`) is the loop's :class:`~alignkit.rl.loop.GRPOConfig`
+(same fields, defaults and help) plus the stage's own fields. :func:`ignored_keys` names every key the
+recipe's engine/backend/task does not read, so that the recipe loader refuses it when a user sets it.
+
 Data (``task``): ``gsm8k`` (bundled GSM8K train/test, or ``data.path`` / ``data.eval_path`` JSONL
 with ``question`` and ``answer``), or ``arithmetic`` (``a + b`` questions generated from the seed:
 the quickstart's task, easy enough for a 135M model to move in minutes on a CPU).
 
-Standalone: ``python -m alignkit.train.grpo RECIPE.yaml [key=value ...]`` (same as ``alignkit train``).
+Run with ``alignkit train RECIPE.yaml [key=value ...]``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import random
-import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from transformers.trainer_utils import get_last_checkpoint
 
-from alignkit.generation.base import truncate_at_stop
-from alignkit.rl.loop import GRPOLoop, GRPOSettings
+from alignkit import resources
+from alignkit.eval.tasks.base import read_jsonl
+from alignkit.generation.base import SamplingParams, truncate_at_stop
+from alignkit.generation.factory import make_generator
+from alignkit.models import load_model
+from alignkit.rl.loop import GRPOConfig, GRPOLoop
 from alignkit.rl.rewards import RewardPreset, get_reward
+from alignkit.train.callbacks import MetricsJsonlCallback, plot_metrics
+from alignkit.train.common import load_for_training, lora_config
 
 logger = logging.getLogger("alignkit.train.grpo")
 
@@ -33,117 +45,171 @@ BACKENDS = ("hf", "vllm", "http")
 TASKS = ("gsm8k", "arithmetic")
 
 
+def _arg(default, help: str, **meta):
+    """A stage field: ``help`` plus, where it matters, ``engines`` (the engines that read it; absent:
+    all), ``backends`` ({engine: the rollout backends under which that engine reads it}) and ``tasks``."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
-class GRPOArgs:
-    """The recipe's ``train:`` section for ``stage: grpo``. Batch sizes are global (all processes)."""
+class GRPOArgs(GRPOConfig):
+    """The recipe's ``train:`` section for ``stage: grpo``: every :class:`GRPOConfig` field (the loop's
+    settings, inherited, never restated) plus the stage's own. Batch sizes are global (all processes)."""
 
     # --- what to run
-    engine: str = field(default="alignkit",
-        metadata={"help": "alignkit (the from-scratch GRPO loop) or trl (TRL's GRPOTrainer)."})
-    task: str = field(default="gsm8k",
-        metadata={"help": "gsm8k (bundled or data.path JSONL with question/answer) or arithmetic "
-                   "(generated a + b questions)."})
-    reward: str = field(default="r1_zero",
-        metadata={"help": "gsm8k, r1_zero or module.path:function (response, ground_truth) -> dict."})
-    prompt: str | None = field(default=None,
-        metadata={"help": "Bundled prompt name or a template with {question}; default: the reward's."})
-    stop: list[str] | None = field(default=None,
-        metadata={"help": "Stop strings; default: the reward's (r1_zero: </answer>)."})
-    n_train: int | None = field(default=None,
-        metadata={"help": "Use the first N training questions (None: all)."})
-    n_val: int = field(default=64,
-        metadata={"help": "Held-out questions scored greedily before/after training and every eval_every steps."})
-    arithmetic_max: int = field(default=9,
-        metadata={"help": "arithmetic task: operands drawn from 1..arithmetic_max."})
-    # --- GRPO (CS336 A5 names)
-    n_grpo_steps: int = field(default=200,
-        metadata={"help": "Number of GRPO steps (rollout batch + its updates)."})
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
-    rollout_batch_size: int = field(default=256,
-        metadata={"help": "Responses sampled per step (prompts x group_size)."})
-    group_size: int = field(default=8,
-        metadata={"help": "Responses per prompt (the group of the group-normalised advantage)."})
-    train_batch_size: int = field(default=256,
-        metadata={"help": "Responses per optimizer step; < rollout_batch_size means several steps "
-                               "per rollout batch (off-policy)."})
-    gradient_accumulation_steps: int = field(default=128,
-        metadata={"help": "Micro-batches per optimizer step."})
-    epochs_per_rollout_batch: int = field(default=1,
-        metadata={"help": "Passes over each rollout batch (> 1: off-policy, use grpo_clip)."})
-    loss_type: str = field(default="reinforce_with_baseline",
-        metadata={"help": "no_baseline, reinforce_with_baseline or grpo_clip."})
-    use_std_normalization: bool = field(default=True,
-        metadata={"help": "Divide advantages by the group std (False: Dr. GRPO)."})
-    advantage_eps: float = field(default=1e-6, metadata={"help": "Added to the group std."})
-    cliprange: float = field(default=0.2, metadata={"help": "PPO/GRPO clip epsilon (grpo_clip)."})
-    length_normalization: str = field(default="mean",
-        metadata={"help": "mean (per-sequence masked mean, GRPO) or constant "
-                                   "(masked sum / normalize_constant, Dr. GRPO)."})
-    normalize_constant: float | None = field(default=None,
-        metadata={"help": "Constant for length_normalization=constant (None: max_new_tokens)."})
-    beta: float = field(default=0.0,
-        metadata={"help": "k3 KL penalty coefficient against the starting model (0: no reference model)."})
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm (None: off)."})
-    # --- sampling
-    temperature: float = field(default=1.0, metadata={"help": "Rollout sampling temperature."})
-    top_p: float = field(default=1.0, metadata={"help": "Rollout nucleus sampling."})
-    min_new_tokens: int = field(default=4, metadata={"help": "Minimum generated tokens per rollout."})
-    max_new_tokens: int = field(default=1024, metadata={"help": "Maximum generated tokens per rollout."})
-    eval_max_new_tokens: int | None = field(default=None,
-        metadata={"help": "Validation generation cap (None: max_new_tokens); greedy."})
-    val_samples: int = field(default=0,
-        metadata={"help": "> 0: also score this many samples per held-out prompt at the training temperature "
-                  "(fixed seed; the expected reward GRPO maximises). require_improvement then checks it."})
-    improvement_sigmas: float = field(default=2.0,
-        metadata={"help": "require_improvement with val_samples: the sampled held-out reward must rise by more "
-                  "than this many standard errors of the paired per-prompt difference."})
+    engine: str = _arg("alignkit", "alignkit (the from-scratch GRPO loop) or trl (TRL's GRPOTrainer).")
+    task: str = _arg("gsm8k", "gsm8k (bundled or data.path JSONL with question/answer) or arithmetic "
+                              "(generated a + b questions).")
+    reward: str = _arg("r1_zero", "gsm8k, r1_zero or module.path:function (response, ground_truth) -> dict.")
+    prompt: str | None = _arg(None, "Bundled prompt name or a template with {question}; default: the reward's.")
+    n_train: int | None = _arg(None, "Use the first N training questions (None: all).")
+    n_val: int = _arg(64, "Held-out questions scored greedily before/after training and every eval_every steps.")
+    arithmetic_max: int = _arg(9, "arithmetic task: operands drawn from 1..arithmetic_max.", tasks=("arithmetic",))
+    # --- optimizer (AdamW; the loop takes the optimizer object)
+    learning_rate: float = _arg(1e-5, "AdamW learning rate.")
+    weight_decay: float = _arg(0.0, "AdamW weight decay.")
+    adam_beta1: float = _arg(0.9, "AdamW beta1.")
+    adam_beta2: float = _arg(0.95, "AdamW beta2.")
+    # --- checks
+    improvement_sigmas: float = _arg(2.0, "require_improvement with val_samples: the sampled held-out reward "
+                                          "must rise by more than this many standard errors of the paired "
+                                          "per-prompt difference.", engines=("alignkit",))
+    require_improvement: bool = _arg(False, "Fail the stage (checks_failed) unless validation reward rose.")
     # --- rollout backend
-    rollout_backend: str = field(default="hf",
-        metadata={"help": "hf (transformers generate on the policy itself), vllm (in-process "
-                              "vLLM, weights synced each step) or http (an OpenAI-compatible server)."})
-    generation_batch_size: int = field(default=64,
-        metadata={"help": "hf backend: prompts per generate call."})
-    vllm_gpu_memory_utilization: float = field(default=0.85,
-        metadata={"help": "vllm backend: fraction of GPU memory for vLLM."})
-    http_base_url: str | None = field(default=None,
-        metadata={"help": "http backend: e.g. http://localhost:8000/v1 (weights not synced)."})
-    http_model: str | None = field(default=None, metadata={"help": "http backend: the served model name."})
-    # --- bookkeeping
-    seed: int = field(default=0, metadata={"help": "Seed for prompt sampling, generation and data."})
-    output_dir: str = field(default="runs/grpo",
-        metadata={"help": "Set by the recipe loader to the stage folder."})
-    log_every: int = field(default=1, metadata={"help": "Log a metrics line every N steps."})
-    rollout_table_every: int = field(default=10,
-        metadata={"help": "Log a table of sample rollouts every N steps (0: never)."})
-    rollout_table_size: int = field(default=4, metadata={"help": "Rows of the rollout table."})
-    eval_every: int = field(default=0,
-        metadata={"help": "Validation every N steps (0: only before and after)."})
-    save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: at the end only)."})
-    require_improvement: bool = field(default=False,
-        metadata={"help": "Fail the stage (checks_failed) unless validation reward rose."})
-    use_cpu: bool = field(default=False, metadata={"help": "Run on CPU even if a GPU is present."})
-    bf16: bool = field(default=False,
-        metadata={"help": "Set from the hardware by the recipe loader (TRL engine)."})
+    rollout_backend: str = _arg("hf", "hf (transformers generate on the policy itself), vllm (in-process vLLM, "
+                                      "weights synced each step) or http (an OpenAI-compatible server; engine "
+                                      "alignkit only).")
+    generation_batch_size: int = _arg(64, "Prompts per transformers generate call (engine alignkit: hf "
+                                          "rollouts and validation; engine trl: validation).",
+                                      backends={"alignkit": ("hf",)})
+    vllm_gpu_memory_utilization: float = _arg(0.85, "vllm backend: fraction of GPU memory for vLLM.",
+                                              backends={"alignkit": ("vllm",), "trl": ("vllm",)})
+    http_base_url: str | None = _arg(None, "http backend: e.g. http://localhost:8000/v1 (weights not synced).",
+                                     engines=("alignkit",), backends={"alignkit": ("http",)})
+    http_model: str | None = _arg(None, "http backend: the served model name.",
+                                  engines=("alignkit",), backends={"alignkit": ("http",)})
+    # --- device
+    use_cpu: bool = _arg(False, "Run on CPU even if a GPU is present.")
+    bf16: bool = _arg(False, "bf16 mixed precision in TRL's trainer (set from the hardware by the recipe "
+                             "loader); engine alignkit trains in model.dtype.", engines=("trl",))
 
     def __post_init__(self) -> None:
         for name, valid in (("engine", ENGINES), ("rollout_backend", BACKENDS), ("task", TASKS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"train.{name}={getattr(self, name)!r}: valid values are {', '.join(valid)}")
+        if self.engine == "trl":
+            trl_check(self)
 
-    def settings(self, preset: RewardPreset) -> GRPOSettings:
-        """The loop's plain settings (shared field names) with the reward's stop strings."""
-        names = {f.name for f in fields(GRPOSettings)}
-        values = {k: v for k, v in asdict(self).items() if k in names}
-        values["stop"] = list(self.stop if self.stop is not None else preset.stop)
-        values["append_stop"] = preset.append_stop and bool(values["stop"])
-        values["sync_weights"] = self.rollout_backend != "http"
-        return GRPOSettings(**values)
+    def loop_config(self, preset: RewardPreset, *, resume: bool = False,
+                    output_dir: str | None = None) -> GRPOArgs:
+        """This section as the loop's config (a GRPOArgs is a GRPOConfig) with the values the stage
+        derives: the reward's stop strings (unless ``train.stop`` is set), whether to re-append one, weight
+        sync (off for http servers), ``resume`` (the recipe's top-level key) and the stage folder."""
+        stop = list(self.stop if self.stop is not None else preset.stop)
+        return dataclasses.replace(self, stop=stop, append_stop=preset.append_stop and bool(stop),
+                                   sync_weights=self.rollout_backend != "http", resume=resume,
+                                   output_dir=self.output_dir if output_dir is None else output_dir)
 
 
 ARGS_CLASS = GRPOArgs
+
+# Loop fields the stage sets itself (GRPOArgs.loop_config): a recipe that sets one is refused.
+DERIVED = {
+    "append_stop": "set by the stage from the reward (whether its format re-appends the stop string)",
+    "sync_weights": "set by the stage from rollout_backend (off for http: the server's weights stay)",
+    "resume": "set from the recipe's top-level resume key",
+}
+# What engine trl reads, and where it goes: our field -> TRL GRPOConfig field (computed in trl_config).
+TRL_NAMES = {
+    "learning_rate": "learning_rate", "weight_decay": "weight_decay", "adam_beta1": "adam_beta1",
+    "adam_beta2": "adam_beta2", "n_grpo_steps": "max_steps", "rollout_batch_size": "generation_batch_size",
+    "train_batch_size": "per_device_train_batch_size", "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "group_size": "num_generations", "epochs_per_rollout_batch": "num_iterations",
+    "max_new_tokens": "max_completion_length", "min_new_tokens": "generation_kwargs",
+    "temperature": "temperature", "top_p": "top_p", "beta": "beta", "cliprange": "epsilon",
+    "use_std_normalization": "scale_rewards", "length_normalization": "loss_type",
+    "max_grad_norm": "max_grad_norm", "seed": "seed", "log_every": "logging_steps", "save_every": "save_steps",
+    "rollout_backend": "use_vllm", "vllm_gpu_memory_utilization": "vllm_gpu_memory_utilization",
+    "use_cpu": "use_cpu", "bf16": "bf16",
+}
+# Fields engine trl reads outside TRL's config (run_trl): data, prompt and reward, the greedy held-out score,
+# and loss_type, which trl_check holds to the objective TRL runs (grpo_clip; reinforce_with_baseline on-policy).
+TRL_STAGE_READS = ("engine", "task", "n_train", "n_val", "arithmetic_max", "reward", "prompt", "stop",
+                   "eval_max_new_tokens", "generation_batch_size", "require_improvement", "loss_type")
+# Loop fields TRL's GRPOTrainer has no counterpart for: unread under engine trl.
+TRL_UNREAD = {
+    "advantage_eps": "TRL divides by the group std + 1e-4",
+    "normalize_constant": "TRL's dr_grpo divides by max_new_tokens",
+    "val_samples": "engine trl scores the held-out set greedily only",
+    "eval_every": "engine trl scores the held-out set before and after training only",
+    "rollout_table_every": "engine trl writes no rollout table",
+    "rollout_table_size": "engine trl writes no rollout table",
+}
+DATA_READ = ("path", "eval_path")  # task gsm8k only
+
+
+def _alternatives(values) -> str:
+    return " or ".join(str(v) for v in values)
+
+
+def unread_reason(args: GRPOArgs, f: dataclasses.Field) -> str | None:
+    """Why the path ``args`` selects (engine, task, rollout_backend, and the loop's ``when`` conditions) does
+    not read field ``f``; None when it does."""
+    name, meta = f.name, f.metadata
+    if name in DERIVED:
+        return f"{DERIVED[name]}; not a recipe key"
+    engines = meta.get("engines", ENGINES)
+    if args.engine not in engines:
+        return f"read by engine {_alternatives(engines)}; this recipe's engine is {args.engine}"
+    tasks = meta.get("tasks", TASKS)
+    if args.task not in tasks:
+        return f"read by task {_alternatives(tasks)}; this recipe's task is {args.task}"
+    if args.engine == "trl" and name in TRL_UNREAD:
+        return f"read by engine alignkit ({TRL_UNREAD[name]}); this recipe's engine is trl"
+    backends = meta.get("backends", {}).get(args.engine, BACKENDS)
+    if args.rollout_backend not in backends:
+        return (f"read by engine {args.engine} with rollout_backend {_alternatives(backends)}; this recipe's "
+                f"rollout_backend is {args.rollout_backend}")
+    if args.engine == "alignkit":  # GRPOConfig's `when`: the loop reads the field under these values only
+        for other, values in meta.get("when", {}).items():
+            if getattr(args, other) not in values:
+                return (f"read by engine alignkit with {other} {_alternatives(values)}; this recipe's {other} "
+                        f"is {getattr(args, other)}")
+    return None
+
+
+def ignored_keys(stage) -> dict[str, str]:
+    """``{dotted_key: reason}`` for every key of ``stage`` (a StageRecipe: ``.train`` a GRPOArgs, ``.data``,
+    ``.lora``) that the selected path does not read. The recipe loader refuses those the user set."""
+    args: GRPOArgs = stage.train
+    out = {f"train.{f.name}": why for f in fields(args) if (why := unread_reason(args, f)) is not None}
+    for f in fields(stage.data):
+        if f.name not in DATA_READ:
+            out[f"data.{f.name}"] = "not read by stage grpo (it reads data.path and data.eval_path, task gsm8k)"
+        elif args.task != "gsm8k":
+            out[f"data.{f.name}"] = f"read by task gsm8k; this recipe's task is {args.task}"
+    if not stage.lora.enabled:
+        out.update({f"lora.{f.name}": "read with lora.enabled true; this recipe's lora.enabled is false"
+                    for f in fields(stage.lora) if f.name != "enabled"})
+    return out
+
+
+def _on_policy(args: GRPOConfig) -> bool:
+    return args.epochs_per_rollout_batch == 1 and args.train_batch_size == args.rollout_batch_size
+
+
+def trl_check(args: GRPOArgs) -> None:
+    """Values engine trl cannot honour, refused (the objective TRL runs must be the one the recipe names)."""
+    if args.rollout_backend == "http":
+        raise ValueError("train.rollout_backend=http is read by engine alignkit only (TRL's GRPOTrainer "
+                         "generates with transformers or its own vLLM); engine trl takes hf or vllm")
+    if args.loss_type == "no_baseline":
+        raise ValueError("train.loss_type=no_baseline is read by engine alignkit only (TRL's GRPOTrainer "
+                         "always subtracts the group mean); engine trl takes grpo_clip or reinforce_with_baseline")
+    if args.loss_type == "reinforce_with_baseline" and not _on_policy(args):
+        raise ValueError("train.loss_type=reinforce_with_baseline with off-policy steps (epochs_per_rollout_batch "
+                         "> 1 or train_batch_size < rollout_batch_size) is read by engine alignkit only: TRL's "
+                         "GRPOTrainer then runs the clipped objective; set train.loss_type=grpo_clip")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -161,9 +227,6 @@ def arithmetic_examples(n: int, seed: int, max_operand: int = 9) -> list[dict]:
 
 def load_examples(args: GRPOArgs, data) -> tuple[list[dict], list[dict]]:
     """(train, val) rows with ``question`` and ``answer``; val disjoint from train for arithmetic."""
-    from alignkit import resources
-    from alignkit.eval.tasks.base import read_jsonl
-
     if args.task == "arithmetic":
         val = arithmetic_examples(args.n_val, args.seed + 10_007, args.arithmetic_max)
         held = {r["question"] for r in val}
@@ -178,8 +241,7 @@ def load_examples(args: GRPOArgs, data) -> tuple[list[dict], list[dict]]:
 
 
 def prompt_template(args: GRPOArgs, preset: RewardPreset) -> str:
-    from alignkit import resources
-
+    """The prompt template (``train.prompt`` or the reward's): a bundled name or a text with {question}."""
     text = args.prompt or preset.prompt
     template = text if "{question}" in text else resources.prompt(text)
     if "{question}" not in template:
@@ -188,35 +250,31 @@ def prompt_template(args: GRPOArgs, preset: RewardPreset) -> str:
 
 
 def format_prompts(rows: list[dict], template: str) -> tuple[list[str], list[str]]:
+    """(prompts, answers): each row's question put into ``template``."""
     return [template.replace("{question}", r["question"]) for r in rows], [r["answer"] for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Runtime objects
 # ----------------------------------------------------------------------------------------------------------
-def make_generator(args: GRPOArgs, policy, tokenizer, model_path: str | None = None):
-    """The rollout Generator for ``rollout_backend``: hf shares the policy module; vllm loads
-    ``model_path`` (the resolved model folder) and receives the weights after every step."""
+def rollout_generator(args: GRPOArgs, policy, tokenizer, model_path: str | None = None):
+    """The rollout Generator for ``rollout_backend``, from the one factory: hf shares the policy module;
+    vllm loads ``model_path`` (the resolved model folder) and receives the weights after every step;
+    http is a running server (its weights are not updated)."""
     if args.rollout_backend == "hf":
-        from alignkit.generation.hf import HFGenerator
-
-        return HFGenerator(policy, tokenizer, batch_size=args.generation_batch_size)
+        name = model_path or getattr(policy, "name_or_path", "") or "policy"
+        return make_generator(f"hf:{name}", model=policy, tokenizer=tokenizer, batch_size=args.generation_batch_size)
     if args.rollout_backend == "vllm":
-        from alignkit.generation.vllm import VLLMGenerator
-
-        return VLLMGenerator(model_path, gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed)
+        return make_generator(f"vllm:{model_path}", gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                              seed=args.seed)
     if not args.http_base_url or not args.http_model:
         raise ValueError("rollout_backend=http needs train.http_base_url and train.http_model")
-    from alignkit.generation.openai_http import OpenAIHTTPGenerator
-
     logger.warning("rollout_backend=http: the server's weights are not updated; rollouts stay on its model")
-    return OpenAIHTTPGenerator(args.http_base_url, args.http_model)
+    return make_generator(args.http_base_url, model=args.http_model)
 
 
 def _accelerator(use_cpu: bool):
     """An Accelerator when launched with several processes (CPU-only: gloo, ``cpu=True``), else None."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import Accelerator
@@ -225,9 +283,7 @@ def _accelerator(use_cpu: bool):
 
 
 def _load(recipe, model_path, device):
-    from alignkit.models import load_model
-    from alignkit.train.common import lora_config
-
+    """(policy, tokenizer, source) on ``device``, with the recipe's LoRA adapter when enabled."""
     m = recipe.model
     fresh = model_path is None
     return load_model(model_path or m.name_or_path, dtype=m.dtype, device=device,
@@ -279,14 +335,13 @@ def run(recipe, stage_dir, model_path=None) -> dict:
     logger.info("grpo: %d train / %d val questions, reward %s, prompt %s", len(train_p), len(val_p),
                 args.reward, "(template from the recipe)" if "{question}" in prompt_name else prompt_name)
     # 3. generator, optimizer, loop
-    generator = make_generator(args, policy, tokenizer, source.path)
+    generator = rollout_generator(args, policy, tokenizer, source.path)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
                                   betas=(args.adam_beta1, args.adam_beta2))
-    settings = args.settings(preset)
-    settings.resume = bool(getattr(recipe, "resume", False))  # continue from stage_dir/checkpoints
+    config = args.loop_config(preset, resume=bool(recipe.resume), output_dir=str(stage_dir))
     loop = GRPOLoop(policy, tokenizer, generator, preset.fn, train_p, train_a, optimizer,
-                    settings, val_prompts=val_p, val_answers=val_a, ref_model=ref, accelerator=acc)
+                    config, val_prompts=val_p, val_answers=val_a, ref_model=ref, accelerator=acc)
     history = loop.train()
     # 4. save, summarise, check
     result = {"model_source": source.to_dict(), **_summary(history, args.improvement_sigmas)}
@@ -364,8 +419,6 @@ def _fmt(x) -> str:
 
 def _plot(stage_dir: Path) -> None:
     try:
-        from alignkit.train.callbacks import plot_metrics
-
         plot_metrics(stage_dir / "metrics.jsonl", stage_dir / "curves.png")
     except (OSError, ValueError, RuntimeError, ImportError) as err:  # plotting must never fail a run
         logger.warning("grpo: could not plot metrics: %s", err)
@@ -398,34 +451,37 @@ def trl_reward_funcs(preset: RewardPreset, stop: list[str]) -> list:
 
 
 def trl_config(args: GRPOArgs, stage_dir: Path):
-    """TRL ``GRPOConfig`` from our settings (same meaning, TRL's names)."""
-    from trl import GRPOConfig
+    """TRL's ``GRPOConfig`` from ours (same meaning, TRL's names; see TRL_NAMES). Step counts are TRL
+    optimizer steps: ``steps_per_grpo_step`` of them per GRPO step (rollout batch)."""
+    from trl import GRPOConfig as TRLGRPOConfig
 
+    trl_check(args)
     micro = args.train_batch_size // args.gradient_accumulation_steps
-    opt_steps = args.n_grpo_steps * (args.rollout_batch_size // args.train_batch_size) * args.epochs_per_rollout_batch
-    return GRPOConfig(
+    per_step = (args.rollout_batch_size // args.train_batch_size) * args.epochs_per_rollout_batch
+    opt_steps = args.n_grpo_steps * per_step
+    min_tokens = "min_tokens" if args.rollout_backend == "vllm" else "min_new_tokens"  # vLLM / transformers
+    return TRLGRPOConfig(
         output_dir=str(stage_dir), learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, max_steps=opt_steps,
         per_device_train_batch_size=micro, gradient_accumulation_steps=args.gradient_accumulation_steps,
         generation_batch_size=args.rollout_batch_size, num_generations=args.group_size,
         num_iterations=args.epochs_per_rollout_batch, max_completion_length=args.max_new_tokens,
+        generation_kwargs={min_tokens: args.min_new_tokens},
         temperature=args.temperature, top_p=args.top_p, beta=args.beta, epsilon=args.cliprange,
         scale_rewards="group" if args.use_std_normalization else "none",
         loss_type="grpo" if args.length_normalization == "mean" else "dr_grpo",
         max_grad_norm=args.max_grad_norm or 0.0, reward_weights=[1.0, 0.0, 0.0], seed=args.seed,
-        logging_steps=args.log_every, save_steps=args.save_every or opt_steps, report_to="none",
-        use_vllm=args.rollout_backend == "vllm", vllm_mode="colocate",
+        logging_steps=args.log_every * per_step, save_steps=args.save_every * per_step or opt_steps,
+        report_to="none", use_vllm=args.rollout_backend == "vllm", vllm_mode="colocate",
         vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization, use_cpu=args.use_cpu, bf16=args.bf16)
 
 
 def greedy_val(model, tokenizer, prompts, answers, preset: RewardPreset, stop, max_new_tokens, batch_size) -> dict:
     """Mean greedy reward/format/answer on held-out prompts (the alignkit loop's ``evaluate``)."""
-    from alignkit.generation.base import SamplingParams
-    from alignkit.generation.hf import HFGenerator
-
     if not prompts:
         return {}
-    gen = HFGenerator(model, tokenizer, batch_size=batch_size)
+    name = getattr(model, "name_or_path", "") or "policy"
+    gen = make_generator(f"hf:{name}", model=model, tokenizer=tokenizer, batch_size=batch_size)
     done = gen.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop))
     tail = stop[0] if preset.append_stop and stop else ""
     scores = [preset.fn(c.text + (tail if c.finish_reason == "stop" else ""), a) for c, a in zip(done, answers)]
@@ -433,31 +489,29 @@ def greedy_val(model, tokenizer, prompts, answers, preset: RewardPreset, stop, m
 
 
 def run_trl(recipe, stage_dir: Path, model_path=None) -> dict:
-    """``engine: trl``: TRL's GRPOTrainer (its vLLM integration as is) with our rewards and data."""
+    """``engine: trl``: TRL's GRPOTrainer (its vLLM integration as is) with our rewards and data; the
+    recipe's top-level ``resume`` continues from the newest ``checkpoint-N`` in the stage folder."""
     from datasets import Dataset
     from trl import GRPOTrainer
-
-    from alignkit.train.callbacks import MetricsJsonlCallback
-    from alignkit.train.common import load_for_training, lora_config
 
     args: GRPOArgs = recipe.train
     model, tokenizer, source = load_for_training(recipe, model_path)
     tokenizer.padding_side = "left"
     preset = get_reward(args.reward)
-    stop = list(args.stop if args.stop is not None else preset.stop)
+    stop = args.loop_config(preset).stop
     template = prompt_template(args, preset)
     train_rows, val_rows = load_examples(args, recipe.data)
     train_p, train_a = format_prompts(train_rows, template)
     val_p, val_a = format_prompts(val_rows, template)
     val_kw = {"preset": preset, "stop": stop, "max_new_tokens": args.eval_max_new_tokens or args.max_new_tokens,
-                  "batch_size": args.generation_batch_size}
+              "batch_size": args.generation_batch_size}
     before = greedy_val(model, tokenizer, val_p, val_a, **val_kw)
     trainer = GRPOTrainer(model=model, reward_funcs=trl_reward_funcs(preset, stop), args=trl_config(args, stage_dir),
                           train_dataset=Dataset.from_list([{"prompt": p, "answer": a}
                                                            for p, a in zip(train_p, train_a)]),
                           processing_class=tokenizer, peft_config=lora_config(recipe.lora),
                           callbacks=[MetricsJsonlCallback(stage_dir / "metrics.jsonl")])
-    trainer.train()
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(stage_dir)) if recipe.resume else None)
     after = greedy_val(trainer.model, tokenizer, val_p, val_a, **val_kw)
     last = {k: v for k, v in (trainer.state.log_history or [{}])[-1].items() if isinstance(v, (int, float))}
     result = {"model_source": source.to_dict(), **_summary({"val_before": before, "val_after": after,
@@ -468,15 +522,3 @@ def run_trl(recipe, stage_dir: Path, model_path=None) -> dict:
     if args.require_improvement and not result["improved"]:
         result["checks_failed"] = ["validation reward did not rise"]
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m alignkit.train.grpo RECIPE.yaml [key=value ...]``: run a ``stage: grpo`` recipe."""
-    from alignkit.pipeline import main as pipeline_main
-
-    return pipeline_main(list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    raise SystemExit(main())
