@@ -24,14 +24,14 @@ logger = logging.getLogger("benchmarks")
 
 def bench_grpo(ctx: Context) -> list[Row]:
     from alignkit.generation.hf import HFGenerator
-    from alignkit.rl.loop import GRPOLoop, GRPOSettings
+    from alignkit.rl.loop import GRPOConfig, GRPOLoop
     from alignkit.rl.rewards import gsm8k_reward
 
     model, tok = ctx.load()
     with open(data_path("gsm8k", "train.jsonl")) as fh:
         rows = [json.loads(line) for line, _ in zip(fh, range(16))]
     prompts = [f"Question: {r['question']}\nAnswer:" for r in rows]
-    settings = GRPOSettings(n_grpo_steps=1, rollout_batch_size=ctx.pick(4, 4), group_size=ctx.pick(2, 2),
+    settings = GRPOConfig(n_grpo_steps=1, rollout_batch_size=ctx.pick(4, 4), group_size=ctx.pick(2, 2),
                             train_batch_size=ctx.pick(4, 4), gradient_accumulation_steps=ctx.pick(2, 2),
                             loss_type="grpo_clip", max_new_tokens=ctx.pick(8, 16), min_new_tokens=1,
                             rollout_table_every=0, seed=0)

@@ -97,7 +97,6 @@ class GRPOConfig:
                              "clearing old logs).")
 
 
-GRPOSettings = GRPOConfig  # old name, still used by benchmarks/suite_rl_data.py; remove once it says GRPOConfig
 
 
 @dataclass
