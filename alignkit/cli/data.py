@@ -7,18 +7,29 @@ overridden by flags. Exit status 1 when rows are malformed or none is kept, 2 on
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
 import tempfile
 from pathlib import Path
 
 from transformers import AutoTokenizer
+from trl import DPOConfig, SFTConfig
 
 from alignkit.config import load_recipe
-from alignkit.data.check import parse_columns, run_check, write_outputs
-from alignkit.models import load_tokenizer
+from alignkit.data.check import ON_ERROR, parse_columns, run_check, write_outputs
+from alignkit.models import DEFAULT_MODEL, load_tokenizer
 from alignkit.train.quickstart import materialize_data
 
+
+def _trl_default(config_class, name: str):
+    return next(f.default for f in dataclasses.fields(config_class) if f.name == name)
+
+
 KINDS = {"sft": "sft", "dpo": "preference", "reward": "preference"}  # stage -> data kind
+# without a recipe, the max_length the trainers default to (TRL's SFTConfig / DPOConfig)
+DEFAULT_MAX_LENGTH = {"sft": _trl_default(SFTConfig, "max_length"),
+                      "preference": _trl_default(DPOConfig, "max_length")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=None, help="auto | prompt_chosen_rejected | conversational | hh")
     p.add_argument("--columns", default=None, help="column mapping, e.g. prompt=question,chosen=good,rejected=bad")
     p.add_argument("--multi-turn", choices=("drop", "keep"), default=None, help="HH multi-turn rows")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (model) path for token lengths")
+    p.add_argument("--tokenizer", "--model", dest="tokenizer", default=None,
+                   help="model (or tokenizer) whose tokenizer measures token lengths; default: the recipe's "
+                        f"model, else {DEFAULT_MODEL} (characters when it cannot be loaded)")
+    p.add_argument("--max-rows", type=int, default=None, help="read only the first N records")
+    p.add_argument("--on-error", choices=ON_ERROR, default=None,
+                   help="malformed rows: raise (exit 1, as training stops) or drop (left out, as training does "
+                        "with data.on_error=drop); default: the recipe's data.on_error, else raise")
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--template", default=None, help="prompt template string or bundled prompt name")
     p.add_argument("--keep-over-length", action="store_true", help="count over-length rows, don't drop them")
@@ -78,6 +95,7 @@ def recipe_options(path: str, overrides: list[str], stage: str | None = None) ->
         "template": _first(data, "template"), "kind": kind,
         "tokenizer": _first(recipe, "model.name_or_path", "model.path", "model.name"),
         "max_length": _first(data, "max_length") or _first(recipe, "train.max_length"),
+        "max_rows": _first(data, "max_rows"), "on_error": _first(data, "on_error"),
     }
 
 
@@ -86,19 +104,32 @@ def options(args) -> dict:
     opts = recipe_options(args.recipe, args.overrides, args.stage) if args.recipe else {}
     cli = {"data": args.data, "split": args.split, "format": args.format, "columns": parse_columns(args.columns),
            "multi_turn": args.multi_turn, "tokenizer": args.tokenizer, "max_length": args.max_length,
-           "template": args.template, "kind": args.kind}
+           "template": args.template, "kind": args.kind, "max_rows": args.max_rows, "on_error": args.on_error}
     opts.update({k: v for k, v in cli.items() if v is not None})
     if not opts.get("data"):
         raise ValueError("no data: pass a recipe with a data section, or --data PATH")
+    if not opts.get("max_length"):
+        opts["max_length"] = DEFAULT_MAX_LENGTH[opts.get("kind") or "preference"]
     if isinstance(opts.get("columns"), str):
         opts["columns"] = parse_columns(opts["columns"])
     return opts
 
 
-def tokenizer_for(name: str | None):
-    """None; a tokenizer-only folder directly; models, GGUF files and hub names through alignkit.models."""
-    if not name:
+@functools.lru_cache(maxsize=1)
+def _default_tokenizer():
+    try:
+        return load_tokenizer(DEFAULT_MODEL)
+    except (OSError, ValueError) as exc:
+        print(f"alignkit data check: no tokenizer ({exc}); lengths are in characters, no max-length check "
+              "(pass --model)", file=sys.stderr)
         return None
+
+
+def tokenizer_for(name: str | None):
+    """A tokenizer-only folder directly; models, GGUF files and hub names through alignkit.models. Without a
+    name: the default model's tokenizer, or None (lengths in characters, said on stderr) when it is absent."""
+    if not name:
+        return _default_tokenizer()
     path = Path(name).expanduser()
     if path.is_dir() and not (path / "config.json").exists():
         return AutoTokenizer.from_pretrained(path)
@@ -122,4 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     print(report.to_markdown())
     if args.output:
         print(f"wrote {write_outputs(report, args.output)}/report.md, report.json, lengths.png")
-    return 1 if report.malformed or not report.kept else 0
+    try:
+        report.verdict(opts.get("on_error") or "raise")
+    except ValueError as exc:  # the message training would stop with
+        print(f"alignkit data check: {exc}", file=sys.stderr)
+        return 1
+    return 0
