@@ -16,6 +16,7 @@ from pathlib import Path
 
 from alignkit import resources
 
+HARNESS_STYLE = "zero_shot"  # the prompt style of the generated lm-eval tasks (their hooks and stop strings)
 Parser = Callable[[dict, str], str | None]
 Grader = Callable[[str | None, str], bool]
 
