@@ -16,6 +16,7 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from alignkit.data.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
@@ -137,7 +138,6 @@ def run_harness(model: str, tasks: list[str], output_dir: str | Path, *, limit: 
     """Run lm-eval tasks (built-in names or ``alignkit_*``) on an HF model; write results.json and
     per-task samples under ``output_dir``; return {"results", "n_samples", "config", "wall_s"}."""
     import lm_eval
-    import torch
     from lm_eval.tasks import TaskManager
 
     output_dir = Path(output_dir)
