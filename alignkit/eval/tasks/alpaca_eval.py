@@ -18,15 +18,9 @@ from alignkit.eval.judge import length_controlled_win_rate, pairwise_preference,
 from alignkit.eval.tasks.base import Task, read_jsonl
 from alignkit.eval.tasks.spec import TaskSpec
 
-SPEC = TaskSpec(
-    name="alpaca_eval",
-    data="alpaca_eval/alpaca_eval.jsonl",
-    prompt="{instruction}",
-    max_new_tokens=512,
-    metric="output_chars",
-    target="reference",
-    description="AlpacaEval generation (win rates need a judge: alignkit eval --judge)",
-)
+SPEC = TaskSpec(name="alpaca_eval", data="alpaca_eval/alpaca_eval.jsonl", prompt="{instruction}", max_new_tokens=512,
+                metric="output_chars", target="reference",
+                description="AlpacaEval generation (win rates need a judge: alignkit eval --judge)")
 
 
 class AlpacaEval(Task):

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from alignkit import resources
 from alignkit.data.io import location, read_rows
+from alignkit.eval.judge import keyword_refusal, require_some_valid
 from alignkit.eval.tasks.spec import METRICS, TaskSpec
 from alignkit.generation.base import SamplingParams
 
@@ -183,3 +184,21 @@ class Task:
         answer = 1.0 if s.get("correct") else 0.0
         return {"reward": answer, "format_reward": 0.0 if s.get("parsed") is None else 1.0,
                 "answer_reward": answer}
+
+
+class LabelledTask(Task):
+    """A generation task whose outputs a judge labels one at a time (``verdict``: the :class:`Judge` method,
+    ``"safety"`` or ``"refusal"``); without a judge the score is the keyword refusal detector."""
+
+    verdict: ClassVar[str]
+    uses_judge = True
+
+    def score(self, example: dict, completion_text: str) -> dict:
+        return {"parsed": completion_text or None, "keyword_refusal": keyword_refusal(completion_text)}
+
+    def judge(self, records: list[dict], judge: Any) -> None:
+        """Adds ``record["judge"] = {"label", "raw"}``; raises when every verdict is invalid."""
+        verdicts = getattr(judge, self.verdict)([(self.instruction(r["example"]), r["output"]) for r in records])
+        require_some_valid(verdicts, self.verdict)
+        for r, v in zip(records, verdicts):
+            r["judge"] = {"label": v.label, "raw": v.raw}

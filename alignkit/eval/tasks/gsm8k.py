@@ -27,17 +27,9 @@ def gold_answer(ground_truth: str) -> str:
     return gsm8k_answer(ground_truth) if "####" in ground_truth else ground_truth.strip()
 
 
-SPEC = TaskSpec(
-    name="gsm8k",
-    data="gsm8k/{split}.jsonl",
-    prompt="{question}\nAnswer:",
-    max_new_tokens=256,
-    metric="exact_match",
-    target="gold",
-    parser=parse_answer,
-    grader=answers_equivalent,
-    description="GSM8K test, final number graded by answer equivalence",
-)
+SPEC = TaskSpec(name="gsm8k", data="gsm8k/{split}.jsonl", prompt="{question}\nAnswer:", max_new_tokens=256,
+                metric="exact_match", target="gold", parser=parse_answer, grader=answers_equivalent,
+                description="GSM8K test, final number graded by answer equivalence")
 
 
 class GSM8K(Task):

@@ -7,36 +7,22 @@ Data: ``over_refusal/prompts.jsonl`` rows ``{"id", "prompt", "category"}`` (writ
 """
 from __future__ import annotations
 
-from alignkit.eval.judge import keyword_refusal, require_some_valid
-from alignkit.eval.tasks.base import Task, read_jsonl
+from alignkit.eval.judge import keyword_refusal
+from alignkit.eval.tasks.base import LabelledTask, read_jsonl
 from alignkit.eval.tasks.spec import TaskSpec
 
-SPEC = TaskSpec(
-    name="over_refusal",
-    data="over_refusal/prompts.jsonl",
-    prompt="{prompt}",
-    max_new_tokens=128,
-    metric="keyword_refusal",
-    description="Over-refusal generation; keyword refusal rate (a judge's verdicts: alignkit eval --judge)",
-)
+SPEC = TaskSpec(name="over_refusal", data="over_refusal/prompts.jsonl", prompt="{prompt}", max_new_tokens=128,
+                metric="keyword_refusal",
+                description="Over-refusal generation; keyword refusal rate (judge verdicts: alignkit eval --judge)")
 
 
-class OverRefusal(Task):
+class OverRefusal(LabelledTask):
     spec = SPEC
-    uses_judge = True
+    verdict = "refusal"
 
     def _load_all(self) -> list[dict]:
         rows = read_jsonl(self.data_path, ("id", "prompt", "category"))
         return [{"id": r["id"], "prompt": r["prompt"], "category": r["category"]} for r in rows]
-
-    def score(self, example: dict, completion_text: str) -> dict:
-        return {"parsed": completion_text or None, "keyword_refusal": keyword_refusal(completion_text)}
-
-    def judge(self, records: list[dict], judge) -> None:
-        verdicts = judge.refusal([(r["example"]["prompt"], r["output"]) for r in records])
-        require_some_valid(verdicts, "refusal")
-        for r, v in zip(records, verdicts):
-            r["judge"] = {"label": v.label, "raw": v.raw}
 
     @staticmethod
     def refused(record: dict) -> tuple[bool, str]:
