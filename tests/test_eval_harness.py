@@ -106,7 +106,7 @@ def test_task_dir_default_folder_is_rewritten_and_pruned(tmp_path, monkeypatch):
     (folder / "alignkit_gsm8k.yaml").write_text("edited by hand\n")
     assert harness.task_dir() == folder
     assert not (folder / "alignkit_gone.yaml").exists() and (folder / "mine.yaml").exists()
-    assert (folder / "alignkit_gsm8k.yaml").read_text().startswith("# alignkit_gsm8k: generated")
+    assert (folder / "alignkit_gsm8k.yaml").read_text().startswith("# alignkit_gsm8k: GSM8K")
 
 
 def test_lm_eval_loads_the_tasks_from_any_directory(tmp_path, monkeypatch):
