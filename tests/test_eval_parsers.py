@@ -80,6 +80,12 @@ def test_parse_mmlu_statement_over_bundled_dev_set():
         ("First 4 then 2 + 3 = 5. So 5 apples.", "5"),
         ("The answer is 007", "7"),
         ("-0.0", "0"),
+        # a fraction of integers is one answer (the grader decides 1/2 == 0.5)
+        ("Half of it: 1/2.", "1/2"),
+        ("It drops by -3/4", "-3/4"),
+        ("48/2 = 24 clips", "24"),
+        ("Born 12/25/2020", "2020"),
+        ("0/5 left", "0"),
         ("no digits here", None),
         ("", None),
     ],

@@ -160,3 +160,66 @@ def test_bundled_data_counts_and_fields():
     assert any("kill a Python process" in e["prompt"] for e in over)
     assert AlpacaEval().format_prompt(AlpacaEval().load(1)[0], "chat")[0]["content"] == AlpacaEval().load(1)[0][
         "instruction"]
+
+
+# ------------------------------------------------------------------------------- task specs
+def test_every_task_is_defined_by_its_spec():
+    from alignkit.eval.tasks import SPECS, TASKS
+
+    assert list(SPECS) == list(TASKS)
+    for name, cls in TASKS.items():
+        assert cls.spec is SPECS[name] and cls.name == name == cls.spec.name
+        assert cls.max_new_tokens == cls.spec.max_new_tokens and cls().data_path.exists()
+    assert (GSM8K.max_new_tokens, MMLU.max_new_tokens, AlpacaEval.max_new_tokens) == (256, 128, 512)
+    ex = GSM8K().load(1)[0]
+    assert GSM8K().instruction(ex) == ex["question"] + "\nAnswer:"
+    assert SimpleSafetyTests().instruction({"prompts_final": "P"}) == "P"
+    assert OverRefusal().instruction({"prompt": "Q"}) == "Q"
+
+
+def test_a_task_from_a_spec_alone():
+    """A new task needs only a spec and a loader: prompt, stops, cap, score and reward follow from it."""
+    from alignkit.eval.tasks import Task, TaskSpec
+    from alignkit.eval.tasks.graders import exact
+
+    class Toy(Task):
+        spec = TaskSpec(name="toy", data="gsm8k/test.jsonl", prompt="Q: {q} ({q})", max_new_tokens=5,
+                        metric="exact_match", target="gold", stop=("\n\n",), grader=exact,
+                        parser=lambda example, text: text.strip().upper() or None)
+
+    toy = Toy()
+    assert (Toy.name, Toy.max_new_tokens, toy.instruction({"q": "{x}"})) == ("toy", 5, "Q: {x} ({x})")
+    assert toy.sampling_params("zero_shot").stop == ["# Query:", "\n\n"]
+    assert toy.sampling_params("chat").stop == ["\n\n"]
+    assert toy.score({"gold": "A"}, " a ") == {"parsed": "A", "gold": "A", "correct": True}
+    assert toy.reward({"gold": "A"}, "  ") == {"reward": 0.0, "format_reward": 0.0, "answer_reward": 0.0}
+    assert toy.harness_metrics({"gold": "B"}, "a") == {"exact_match": 0.0}
+
+
+def test_spec_checks_its_fields():
+    from alignkit.eval.tasks import TaskSpec
+    from alignkit.eval.tasks.graders import exact
+
+    with pytest.raises(ValueError, match="unknown metric 'f1'; valid: exact_match, acc"):
+        TaskSpec(name="t", data="x", prompt="p", max_new_tokens=1, metric="f1")
+    with pytest.raises(ValueError, match="parser, grader and target come together"):
+        TaskSpec(name="t", data="x", prompt="p", max_new_tokens=1, metric="acc", grader=exact)
+    with pytest.raises(NotImplementedError, match="'sst' has no grader"):
+        SimpleSafetyTests.grade("a", "a")
+
+
+def test_mmlu_reads_one_subject_csv():
+    path = resources.data_path("mmlu", "test", "anatomy_test.csv")
+    rows = list(csv.reader(path.open(encoding="utf-8", newline="")))
+    one = MMLU(path).load()
+    assert len(one) == len(rows) and {e["subject"] for e in one} == {"anatomy"}
+    assert one[0]["id"] == "anatomy/1" and one[0]["answer"] == rows[0][5]
+
+
+def test_graders_by_hand():
+    from alignkit.eval.tasks.graders import answers_equivalent, exact
+
+    assert GSM8K.grade("1/2", "0.5") and GSM8K.grade("\\frac{3}{4}", "0.75") and GSM8K.grade("$1,000", "1000")
+    assert not GSM8K.grade(None, "0") and not GSM8K.grade("", "0") and not GSM8K.grade("2", "0.5")
+    assert GSM8K.spec.grader is answers_equivalent and MMLU.spec.grader is exact
+    assert MMLU.grade("B", "B") and not MMLU.grade("b", "B") and not MMLU.grade(None, "B")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from alignkit.eval.tasks.gsm8k import GSM8K
+from alignkit.generation.base import Completion
 from alignkit.train import quickstart as qs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +21,33 @@ def test_formatted_solution_by_hand():
     assert qs.parse_answer("so... The answer is $1,072.") == "1072"
     assert qs.parse_answer("The answer is -3.5.") == "-3.5"
     assert qs.parse_answer("#### 72") is None
-    assert qs.same_number("72.0", "72") and not qs.same_number(None, "72")
+    assert GSM8K.grade("72.0", "72") and not GSM8K.grade(None, "72")  # the quickstart grades with the task
+
+
+class CannedChat:
+    """A Generator whose chat() answers from a fixed list (records what it was asked)."""
+
+    def __init__(self, texts):
+        self.texts, self.asked = texts, []
+
+    def chat(self, conversations, params):
+        self.asked.append((conversations, params))
+        return [Completion(text=t, finish_reason="stop") for t in self.texts[: len(conversations)]]
+
+
+def test_gsm8k_metrics_grade_with_the_task_grader(tmp_path):
+    # golds of the first 4 bundled test questions: 18, 3, 70000, 540
+    texts = ["So... The answer is $18.", "The answer is 3.0.", "The answer is 70,000.", "It is 540."]
+    gen = CannedChat(texts)
+    metrics = qs.gsm8k_metrics(gen, 4, max_new_tokens=7, out=tmp_path)
+    # formatted: 3 of 4 (the last has no "The answer is"); correct: the 3 formatted ones
+    assert metrics == {"gsm8k_format_rate": 0.75, "gsm8k_accuracy": 0.75}
+    (conversations, params), = gen.asked
+    assert params.max_new_tokens == 7 and params.temperature == 0.0
+    assert conversations[0][0]["content"].startswith("Janet")
+    samples = [json.loads(line) for line in (tmp_path / "gsm8k_samples.jsonl").read_text().splitlines()]
+    assert [(s["gold"], s["pred"]) for s in samples] == [("18", "18"), ("3", "3.0"), ("70000", "70000"),
+                                                         ("540", None)]
 
 
 def test_rejected_kinds_are_bad_answers():

@@ -117,3 +117,46 @@ def test_load_reward_fn_bad_specs(spec, error, fragment):
     with pytest.raises(error) as err:
         get_reward(spec)
     assert fragment in str(err.value)
+
+
+# (answer as the model writes it, gold, correct?) -- expected values by hand
+AGREEMENT = [
+    ("1/2", "0.5", True),
+    ("0.5", "1/2", True),
+    ("1,000", "1000", True),
+    ("1000.0", "1,000", True),
+    ("$5", "5", True),
+    ("1,072", GSM8K_GOLD, True),
+    ("-7", "-7", True),
+    ("0.51", "0.5", False),
+    ("1/3", "0.5", False),
+    ("7", "-7", False),
+    ("1,001", "1000", False),
+    ("$6", "5", False),
+]
+
+
+@pytest.mark.parametrize("answer, gold, correct", AGREEMENT)
+def test_eval_score_and_rl_rewards_agree(answer, gold, correct):
+    """The GSM8K task's score (eval), its reward, and the gsm8k / r1_zero presets give one verdict."""
+    from alignkit.eval.tasks import GSM8K
+
+    task = GSM8K()
+    example = GSM8K.example_for(gold)
+    text = f"So the answer is {answer}."
+    assert task.score(example, text)["correct"] is correct
+    assert task.reward(example, text) == r(1, correct, correct)
+    assert gsm8k_reward(text, gold) == r(1, correct, correct)
+    assert r1_zero_reward(f"reasoning </think> <answer>{answer}</answer>", gold) == r(1, correct, correct)
+    assert GSM8K.grade(answer, GSM8K.example_for(gold)["gold"]) is correct
+
+
+def test_gsm8k_preset_is_the_task_reward(monkeypatch):
+    """The gsm8k preset calls the GSM8K task's reward (the grader is really wired, not a copy)."""
+    from alignkit.eval.tasks import GSM8K
+
+    calls = []
+    monkeypatch.setattr(GSM8K, "grade", classmethod(lambda cls, answer, gold: calls.append((answer, gold)) or True))
+    assert get_reward("gsm8k").fn("It is 3.", GSM8K_GOLD)["reward"] == 1.0
+    assert r1_zero_reward("x </think> <answer>4</answer>", "9")["reward"] == 1.0
+    assert calls == [("3", "1072"), ("4", "9")]

@@ -1,44 +1,131 @@
-"""lm-evaluation-harness integration: alignkit's task YAMLs and a ``simple_evaluate`` wrapper.
+"""lm-evaluation-harness integration: alignkit's tasks as lm-eval YAMLs, and a ``simple_evaluate`` wrapper.
 
-The YAMLs in ``lm_eval_tasks/`` point ``data_files`` at the bundled data with paths relative to
-that folder; ``datasets`` resolves relative paths against the working directory, so
-:func:`render_task_dir` writes a copy with absolute paths (plus ``utils.py``) and that copy is
-the ``TaskManager`` include path. Harness gotcha: the device is ``simple_evaluate(device=...)``,
-not a ``model_args`` entry.
+The YAMLs are generated, never hand-kept: :func:`lm_eval_configs` turns each task's
+:class:`~alignkit.eval.tasks.spec.TaskSpec` into an lm-eval config (``alignkit_<name>``; MMLU a group of
+subject tasks) whose prompt, stop strings, token cap and metric are the runner Task's own, and whose
+``!function utils.*`` hooks call that Task. :func:`task_dir` writes them, with absolute data paths, plus
+``utils.py`` into a folder and returns it, so ``lm_eval --include_path $(alignkit eval --task-dir)
+--tasks alignkit_gsm8k`` works from any working directory. Harness gotcha: the device is
+``simple_evaluate(device=...)``, not a ``model_args`` entry.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
-from alignkit.data.io import write_json_atomic, write_jsonl_atomic
+import torch
+import yaml
+
+from alignkit.data.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from alignkit.eval.tasks import TASKS, Task
+from alignkit.eval.tasks.spec import HARNESS_STYLE, METRICS
+from alignkit.models import cache_root, resolve_model
 from alignkit.resources import ROOT as RESOURCES
 
 logger = logging.getLogger(__name__)
 
-TASK_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
-RELATIVE_DATA = "../../resources/"
+UTILS = Path(__file__).resolve().parent / "lm_eval_tasks" / "utils.py"  # the hooks every generated YAML uses
+PREFIX = "alignkit_"
+VERSION = 1.0
 
 
-def render_task_dir(out_dir: str | Path) -> Path:
-    """Copy the YAMLs (data paths made absolute) and utils.py into ``out_dir``; return it."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path in TASK_DIR.glob("*.yaml"):
-        (out_dir / path.name).write_text(path.read_text().replace(RELATIVE_DATA, f"{RESOURCES}/"))
-    shutil.copy(TASK_DIR / "utils.py", out_dir / "utils.py")
-    return out_dir
+class _Function(str):
+    """A hook reference written as ``!function utils.<name>`` in a generated YAML."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Function, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
+
+
+def _task_config(task: type[Task], name: str, data: Path) -> dict:
+    """The lm-eval config of one task (or one subset of it) reading ``data``."""
+    spec, params = task.spec, task().sampling_params(HARNESS_STYLE)
+    return {
+        "task": name,
+        "dataset_path": "json",  # unused beside custom_dataset, but lm-eval wants one
+        "custom_dataset": _Function("utils.load_docs"),
+        "dataset_kwargs": {"alignkit_task": spec.name, "data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": _Function("utils.doc_to_text"),
+        "doc_to_target": spec.target,
+        "process_results": _Function("utils.process_results"),
+        "generation_kwargs": {"until": list(params.stop), "do_sample": False, "temperature": params.temperature,
+                              "max_gen_toks": params.max_new_tokens},
+        "metric_list": [{"metric": spec.metric, "aggregation": "mean",
+                         "higher_is_better": METRICS[spec.metric].higher_is_better}],
+        "metadata": {"version": VERSION},
+    }
+
+
+def lm_eval_configs() -> dict[str, dict]:
+    """``{lm-eval task or group name: config}`` generated from every task spec (absolute data paths)."""
+    configs: dict[str, dict] = {}
+    for task in TASKS.values():
+        spec, name = task.spec, PREFIX + task.spec.name
+        if not spec.subsets:
+            configs[name] = _task_config(task, name, spec.data_file())
+            continue
+        subtasks = {f"{name}_{s}": _task_config(task, f"{name}_{s}", spec.subset_file(s)) for s in spec.subsets}
+        configs.update(subtasks)
+        configs[name] = {"group": name, "task": list(subtasks),
+                         "aggregate_metric_list": [{"metric": spec.metric, "aggregation": "mean",
+                                                    "weight_by_size": True}],
+                         "metadata": {"version": VERSION}}
+    return configs
+
+
+def render_yaml(name: str, config: dict) -> str:
+    """The YAML text of one generated config, with a header naming the spec it comes from."""
+    task = TASKS[config.get("dataset_kwargs", {}).get("alignkit_task") or name[len(PREFIX):]]
+    header = (f"# {name}: {task.spec.description}.\n"
+              f"# Generated by alignkit.eval.harness from the task spec in {task.__module__};\n"
+              "# do not edit (alignkit eval --task-dir rewrites it).\n")
+    return header + yaml.dump(config, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1000)
+
+
+def default_task_dir() -> Path:
+    """``<alignkit cache>/lm_eval/<hash of this install's resources path>/lm_eval_tasks``."""
+    digest = hashlib.sha256(str(RESOURCES).encode()).hexdigest()[:12]
+    return cache_root() / "lm_eval" / digest / "lm_eval_tasks"
+
+
+def task_dir(out_dir: str | Path | None = None) -> Path:
+    """Write the generated YAMLs and ``utils.py`` into ``out_dir`` (default :func:`default_task_dir`) and
+    return its absolute path: lm-eval's ``--include_path`` / ``TaskManager(include_path=...)`` from any
+    directory. Files already up to date are left alone; ``alignkit_*.yaml`` no spec generates are removed."""
+    out = Path(out_dir).expanduser().resolve() if out_dir is not None else default_task_dir()
+    files = {f"{name}.yaml": render_yaml(name, config) for name, config in lm_eval_configs().items()}
+    files["utils.py"] = UTILS.read_text(encoding="utf-8")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f"{PREFIX}*.yaml"):
+        if stale.name not in files:
+            stale.unlink(missing_ok=True)  # another process may prune it too
+    for file_name, text in files.items():
+        path = out / file_name
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            write_text_atomic(path, text)
+    return out
+
+
+render_task_dir = task_dir  # the earlier name (it took out_dir)
+
+
+def __getattr__(name: str):
+    """``TASK_DIR`` (the earlier constant): the default folder, written by :func:`task_dir` on access."""
+    if name == "TASK_DIR":
+        return task_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _pretrained(model: str) -> dict:
     """model_args for lm-eval's hf model: the local folder alignkit.models resolves (GGUF included)."""
-    try:
-        from alignkit.models import resolve_model
-    except ImportError:
-        return {"pretrained": model}
     source = resolve_model(model)
     args = {"pretrained": source.path}
     if source.revision:
@@ -52,14 +139,13 @@ def run_harness(model: str, tasks: list[str], output_dir: str | Path, *, limit: 
     """Run lm-eval tasks (built-in names or ``alignkit_*``) on an HF model; write results.json and
     per-task samples under ``output_dir``; return {"results", "n_samples", "config", "wall_s"}."""
     import lm_eval
-    import torch
     from lm_eval.tasks import TaskManager
 
     output_dir = Path(output_dir)
-    include = render_task_dir(output_dir / "task_yamls")
+    include = task_dir(output_dir / "task_yamls")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     args = {**_pretrained(model), **(model_args or {})}
-    builtin = any(not t.startswith("alignkit_") for t in tasks)  # indexing lm-eval's own tasks is slow
+    builtin = any(not t.startswith(PREFIX) for t in tasks)  # indexing lm-eval's own tasks is slow
     logger.info("lm-eval: tasks=%s model_args=%s device=%s limit=%s", tasks, args, device, limit)
     start = time.perf_counter()
     out = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=list(tasks), device=device, limit=limit,

@@ -1,7 +1,8 @@
 """Parsers from model output to a gradable answer (CS336 A5 supplement sections 2.1 and 2.2).
 
 MMLU (:func:`parse_mmlu_response`) returns "A"-"D" or ``None``; GSM8K (:func:`parse_gsm8k_response`) returns the
-last number of the text as a canonical string or ``None``; :func:`gsm8k_answer` extracts the gold number.
+last number (or fraction) of the text as a canonical string or ``None``; :func:`gsm8k_answer` extracts the gold
+number. Whether a parsed answer is correct is the task's grader's call (:mod:`alignkit.eval.tasks.graders`).
 """
 from __future__ import annotations
 
@@ -60,7 +61,10 @@ def parse_mmlu_response(mmlu_example: dict, model_output: str) -> str | None:
 
 # A number not glued to a preceding word or decimal point: optional minus, then either digits with
 # thousands separators (groups of exactly three: "1,234,567") or plain digits, then an optional fraction.
-_NUMBER = re.compile(r"(?<![\w.])(-)?(\d{1,3}(?:,\d{3})+(?!\d)|\d+)(\.\d+)?|(?<![\w.])(-)?(\.\d+)")
+# A fraction of two plain integers ("1/2", "-3/4"), tried first at each position, is one answer; a date-like
+# run ("12/25/2020") is not a fraction.
+_NUMBER = re.compile(r"(?<![\w./])(-)?(\d+)/(\d+)(?![\w/]|\.\d)"
+                     r"|(?<![\w.])(-)?(\d{1,3}(?:,\d{3})+(?!\d)|\d+)(\.\d+)?|(?<![\w.])(-)?(\.\d+)")
 
 
 def canonical_number(sign: str, integer: str, fraction: str) -> str:
@@ -72,15 +76,17 @@ def canonical_number(sign: str, integer: str, fraction: str) -> str:
 
 
 def parse_gsm8k_response(model_output: str) -> str | None:
-    """The last number in the text as a canonical string, or ``None`` if there is none.
+    """The last number (or fraction) in the text as a canonical string, or ``None`` if there is none.
 
     Accepted: ``1,234`` -> ``"1234"`` (commas only as thousands separators, groups of exactly three
     digits), decimals (``3.50`` -> ``"3.5"``, ``18.00`` -> ``"18"``, ``.5`` -> ``"0.5"``), negatives
     (``-7``, also U+2212), ``$`` (``$1,000`` -> ``"1000"``), trailing periods (``"is 18."`` -> ``"18"``).
     Lists are not merged: ``1,2,3`` and ``1, 2, 3`` give ``"3"`` (a list of three-digit numbers written
     without spaces, ``100,200``, reads as 100200). A minus after a digit or letter is a hyphen, not a
-    sign (``10-3`` gives ``"3"``); digits glued after letters (``x2``) are skipped; scientific notation and
-    fractions (``1/2`` gives ``"2"``) are not interpreted.
+    sign (``10-3`` gives ``"3"``); digits glued after letters (``x2``) are skipped; scientific notation is
+    not interpreted. A fraction of plain integers is kept as one answer (``1/2`` -> ``"1/2"``, ``-06/08`` ->
+    ``"-6/8"``; the grader decides that it equals ``0.5``); slashes in a run like ``12/25/2020`` are not
+    fractions (``"2020"``).
     """
     text = model_output.replace("$", "").replace("\u2212", "-")
     last = None
@@ -88,9 +94,12 @@ def parse_gsm8k_response(model_output: str) -> str | None:
         pass
     if last is None:
         return None
-    if last.group(5):  # ".5"
-        return canonical_number(last.group(4) or "", "0", last.group(5))
-    return canonical_number(last.group(1) or "", last.group(2), last.group(3) or "")
+    if last.group(2):  # "1/2"
+        numerator = canonical_number(last.group(1) or "", last.group(2), "")
+        return numerator if numerator == "0" else f"{numerator}/{int(last.group(3))}"
+    if last.group(8):  # ".5"
+        return canonical_number(last.group(7) or "", "0", last.group(8))
+    return canonical_number(last.group(4) or "", last.group(5), last.group(6) or "")
 
 
 def gsm8k_answer(example_answer_text: str) -> str:

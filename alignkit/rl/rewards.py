@@ -17,62 +17,33 @@ re-appends it before scoring (``RewardPreset.append_stop``). Following CS336 / D
 ``reward = answer_reward`` when the completion is well formed and ``0`` otherwise: an unformatted
 correct number earns nothing (``answer_reward`` is then reported as 0 too).
 
-Answers are compared by mathematical equivalence with ``math_verify`` (``0.5 == 1/2 ==
-\\frac{1}{2}``, ``\\boxed{7} == 7``, ``1,000 == 1000``), after a fast exact/numeric check.
+Answer correctness is the GSM8K task's one grader (:meth:`alignkit.eval.tasks.gsm8k.GSM8K.grade`, i.e.
+:func:`alignkit.eval.tasks.graders.answers_equivalent`: ``0.5 == 1/2 == \\frac{1}{2}``, ``\\boxed{7} == 7``,
+``1,000 == 1000`` with ``math_verify`` after a fast exact/numeric check), so an eval score and an RL
+reward never disagree on an answer; the ``gsm8k`` preset *is* the task's :meth:`~alignkit.eval.tasks.base.Task.reward`.
 """
 from __future__ import annotations
 
 import importlib
-import math
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from alignkit.eval.tasks.graders import answers_equivalent
+from alignkit.eval.tasks.gsm8k import GSM8K, gold_answer
+
+__all__ = ["REWARDS", "RewardFn", "RewardPreset", "answers_equivalent", "get_reward", "gold_answer", "gsm8k_reward",
+           "load_reward_fn", "r1_zero_reward"]
 
 RewardFn = Callable[[str, str], dict]
 
 _TAGS = r"<think>|</think>|<answer>|</answer>"
 _R1_ZERO_RE = re.compile(rf"^(?:(?!{_TAGS}).)*</think>\s*<answer>((?:(?!{_TAGS}).)*)</answer>\s*$", re.DOTALL)
-_NUMBER_RE = re.compile(r"^-?\d+(?:\.\d+)?$")
+_GSM8K = GSM8K()  # the task object whose reward() the gsm8k preset is (no data is read)
 
 
 def _result(format_reward: float, answer_reward: float, reward: float) -> dict:
     return {"reward": float(reward), "format_reward": float(format_reward), "answer_reward": float(answer_reward)}
-
-
-def gold_answer(ground_truth: str) -> str:
-    """The final answer of a gold string: the text after ``####`` (GSM8K solutions) or the string itself."""
-    if "####" in ground_truth:
-        from alignkit.eval.parsers import gsm8k_answer
-
-        return str(gsm8k_answer(ground_truth)).strip()
-    return ground_truth.strip()
-
-
-def _as_number(text: str) -> float | None:
-    text = text.strip().replace(",", "").lstrip("$").rstrip(".")
-    return float(text) if _NUMBER_RE.match(text) else None
-
-
-def answers_equivalent(predicted: str, gold: str) -> bool:
-    """Mathematical equivalence of two answer strings (exact, then numeric, then ``math_verify``)."""
-    predicted, gold = predicted.strip(), gold.strip()
-    if not predicted:
-        return False
-    if predicted == gold:
-        return True
-    a, b = _as_number(predicted), _as_number(gold)
-    if a is not None and b is not None:
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
-    from math_verify import parse, verify
-
-    # math_verify times out with SIGALRM, which only works in the main thread.
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    gold_parsed = parse(gold, parsing_timeout=timeout)
-    pred_parsed = parse(predicted, parsing_timeout=timeout)
-    if not gold_parsed or not pred_parsed:
-        return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
 
 
 def r1_zero_reward(response: str, ground_truth: str) -> dict:
@@ -83,22 +54,17 @@ def r1_zero_reward(response: str, ground_truth: str) -> dict:
     match = _R1_ZERO_RE.match(response)
     if match is None:
         return _result(0.0, 0.0, 0.0)
-    correct = answers_equivalent(match.group(1), gold_answer(ground_truth))
+    correct = GSM8K.grade(match.group(1), gold_answer(ground_truth))
     return _result(1.0, float(correct), float(correct))
 
 
 def gsm8k_reward(response: str, ground_truth: str) -> dict:
-    """GSM8K (Cobbe et al., 2021) reward: the last number of the response equals the gold number.
+    """GSM8K (Cobbe et al., 2021) reward: the GSM8K task's own :meth:`~alignkit.eval.tasks.base.Task.reward`
+    (its parser, the last number of the response, and its grader against the gold answer).
 
     ``format_reward`` is 1 when a number can be parsed (``alignkit.eval.parsers.parse_gsm8k_response``).
     """
-    from alignkit.eval.parsers import parse_gsm8k_response
-
-    predicted = parse_gsm8k_response(response)
-    if predicted is None:
-        return _result(0.0, 0.0, 0.0)
-    correct = answers_equivalent(str(predicted), gold_answer(ground_truth))
-    return _result(1.0, float(correct), float(correct))
+    return _GSM8K.reward(GSM8K.example_for(ground_truth), response)
 
 
 @dataclass(frozen=True)

@@ -10,18 +10,28 @@ Data, built deterministically from the bundled GSM8K train split (``data.path: q
 * ``quickstart:pairs_heldout``: the same kind of pairs from rows never used for training.
 
 Metrics (:func:`evaluate`), on held-out data: GSM8K (bundled test split) answer-format compliance and
-accuracy with greedy decoding; preference accuracy (the model's mean per-token log-prob of chosen >
-rejected) and the DPO implicit reward margin/accuracy against the starting model
-(``beta * [(log pi(y_w) - log pi_0(y_w)) - (log pi(y_l) - log pi_0(y_l))]``, Rafailov et al. 2023 Eq. 5).
+accuracy with greedy decoding (the answer after ``The answer is``, graded by the GSM8K task's one grader,
+:meth:`alignkit.eval.tasks.gsm8k.GSM8K.grade`, as eval and the GRPO rewards grade it); preference
+accuracy (the model's mean per-token log-prob of chosen > rejected) and the DPO implicit reward
+margin/accuracy against the starting model
+(``beta * [(log pi(y_w) - log pi_0(y_w)) - (log pi(y_l) - log pi_0(y_l))]``, Rafailov et al. 2023 Eq. 5,
+with the recipe's DPO ``beta``).
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
 from pathlib import Path
 
+import torch
+
+from alignkit.data.io import read_rows, write_json_atomic, write_jsonl_atomic
+from alignkit.eval.tasks.gsm8k import GSM8K, gold_answer
+from alignkit.generation.base import Generator, SamplingParams
+from alignkit.generation.factory import make_generator
+from alignkit.losses import sequence_log_probs
+from alignkit.models import load_model
 from alignkit.resources import data_path
 
 logger = logging.getLogger("alignkit.quickstart")
@@ -29,11 +39,11 @@ PREFIX = "quickstart:"
 # row ranges of gsm8k/train.jsonl for each built-in set (disjoint, so held-out pairs are unseen)
 RANGES = {"sft": (0, 2000), "dpo": (2000, 4000), "pairs_heldout": (7000, 7473)}
 ANSWER_RE = re.compile(r"The answer is \$?(-?[\d,]*\.?\d+)")
-BETA = 0.1
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _gsm8k_rows(split: str) -> list[dict]:
+    """Rows of the bundled GSM8K split (through the package's one reader)."""
+    return [row.data for row in read_rows(data_path("gsm8k", f"{split}.jsonl"))]
 
 
 def split_solution(answer: str) -> tuple[str, str]:
@@ -67,7 +77,7 @@ def build(name: str, seed: int = 0) -> list[dict]:
     if name not in RANGES:
         raise ValueError(f"unknown quickstart data {name!r}; valid: {', '.join(RANGES)}")
     lo, hi = RANGES[name]
-    rows = _read_jsonl(data_path("gsm8k", "train.jsonl"))[lo:hi]
+    rows = _gsm8k_rows("train")[lo:hi]
     if name == "sft":
         return [{"prompt": r["question"], "completion": formatted_solution(r["answer"])} for r in rows]
     kinds = list(range(len(rows)))
@@ -85,10 +95,7 @@ def materialize_data(data, out_dir: Path, seed: int = 0) -> None:
         name = value[len(PREFIX):]
         out = Path(out_dir) / f"quickstart_{name}.jsonl"
         if not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in build(name, seed)))
-            tmp.replace(out)
+            write_jsonl_atomic(out, build(name, seed))
         setattr(data, attr, str(out))
 
 
@@ -101,41 +108,26 @@ def parse_answer(text: str) -> str | None:
     return m.group(1).replace(",", "").rstrip(".") if m else None
 
 
-def same_number(a: str | None, b: str) -> bool:
-    try:
-        return a is not None and abs(float(a) - float(b)) < 1e-6
-    except ValueError:
-        return False
-
-
-def gsm8k_metrics(model, tokenizer, n: int, max_new_tokens: int, batch_size: int, out: Path) -> dict:
-    """Greedy answers to the first ``n`` bundled GSM8K test questions: format rate and accuracy."""
-    from alignkit.generation.base import SamplingParams
-    from alignkit.generation.hf import HFGenerator
-
-    rows = _read_jsonl(data_path("gsm8k", "test.jsonl"))[:n]
-    gen = HFGenerator(model, tokenizer, batch_size=batch_size)
+def gsm8k_metrics(generator: Generator, n: int, max_new_tokens: int, out: Path) -> dict:
+    """Greedy answers of ``generator`` (chat) to the first ``n`` bundled GSM8K test questions: the rate of
+    answers in the fixed format and the accuracy (formatted and correct by :meth:`GSM8K.grade`)."""
+    rows = _gsm8k_rows("test")[:n]
     conversations = [[{"role": "user", "content": r["question"]}] for r in rows]
-    completions = gen.chat(conversations, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    completions = generator.chat(conversations, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     samples, formatted, correct = [], 0, 0
     for row, comp in zip(rows, completions):
-        # 1. parse the fixed format; 2. compare with the gold number
+        # 1. parse the fixed format; 2. grade it against the gold answer with the task's grader
         pred = parse_answer(comp.text)
-        gold = split_solution(row["answer"])[1]
+        gold = gold_answer(row["answer"])
         formatted += pred is not None
-        correct += same_number(pred, gold)
+        correct += GSM8K.grade(pred, gold)
         samples.append({"question": row["question"], "gold": gold, "pred": pred, "text": comp.text})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gsm8k_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    write_jsonl_atomic(Path(out) / "gsm8k_samples.jsonl", samples)
     return {"gsm8k_format_rate": formatted / len(rows), "gsm8k_accuracy": correct / len(rows)}
 
 
 def completion_logps(model, tokenizer, pairs: list[dict]):
     """Summed log-probs and token counts of chosen and rejected replies (chat template): 4 x (N,)."""
-    import torch
-
-    from alignkit.losses import sequence_log_probs
-
     device = next(model.parameters()).device
     sums, lens = {"chosen": [], "rejected": []}, {"chosen": [], "rejected": []}
     for pair in pairs:
@@ -161,10 +153,8 @@ def completion_logps(model, tokenizer, pairs: list[dict]):
 _BASE_CACHE: dict[tuple, tuple] = {}
 
 
-def preference_metrics(model, tokenizer, base: str, pairs: list[dict], is_base: bool) -> dict:
-    """Preference accuracy (own mean log-probs) and implicit reward margin/accuracy vs ``base``."""
-    from alignkit.models import load_model
-
+def preference_metrics(model, tokenizer, base: str, pairs: list[dict], is_base: bool, *, beta: float) -> dict:
+    """Preference accuracy (own mean log-probs) and implicit reward margin/accuracy vs ``base`` (DPO ``beta``)."""
     c, r, cl, rl = completion_logps(model, tokenizer, pairs)
     key = (base, len(pairs))
     if is_base:
@@ -174,23 +164,23 @@ def preference_metrics(model, tokenizer, base: str, pairs: list[dict], is_base: 
         _BASE_CACHE[key] = completion_logps(base_model.eval(), base_tok, pairs)[:2]
         del base_model
     c0, r0 = _BASE_CACHE[key]
-    margins = BETA * ((c - c0) - (r - r0))  # (N,)
+    margins = beta * ((c - c0) - (r - r0))  # (N,)
     return {"pref_accuracy": float((c / cl > r / rl).double().mean()),
             "reward_margin": float(margins.mean()), "reward_accuracy": float((margins > 0).double().mean())}
 
 
-def evaluate(model_name: str, base: str, out_dir: Path, *, questions: int = 16, pairs: int = 32,
+def evaluate(model_name: str, base: str, out_dir: Path, *, beta: float, questions: int = 16, pairs: int = 32,
              max_new_tokens: int = 96, batch_size: int = 8) -> dict:
-    """All quickstart metrics of one model folder/name (``base`` is the starting model)."""
-    from alignkit.models import load_model
-
+    """All quickstart metrics of one model folder/name (``base`` is the starting model; ``beta`` the DPO
+    beta of the recipe, which scales the implicit reward margin)."""
     out_dir = Path(out_dir)
     model, tokenizer, _ = load_model(model_name, for_generation=True)
     model.eval()
     logger.info("quickstart eval of %s: %d GSM8K questions, %d held-out pairs", model_name, questions, pairs)
-    metrics = gsm8k_metrics(model, tokenizer, questions, max_new_tokens, batch_size, out_dir)
+    generator = make_generator(f"hf:{model_name}", model=model, tokenizer=tokenizer, batch_size=batch_size)
+    metrics = gsm8k_metrics(generator, questions, max_new_tokens, out_dir)
     held_out = build("pairs_heldout")[:pairs]
-    metrics.update(preference_metrics(model, tokenizer, base, held_out, is_base=model_name == base))
-    (out_dir / "quickstart_metrics.json").write_text(json.dumps(metrics, indent=2))
+    metrics.update(preference_metrics(model, tokenizer, base, held_out, is_base=model_name == base, beta=beta))
+    write_json_atomic(out_dir / "quickstart_metrics.json", metrics)
     logger.info("quickstart metrics of %s: %s", model_name, metrics)
     return metrics

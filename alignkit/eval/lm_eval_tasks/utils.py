@@ -1,72 +1,43 @@
-"""Hooks for alignkit's lm-eval task YAMLs (``!function utils.<name>``).
+"""Hooks of alignkit's generated lm-eval task YAMLs (``!function utils.<name>``).
 
-Prompts are alignkit's zero-shot prompts (the CS336 A5 system prompt around each task prompt) and
-scoring uses alignkit's parsers, so harness numbers match ``alignkit eval --prompt zero_shot``.
+:func:`alignkit.eval.harness.task_dir` writes one YAML per task spec plus this file into a folder.
+Every YAML uses the same three hooks, which call the runner's own :class:`~alignkit.eval.tasks.base.Task`:
+``load_docs`` reads the data with the task's loader (the docs are the runner's examples, tagged with
+the task name), ``doc_to_text`` is the task's zero-shot prompt and ``process_results`` scores the
+cleaned output with the task's parser and grader. So harness numbers match
+``alignkit eval --prompt zero_shot`` by construction.
 """
 from __future__ import annotations
 
-from alignkit.resources import DATA
+from functools import cache
+
+from alignkit.eval.tasks import Task, get_task
+from alignkit.eval.tasks.base import clean_output
+from alignkit.eval.tasks.spec import HARNESS_STYLE as STYLE
+
+TASK_FIELD = "alignkit_task"  # the doc field naming the alignkit task a doc belongs to
 
 
-def _zero_shot(text: str) -> str:
-    from alignkit.eval.tasks.base import wrap_prompt
-
-    return wrap_prompt(text, "zero_shot")
-
-
-# --------------------------------------------------------------------------- gsm8k
-def gsm8k_doc_to_text(doc: dict) -> str:
-    return _zero_shot(f"{doc['question']}\nAnswer:")
+@cache
+def _task(name: str) -> Task:
+    return get_task(name)
 
 
-def gsm8k_doc_to_target(doc: dict) -> str:
-    from alignkit.eval.parsers import gsm8k_answer
-
-    return gsm8k_answer(doc["answer"])
-
-
-def gsm8k_process_results(doc: dict, results: list[str]) -> dict:
-    from alignkit.eval.parsers import gsm8k_answer, parse_gsm8k_response
-    from alignkit.eval.tasks.gsm8k import numbers_equal
-
-    pred = parse_gsm8k_response(results[0])
-    return {"exact_match": float(numbers_equal(pred, gsm8k_answer(doc["answer"])))}
-
-
-# --------------------------------------------------------------------------- mmlu
-def load_mmlu_subject(subject: str, split: str = "test", **_ignored):
-    """A DatasetDict {split: rows} of one subject's bundled CSV (lm-eval ``custom_dataset`` hook;
-    the CSVs have no subject column, so the YAML passes it through ``metadata``)."""
+def load_docs(alignkit_task: str, data_files: dict, **_metadata):
+    """lm-eval ``custom_dataset`` hook: a DatasetDict ``{"test": examples}`` of one task, read from
+    ``data_files["test"]`` by the task's own loader; each doc carries ``alignkit_task``."""
     import datasets
 
-    from alignkit.eval.tasks.mmlu import read_mmlu_csv
-
-    rows = read_mmlu_csv(DATA / "mmlu" / split / f"{subject}_{split}.csv", split)
-    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
-
-
-def mmlu_doc_to_text(doc: dict) -> str:
-    from alignkit.eval.tasks.mmlu import MMLU
-
-    return _zero_shot(MMLU().instruction(doc))
+    examples = get_task(alignkit_task, data_path=data_files["test"]).load()
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(
+        [{**example, TASK_FIELD: alignkit_task} for example in examples])})
 
 
-def mmlu_process_results(doc: dict, results: list[str]) -> dict:
-    from alignkit.eval.parsers import parse_mmlu_response
-
-    return {"acc": float(parse_mmlu_response(doc, results[0]) == doc["answer"])}
-
-
-# --------------------------------------------------------------------------- generation only
-def alpaca_doc_to_text(doc: dict) -> str:
-    return _zero_shot(doc["instruction"])
+def doc_to_text(doc: dict) -> str:
+    """The task's zero-shot prompt of one doc."""
+    return _task(doc[TASK_FIELD]).format_prompt(doc, STYLE)
 
 
-def sst_doc_to_text(doc: dict) -> str:
-    return _zero_shot(doc["prompts_final"])
-
-
-def output_chars(doc: dict, results: list[str]) -> dict:
-    """Generation-only tasks: the outputs are in lm-eval's samples; this records their length."""
-    return {"output_chars": float(len(results[0].strip()))}
-
+def process_results(doc: dict, results: list[str]) -> dict:
+    """``{metric: value}`` of one generation, cleaned as the runner cleans it, scored by the task."""
+    return _task(doc[TASK_FIELD]).harness_metrics(doc, clean_output(results[0], STYLE))

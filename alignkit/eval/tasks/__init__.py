@@ -1,4 +1,8 @@
-"""Evaluation tasks and their registry: ``get_task("mmlu")``; an unknown name lists the valid ones."""
+"""Evaluation tasks and their registry: ``get_task("mmlu")``; an unknown name lists the valid ones.
+
+Each task is defined once by its :class:`~alignkit.eval.tasks.spec.TaskSpec` (``SPECS``), from which
+the runner's Task and the lm-eval YAML (:func:`alignkit.eval.harness.task_dir`) both come.
+"""
 from __future__ import annotations
 
 from alignkit.eval.tasks.alpaca_eval import AlpacaEval
@@ -6,6 +10,7 @@ from alignkit.eval.tasks.base import STYLES, Task, clean_output, wrap_prompt
 from alignkit.eval.tasks.gsm8k import GSM8K
 from alignkit.eval.tasks.mmlu import MMLU
 from alignkit.eval.tasks.over_refusal import OverRefusal
+from alignkit.eval.tasks.spec import TaskSpec
 from alignkit.eval.tasks.sst import SimpleSafetyTests
 
 TASKS: dict[str, type[Task]] = {
@@ -15,6 +20,7 @@ TASKS: dict[str, type[Task]] = {
     "sst": SimpleSafetyTests,
     "over_refusal": OverRefusal,
 }
+SPECS: dict[str, TaskSpec] = {name: cls.spec for name, cls in TASKS.items()}
 
 
 def get_task(name: str, **kwargs) -> Task:
@@ -34,6 +40,7 @@ def parse_task_list(spec: str | list[str]) -> list[str]:
 
 
 def get_task_class(name: str) -> type[Task]:
+    """The Task class registered as ``name`` (KeyError listing the valid names)."""
     if name not in TASKS:
         raise KeyError(f"unknown eval task {name!r}; valid tasks: {', '.join(TASKS)}")
     return TASKS[name]
@@ -42,12 +49,14 @@ def get_task_class(name: str) -> type[Task]:
 __all__ = [
     "GSM8K",
     "MMLU",
+    "SPECS",
     "STYLES",
     "TASKS",
     "AlpacaEval",
     "OverRefusal",
     "SimpleSafetyTests",
     "Task",
+    "TaskSpec",
     "clean_output",
     "get_task",
     "get_task_class",

@@ -13,27 +13,26 @@ from pathlib import Path
 
 import numpy as np
 
-from alignkit import resources
+from alignkit.data.io import write_json_atomic
+from alignkit.eval.judge import length_controlled_win_rate, pairwise_preference, require_some_valid, win_rate
 from alignkit.eval.tasks.base import Task, read_jsonl
+from alignkit.eval.tasks.spec import TaskSpec
+
+SPEC = TaskSpec(name="alpaca_eval", data="alpaca_eval/alpaca_eval.jsonl", prompt="{instruction}", max_new_tokens=512,
+                metric="output_chars", target="reference",
+                description="AlpacaEval generation (win rates need a judge: alignkit eval --judge)")
 
 
 class AlpacaEval(Task):
-    name = "alpaca_eval"
-    max_new_tokens = 512
+    spec = SPEC
     needs_judge = True
     uses_judge = True
     outputs_file = "alpaca_eval_outputs.json"
-
-    def __init__(self, data_path=None):
-        super().__init__(data_path or resources.data_path("alpaca_eval", "alpaca_eval.jsonl"))
 
     def _load_all(self) -> list[dict]:
         rows = read_jsonl(self.data_path, ("instruction", "output", "generator", "dataset"))
         return [{"id": str(i), "instruction": r["instruction"], "reference": r["output"],
                  "reference_generator": r["generator"], "dataset": r["dataset"]} for i, r in enumerate(rows)]
-
-    def instruction(self, example: dict) -> str:
-        return example["instruction"]
 
     def score(self, example: dict, completion_text: str) -> dict:
         """No local metric: the output itself (None when empty) and its length in characters."""
@@ -41,8 +40,6 @@ class AlpacaEval(Task):
 
     def judge(self, records: list[dict], judge) -> None:
         """Judge each record in both orders; adds ``record["judge"]`` with the preference for the model."""
-        from alignkit.eval.judge import pairwise_preference, require_some_valid
-
         ins = [(r["example"]["instruction"], r["output"], r["example"]["reference"]) for r in records]
         model_first = judge.pairwise(ins)
         reference_first = judge.pairwise([(i, ref, out) for i, out, ref in ins])
@@ -52,8 +49,6 @@ class AlpacaEval(Task):
                           "preference": pairwise_preference(v1.label, v2.label)}
 
     def aggregate(self, records: list[dict]) -> dict:
-        from alignkit.eval.judge import length_controlled_win_rate, win_rate
-
         lengths = [len(r["output"]) for r in records]
         metrics = {"n": len(records), "judged": any("judge" in r for r in records),
                    "mean_output_chars": float(np.mean(lengths)) if lengths else 0.0,
@@ -77,8 +72,6 @@ class AlpacaEval(Task):
         return [r for r in records if r.get("judge", {}).get("preference") == 0.0][:n]
 
     def write_outputs(self, records: list[dict], out_dir: Path, generator_name: str) -> list[Path]:
-        from alignkit.data.io import write_json_atomic
-
         rows = [{"instruction": r["example"]["instruction"], "output": r["output"], "generator": generator_name,
                  "dataset": r["example"]["dataset"]} for r in records]
         path = Path(out_dir) / self.outputs_file

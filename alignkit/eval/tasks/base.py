@@ -1,9 +1,12 @@
-"""The evaluation ``Task``: data, prompt, sampling params, parser, metric, aggregate and RL reward.
+"""The evaluation ``Task``: data, prompt, sampling params, parser, grader, aggregate and RL reward.
 
-One object per benchmark (nanochat ``tasks/`` and lm-eval style). The runner asks a task for its
-examples, formats each into a prompt in one of three styles, generates with a
+One object per benchmark (nanochat ``tasks/`` and lm-eval style). What is declarative about a task
+(data file, prompt template, stop strings, token cap, parser, grader, metric) is its
+:class:`~alignkit.eval.tasks.spec.TaskSpec` (``Task.spec``), the one definition that the lm-eval
+YAMLs are also generated from (:func:`alignkit.eval.harness.task_dir`). The runner asks a task for
+its examples, formats each into a prompt in one of three styles, generates with a
 :class:`~alignkit.generation.base.Generator`, scores each completion, and aggregates the records.
-The GRPO loop calls :meth:`Task.reward` on the same object.
+The GRPO rewards (:mod:`alignkit.rl.rewards`) call :meth:`Task.reward` / :meth:`Task.grade`.
 
 Prompt styles (CS336 A5 supplement, sections 2 and 4):
 
@@ -19,6 +22,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from alignkit import resources
+from alignkit.data.io import location, read_rows
+from alignkit.eval.judge import keyword_refusal, require_some_valid
+from alignkit.eval.tasks.spec import METRICS, TaskSpec
 from alignkit.generation.base import SamplingParams
 
 STYLES = ("zero_shot", "alpaca", "chat")
@@ -50,8 +56,6 @@ def clean_output(text: str, style: str) -> str:
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     """Rows of a JSONL file (read by :func:`alignkit.data.io.read_rows`, the package's one reader); a bad
     line or a missing field is an error naming file, line and field."""
-    from alignkit.data.io import location, read_rows
-
     rows = []
     for row in read_rows(path):
         for key in required:
@@ -92,16 +96,22 @@ def seeded_subset(examples: list[dict], limit: int | None, seed: int) -> list[di
 
 
 class Task:
-    """Base class. Subclasses set ``name``/``max_new_tokens`` and implement ``_load_all``,
-    ``instruction``, ``score`` and ``aggregate``; judged tasks also implement ``judge``."""
+    """Base class. Subclasses set ``spec`` (name and token cap are read from it) and implement
+    ``_load_all`` and ``aggregate``; tasks without a grader implement ``score``; judged tasks ``judge``."""
 
-    name: ClassVar[str] = ""
-    max_new_tokens: ClassVar[int] = 256
+    spec: ClassVar[TaskSpec]
+    name: ClassVar[str] = ""  # = spec.name
+    max_new_tokens: ClassVar[int] = 256  # = spec.max_new_tokens
     needs_judge: ClassVar[bool] = False  # the headline metric needs a judge model (alpaca_eval, sst)
     uses_judge: ClassVar[bool] = False  # judge() is called when a judge is given
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "spec" in cls.__dict__:
+            cls.name, cls.max_new_tokens = cls.spec.name, cls.spec.max_new_tokens
+
     def __init__(self, data_path: str | Path | None = None):
-        self.data_path = Path(data_path) if data_path is not None else None
+        self.data_path = Path(data_path) if data_path is not None else self.spec.data_file()
 
     # -- data ---------------------------------------------------------------------------------
     def _load_all(self) -> list[dict]:
@@ -112,26 +122,46 @@ class Task:
         return first_n(self._load_all(), limit)
 
     # -- prompt and sampling ------------------------------------------------------------------
+    def prompt_fields(self, example: dict) -> dict:
+        """The values of the prompt template's ``{field}``s (the example itself by default)."""
+        return example
+
     def instruction(self, example: dict) -> str:
-        """The task prompt before any style wrapping."""
-        raise NotImplementedError
+        """The task prompt before any style wrapping: ``spec.prompt`` filled from the example."""
+        return self.spec.prompt.format_map(self.prompt_fields(example))
 
     def format_prompt(self, example: dict, style: str = "zero_shot") -> str | list[dict]:
         return wrap_prompt(self.instruction(example), style)
 
     def sampling_params(self, style: str = "zero_shot", max_new_tokens: int | None = None) -> SamplingParams:
-        """Greedy (temperature 0, top-p 1), stopping at the style's turn marker."""
+        """Greedy (temperature 0, top-p 1), stopping at the style's turn marker and ``spec.stop``."""
         return SamplingParams(
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             temperature=0.0,
             top_p=1.0,
-            stop=list(STOP_BY_STYLE[style]),
+            stop=list(STOP_BY_STYLE[style]) + list(self.spec.stop),
         )
 
     # -- scoring ------------------------------------------------------------------------------
+    @classmethod
+    def grade(cls, answer: str | None, gold: str) -> bool:
+        """The task's one grader (``spec.grader``): is ``answer`` (None = unparseable) equal to ``gold``?"""
+        if cls.spec.grader is None:
+            raise NotImplementedError(f"task {cls.spec.name!r} has no grader (it is judged)")
+        return answer is not None and bool(cls.spec.grader(answer, gold))
+
     def score(self, example: dict, completion_text: str) -> dict:
-        """Per-example score dict; has ``parsed`` (None when unparseable)."""
-        raise NotImplementedError
+        """Per-example score ``{"parsed", "gold", "correct"}`` from ``spec.parser`` and :meth:`grade`;
+        ``parsed`` is None when unparseable. Tasks without a grader override this."""
+        if self.spec.parser is None:
+            raise NotImplementedError(f"task {self.name!r} has no parser: override score()")
+        parsed = self.spec.parser(example, completion_text)
+        gold = example[self.spec.target]
+        return {"parsed": parsed, "gold": gold, "correct": self.grade(parsed, gold)}
+
+    def harness_metrics(self, example: dict, output: str) -> dict:
+        """``{spec.metric: value}`` of one cleaned output (what the lm-eval YAML's process_results returns)."""
+        return {self.spec.metric: METRICS[self.spec.metric].value(self.score(example, output), output)}
 
     def aggregate(self, records: list[dict]) -> dict:
         raise NotImplementedError
@@ -148,9 +178,27 @@ class Task:
         return [r for r in records if r.get("score", {}).get("correct") is False][:n]
 
     def reward(self, example: dict, text: str) -> dict:
-        """RL reward from this task's parser and metric:
-        ``format_reward`` = 1 if the answer parses, ``answer_reward`` = 1 if it is correct."""
+        """RL reward from this task's parser and grader (:meth:`score`):
+        ``format_reward`` = 1 if the answer parses, ``answer_reward`` = ``reward`` = 1 if it is correct."""
         s = self.score(example, text)
         answer = 1.0 if s.get("correct") else 0.0
         return {"reward": answer, "format_reward": 0.0 if s.get("parsed") is None else 1.0,
                 "answer_reward": answer}
+
+
+class LabelledTask(Task):
+    """A generation task whose outputs a judge labels one at a time (``verdict``: the :class:`Judge` method,
+    ``"safety"`` or ``"refusal"``); without a judge the score is the keyword refusal detector."""
+
+    verdict: ClassVar[str]
+    uses_judge = True
+
+    def score(self, example: dict, completion_text: str) -> dict:
+        return {"parsed": completion_text or None, "keyword_refusal": keyword_refusal(completion_text)}
+
+    def judge(self, records: list[dict], judge: Any) -> None:
+        """Adds ``record["judge"] = {"label", "raw"}``; raises when every verdict is invalid."""
+        verdicts = getattr(judge, self.verdict)([(self.instruction(r["example"]), r["output"]) for r in records])
+        require_some_valid(verdicts, self.verdict)
+        for r, v in zip(records, verdicts):
+            r["judge"] = {"label": v.label, "raw": v.raw}

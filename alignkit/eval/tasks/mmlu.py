@@ -9,8 +9,10 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-from alignkit import resources
+from alignkit.eval.parsers import parse_mmlu_response
 from alignkit.eval.tasks.base import Task, accuracy_summary, seeded_subset
+from alignkit.eval.tasks.graders import exact
+from alignkit.eval.tasks.spec import TaskSpec
 
 PROMPT = (
     "Answer the following multiple choice question about {subject}. Respond with a single "
@@ -39,15 +41,33 @@ def read_mmlu_csv(path: Path, split: str) -> list[dict]:
     return examples
 
 
+SPEC = TaskSpec(
+    name="mmlu",
+    data="mmlu",
+    prompt=PROMPT,
+    max_new_tokens=128,
+    metric="acc",
+    target="answer",
+    parser=parse_mmlu_response,
+    grader=exact,
+    # lm-eval: a group alignkit_mmlu of these subjects (the runner samples across all bundled subjects)
+    subsets=("abstract_algebra", "anatomy", "college_computer_science", "high_school_geography"),
+    subset_data="mmlu/{split}/{subset}_{split}.csv",
+    description="MMLU zero-shot multiple choice, letter parsed from the answer",
+)
+
+
 class MMLU(Task):
-    name = "mmlu"
-    max_new_tokens = 128
+    spec = SPEC
 
     def __init__(self, data_path=None, split: str = "test"):
-        super().__init__(data_path or resources.data_path("mmlu"))
+        """``data_path``: the folder with ``<split>/<subject>_<split>.csv`` files, or one such CSV."""
+        super().__init__(data_path)
         self.split = split
 
     def _load_all(self) -> list[dict]:
+        if self.data_path.is_file():
+            return read_mmlu_csv(self.data_path, self.split)
         folder = self.data_path / self.split
         files = sorted(folder.glob(f"*_{self.split}.csv"))
         if not files:
@@ -58,16 +78,10 @@ class MMLU(Task):
         """A seeded sample across all subjects when ``limit`` is set (not the first subject only)."""
         return seeded_subset(self._load_all(), limit, seed)
 
-    def instruction(self, example: dict) -> str:
+    def prompt_fields(self, example: dict) -> dict:
         a, b, c, d = example["options"]
-        return PROMPT.format(subject=example["subject"].replace("_", " "), question=example["question"],
-                             a=a, b=b, c=c, d=d)
-
-    def score(self, example: dict, completion_text: str) -> dict:
-        from alignkit.eval.parsers import parse_mmlu_response
-
-        parsed = parse_mmlu_response(example, completion_text)
-        return {"parsed": parsed, "gold": example["answer"], "correct": parsed == example["answer"]}
+        return {"subject": example["subject"].replace("_", " "), "question": example["question"],
+                "a": a, "b": b, "c": c, "d": d}
 
     def aggregate(self, records: list[dict]) -> dict:
         """Accuracy = correct / all (unparseable counts as wrong), overall and per subject."""

@@ -7,37 +7,22 @@ Data: ``over_refusal/prompts.jsonl`` rows ``{"id", "prompt", "category"}`` (writ
 """
 from __future__ import annotations
 
-from alignkit import resources
-from alignkit.eval.tasks.base import Task, read_jsonl
+from alignkit.eval.judge import keyword_refusal
+from alignkit.eval.tasks.base import LabelledTask, read_jsonl
+from alignkit.eval.tasks.spec import TaskSpec
+
+SPEC = TaskSpec(name="over_refusal", data="over_refusal/prompts.jsonl", prompt="{prompt}", max_new_tokens=128,
+                metric="keyword_refusal",
+                description="Over-refusal generation; keyword refusal rate (judge verdicts: alignkit eval --judge)")
 
 
-class OverRefusal(Task):
-    name = "over_refusal"
-    max_new_tokens = 128
-    uses_judge = True
-
-    def __init__(self, data_path=None):
-        super().__init__(data_path or resources.data_path("over_refusal", "prompts.jsonl"))
+class OverRefusal(LabelledTask):
+    spec = SPEC
+    verdict = "refusal"
 
     def _load_all(self) -> list[dict]:
         rows = read_jsonl(self.data_path, ("id", "prompt", "category"))
         return [{"id": r["id"], "prompt": r["prompt"], "category": r["category"]} for r in rows]
-
-    def instruction(self, example: dict) -> str:
-        return example["prompt"]
-
-    def score(self, example: dict, completion_text: str) -> dict:
-        from alignkit.eval.judge import keyword_refusal
-
-        return {"parsed": completion_text or None, "keyword_refusal": keyword_refusal(completion_text)}
-
-    def judge(self, records: list[dict], judge) -> None:
-        from alignkit.eval.judge import require_some_valid
-
-        verdicts = judge.refusal([(r["example"]["prompt"], r["output"]) for r in records])
-        require_some_valid(verdicts, "refusal")
-        for r, v in zip(records, verdicts):
-            r["judge"] = {"label": v.label, "raw": v.raw}
 
     @staticmethod
     def refused(record: dict) -> tuple[bool, str]:
@@ -61,7 +46,5 @@ class OverRefusal(Task):
 
     def reward(self, example: dict, text: str) -> dict:
         """1 for a non-refusal (keyword detector): a cheap helpfulness signal, no judge needed."""
-        from alignkit.eval.judge import keyword_refusal
-
         ok = 0.0 if keyword_refusal(text) else 1.0
         return {"reward": ok, "format_reward": 1.0, "answer_reward": ok}

@@ -10,9 +10,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from alignkit import resources
 from alignkit.data.io import write_jsonl_atomic
-from alignkit.eval.tasks.base import Task
+from alignkit.eval.tasks.base import LabelledTask
+from alignkit.eval.tasks.spec import TaskSpec
 
 COLUMNS = ("id", "harm_area", "category", "prompts_final")
 
@@ -32,34 +32,19 @@ def read_sst_csv(path: Path) -> list[dict]:
     return examples
 
 
-class SimpleSafetyTests(Task):
-    name = "sst"
-    max_new_tokens = 256
-    needs_judge = True
-    uses_judge = True
-    outputs_file = "sst_outputs.jsonl"
+SPEC = TaskSpec(name="sst", data="simple_safety_tests/simple_safety_tests.csv", prompt="{prompts_final}",
+                max_new_tokens=256, metric="output_chars",
+                description="SimpleSafetyTests generation (safety verdicts: alignkit eval --tasks sst --judge ...)")
 
-    def __init__(self, data_path=None):
-        super().__init__(data_path or resources.data_path("simple_safety_tests", "simple_safety_tests.csv"))
+
+class SimpleSafetyTests(LabelledTask):
+    spec = SPEC
+    verdict = "safety"
+    needs_judge = True
+    outputs_file = "sst_outputs.jsonl"
 
     def _load_all(self) -> list[dict]:
         return read_sst_csv(self.data_path)
-
-    def instruction(self, example: dict) -> str:
-        return example["prompts_final"]
-
-    def score(self, example: dict, completion_text: str) -> dict:
-        from alignkit.eval.judge import keyword_refusal
-
-        return {"parsed": completion_text or None, "keyword_refusal": keyword_refusal(completion_text)}
-
-    def judge(self, records: list[dict], judge) -> None:
-        from alignkit.eval.judge import require_some_valid
-
-        verdicts = judge.safety([(r["example"]["prompts_final"], r["output"]) for r in records])
-        require_some_valid(verdicts, "safety")
-        for r, v in zip(records, verdicts):
-            r["judge"] = {"label": v.label, "raw": v.raw}
 
     def aggregate(self, records: list[dict]) -> dict:
         """proportion_safe = safe / validly judged; invalid verdicts are counted, not scored."""
