@@ -101,9 +101,10 @@ def _start_model(recipe: Recipe) -> str:
     return (recipe.raw.get("model") or {}).get("name_or_path") or DEFAULT_MODEL
 
 
-def score(model: str, ev: EvalArgs, out_dir: Path, base: str, seed: int) -> dict:
+def score(model: str, ev: EvalArgs, out_dir: Path, base: str, seed: int, beta: float | None = None) -> dict:
     """Flat metrics ``{"task/metric": value}`` of one model: the stage's EvalConfig run on ``model``
-    (bundled tasks and lm-eval tasks, every setting the CLI has) + the quickstart metrics."""
+    (bundled tasks and lm-eval tasks, every setting the CLI has) + the quickstart metrics (``beta``: the
+    chain's DPO beta, which scales the implicit reward margin; None without a DPO stage)."""
     metrics: dict[str, float] = {}
     if ev.tasks or ev.harness:
         res = run_eval_config(ev.run_config(model, out_dir, seed))
@@ -113,7 +114,7 @@ def score(model: str, ev: EvalArgs, out_dir: Path, base: str, seed: int) -> dict
             metrics.update({f"{task}/{k.removesuffix(',none')}": v for k, v in values.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool) and "_stderr" not in k})
     if ev.quickstart:
-        metrics.update(evaluate(model, base, out_dir, questions=ev.quickstart_questions,
+        metrics.update(evaluate(model, base, out_dir, beta=beta, questions=ev.quickstart_questions,
                                 pairs=ev.quickstart_pairs, max_new_tokens=ev.quickstart_max_new_tokens,
                                 batch_size=ev.batch_size))
     return metrics
@@ -123,10 +124,12 @@ def run_eval_step(recipe: Recipe, final_model: str | None, stage_dir: Path) -> d
     ev = recipe.eval
     base = _start_model(recipe)
     final = final_model or base
+    dpo = recipe.stages.get("dpo")
+    beta = dpo.train.beta if dpo is not None else None  # the recipe's own beta, never restated
     columns = {}
     if ev.include_base:
-        columns["before"] = score(base, ev, stage_dir / "before", base, recipe.seed)
-    columns["after"] = score(final, ev, stage_dir / "after", base, recipe.seed)
+        columns["before"] = score(base, ev, stage_dir / "before", base, recipe.seed, beta)
+    columns["after"] = score(final, ev, stage_dir / "after", base, recipe.seed, beta)
     table = before_after_table(columns)
     print(table)
     write_text_atomic(stage_dir / "before_after.md", table + "\n")

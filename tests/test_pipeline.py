@@ -96,7 +96,7 @@ def test_before_after_table_and_claims():
 def test_eval_step_scores_base_and_final_and_fails_checks(tmp_path, fake_stages, monkeypatch, capsys):
     seen = []
 
-    def fake_score(model, ev, out_dir, base, seed):
+    def fake_score(model, ev, out_dir, base, seed, beta=None):
         seen.append((model, base))
         return {"gsm8k_format_rate": 0.5 if model == "base-model" else 0.25}
 

@@ -153,9 +153,14 @@ def completion_logps(model, tokenizer, pairs: list[dict]):
 _BASE_CACHE: dict[tuple, tuple] = {}
 
 
-def preference_metrics(model, tokenizer, base: str, pairs: list[dict], is_base: bool, *, beta: float) -> dict:
-    """Preference accuracy (own mean log-probs) and implicit reward margin/accuracy vs ``base`` (DPO ``beta``)."""
+def preference_metrics(model, tokenizer, base: str, pairs: list[dict], is_base: bool, *,
+                       beta: float | None) -> dict:
+    """Preference accuracy (own mean log-probs) and implicit reward margin/accuracy vs ``base`` (DPO ``beta``;
+    None, when the chain has no DPO stage: preference accuracy only)."""
     c, r, cl, rl = completion_logps(model, tokenizer, pairs)
+    accuracy = {"pref_accuracy": float((c / cl > r / rl).double().mean())}
+    if beta is None:
+        return accuracy
     key = (base, len(pairs))
     if is_base:
         _BASE_CACHE[key] = (c, r)
@@ -165,11 +170,11 @@ def preference_metrics(model, tokenizer, base: str, pairs: list[dict], is_base: 
         del base_model
     c0, r0 = _BASE_CACHE[key]
     margins = beta * ((c - c0) - (r - r0))  # (N,)
-    return {"pref_accuracy": float((c / cl > r / rl).double().mean()),
-            "reward_margin": float(margins.mean()), "reward_accuracy": float((margins > 0).double().mean())}
+    return {**accuracy, "reward_margin": float(margins.mean()),
+            "reward_accuracy": float((margins > 0).double().mean())}
 
 
-def evaluate(model_name: str, base: str, out_dir: Path, *, beta: float, questions: int = 16, pairs: int = 32,
+def evaluate(model_name: str, base: str, out_dir: Path, *, beta: float | None, questions: int = 16, pairs: int = 32,
              max_new_tokens: int = 96, batch_size: int = 8) -> dict:
     """All quickstart metrics of one model folder/name (``base`` is the starting model; ``beta`` the DPO
     beta of the recipe, which scales the implicit reward margin)."""

