@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from alignkit.eval.harness import TASK_DIR, render_task_dir, run_harness
+from alignkit.eval.harness import default_task_dir, run_harness, task_dir
 from alignkit.resources import DATA
 
 
@@ -25,8 +25,8 @@ def parsers(monkeypatch):
 
 
 def test_rendered_yamls_point_at_existing_bundled_files(tmp_path):
-    out = render_task_dir(tmp_path)
-    names = {p.name for p in TASK_DIR.glob("*.yaml")}
+    out = task_dir(tmp_path)
+    names = {p.name for p in task_dir().glob("*.yaml")}
     assert {"alignkit_gsm8k.yaml", "alignkit_mmlu.yaml", "alignkit_alpaca_eval.yaml", "alignkit_sst.yaml"} <= names
     assert {p.name for p in out.glob("*.yaml")} == names and (out / "utils.py").exists()
     for p in out.glob("*.yaml"):
@@ -76,7 +76,7 @@ def test_generated_yaml_matches_the_runner_task(tmp_path):
     hand), and the runner Task's own sampling params (zero-shot style)."""
     from alignkit.eval.tasks import get_task
 
-    out = render_task_dir(tmp_path)
+    out = task_dir(tmp_path)
     shipped = {"gsm8k": (256, "exact_match"), "mmlu": (128, "acc"), "alpaca_eval": (512, "output_chars"),
                "sst": (256, "output_chars"), "over_refusal": (128, "keyword_refusal")}
     for name, (max_tokens, metric) in shipped.items():
@@ -100,7 +100,7 @@ def test_task_dir_default_folder_is_rewritten_and_pruned(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
     folder = harness.task_dir()
     assert folder.is_absolute() and str(folder).startswith(str(tmp_path / "cache")) and folder.name == "lm_eval_tasks"
-    assert harness.TASK_DIR == folder  # the earlier constant's name still works
+    assert default_task_dir() == folder
     (folder / "alignkit_gone.yaml").write_text("task: alignkit_gone\n")
     (folder / "mine.yaml").write_text("task: mine\n")
     (folder / "alignkit_gsm8k.yaml").write_text("edited by hand\n")
@@ -118,7 +118,7 @@ def test_lm_eval_loads_the_tasks_from_any_directory(tmp_path, monkeypatch):
     from alignkit import resources
     from alignkit.eval.tasks import GSM8K, MMLU
 
-    folder = render_task_dir(tmp_path / "tasks")
+    folder = task_dir(tmp_path / "tasks")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

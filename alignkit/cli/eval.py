@@ -22,7 +22,7 @@ import typing
 from pathlib import Path
 
 from alignkit.eval.config import EvalConfig, default, problems
-from alignkit.eval.harness import TASK_DIR
+from alignkit.eval.harness import task_dir
 from alignkit.eval.report import HEADLINE
 from alignkit.eval.runner import run_eval_config
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse printed the usage line (2) or --help (0)
         return int(exit_.code or 0)
     if values.pop("task_dir", False):
-        print(TASK_DIR)
+        print(task_dir())
         return 0
     cfg = EvalConfig(**values)
     error = usage_error(cfg)

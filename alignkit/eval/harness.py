@@ -114,16 +114,6 @@ def task_dir(out_dir: str | Path | None = None) -> Path:
     return out
 
 
-render_task_dir = task_dir  # the earlier name (it took out_dir)
-
-
-def __getattr__(name: str):
-    """``TASK_DIR`` (the earlier constant): the default folder, written by :func:`task_dir` on access."""
-    if name == "TASK_DIR":
-        return task_dir()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _pretrained(model: str) -> dict:
     """model_args for lm-eval's hf model: the local folder alignkit.models resolves (GGUF included)."""
     source = resolve_model(model)
