@@ -53,7 +53,9 @@ def _write(path, rows, gz=False):
 
 
 def _doc_ids(row, bos=True) -> list[int]:
-    text = TEMPLATE.replace("{instruction}", row["prompt"]).replace("{response}", row["response"])
+    # the document ends with the response: what follows {response} in the prompt file (a newline) is cut
+    head = TEMPLATE[: TEMPLATE.index("{response}")]
+    text = head.replace("{instruction}", row["prompt"]) + row["response"]
     return ([BOS] if bos else []) + [ord(c) for c in text] + [EOS]
 
 
@@ -97,7 +99,7 @@ def test_gpt2_stream_on_bundled_sample(tmp_path, gpt2_tokenizer):
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     stream = []
     for r in rows:
-        text = TEMPLATE.replace("{instruction}", r["prompt"]).replace("{response}", r["response"])
+        text = TEMPLATE[: TEMPLATE.index("{response}")].replace("{instruction}", r["prompt"]) + r["response"]
         stream += gpt2_tokenizer.encode(text) + [gpt2_tokenizer.eos_token_id]
     ds = PackedSFTDataset(gpt2_tokenizer, path, 128, False, cache_dir=tmp_path)
     assert len(ds) == (len(stream) - 1) // 128
@@ -219,3 +221,18 @@ def test_real_smollm2_tokenizer_stream(tmp_path):
     ds = PackedSFTDataset(tok, path, 256, False, cache_dir=tmp_path)
     assert torch.cat([ds[i]["input_ids"] for i in range(len(ds))]).tolist() == stream[: len(ds) * 256]
     assert PackedSFTDataset(tok, path, 256, False, cache_dir=tmp_path).cache_hit
+
+
+def test_document_boundary_matches_the_reference_fixture(tmp_path, gpt2_tokenizer):
+    """CS336's tokenized_sft_sample fixture ends each document with the response's last token followed
+    directly by EOS (then the next document): no newline token from the prompt file in between."""
+    rows = [{"prompt": "Say hi.", "response": "Hi."}, {"prompt": "Say bye.", "response": "Bye."}]
+    ds = PackedSFTDataset(gpt2_tokenizer, _write(tmp_path / "d.jsonl", rows), 8, False, cache_dir=False)
+    ids = ds.ids.tolist()
+    eos = gpt2_tokenizer.eos_token_id
+    first_end = ids.index(eos)
+    assert gpt2_tokenizer.decode(ids[first_end - 1]) == "."  # "Hi." ends with '.', then EOS
+    assert gpt2_tokenizer.decode(ids[:first_end]).endswith("### Response:\nHi.")
+    newline = gpt2_tokenizer.encode("\n")
+    assert ids[first_end - len(newline): first_end] != newline
+    assert gpt2_tokenizer.decode(ids[first_end + 1:]).startswith("Below is an instruction")

@@ -2,8 +2,9 @@
 next-token chunks.
 
 Each ``{"prompt", "response"}`` row of a JSONL (or ``.jsonl.gz``) file becomes
-``resources.prompt("alpaca_sft").format(instruction=prompt, response=response)`` tokenized with the tokenizer's
-default special tokens (a BOS-adding tokenizer keeps its BOS), then ``eos_token_id``. Documents are concatenated
+``resources.prompt("alpaca_sft").format(instruction=prompt, response=response)`` cut right after the response
+(the prompt file's final newline is not part of the document), tokenized with the tokenizer's default special
+tokens (a BOS-adding tokenizer keeps its BOS), then ``eos_token_id``. Documents are concatenated
 in file order (or a seeded shuffled order) and cut into items ``input_ids = ids[i*m:(i+1)*m]``,
 ``labels = ids[i*m+1:(i+1)*m+1]``; the incomplete tail is dropped.
 
@@ -28,7 +29,7 @@ from alignkit.resources import prompt as bundled_prompt
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = "packed-sft-v1"
+CACHE_FORMAT = "packed-sft-v2"  # v2: nothing after {response} (EOS follows the response)
 FIELDS = ("prompt", "response")
 
 
@@ -69,6 +70,14 @@ def _field_problem(data: dict, name: str) -> str | None:
     if not isinstance(data[name], str):
         return f"expected a string, got {type(data[name]).__name__}"
     return "empty text" if not data[name].strip() else None
+
+
+def through_response(template: str) -> str:
+    """``template`` up to and including its ``{response}`` slot: what follows it in the prompt file (the
+    final newline of ``alpaca_sft.prompt``) is not part of a document, so the response's last token is
+    followed directly by EOS, as in the CS336 reference's tokenized fixture (``..., 13, 128001, 128000``)."""
+    slot = "{response}"
+    return template[: template.index(slot) + len(slot)] if slot in template else template
 
 
 def read_sft_texts(path: Path, template: str) -> list[str]:
@@ -135,7 +144,7 @@ class PackedSFTDataset(Dataset):
         if not self.path.is_file():
             raise FileNotFoundError(f"PackedSFTDataset: no such file {self.path}")
         self.seq_length, self.return_position_ids = seq_length, return_position_ids
-        self.template = template if template is not None else bundled_prompt("alpaca_sft")
+        self.template = through_response(template if template is not None else bundled_prompt("alpaca_sft"))
         tokens, offsets = self._load_or_tokenize(tokenizer, cache_dir, batch_size)
         self.num_documents = len(offsets) - 1
         order = np.random.default_rng(seed).permutation(self.num_documents) if shuffle else None
