@@ -308,3 +308,13 @@ def test_last_checkpoint_is_the_highest_step(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / "checkpoint-99").write_text("a file, not a checkpoint")
     assert common.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-40")  # 40 > 12 > 5, not by name
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="checked_loader cuts the kept rows to `limit` but not rows_read/malformed: "
+                                       "a bad row after the first max_rows still fails the stage (report to lead)")
+def test_checked_loader_limit_applies_to_what_is_checked(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"},
+                                         {"prompt": "bad"}])
+    assert _loader(tmp_path / "stage")(path, "train", 1, "train") == [{"prompt": "a", "completion": "b"}]
+    report = json.loads((tmp_path / "stage" / "data_check_train.json").read_text())
+    assert report["rows_read"] == report["rows_kept"] + report["rows_dropped"] + len(report["malformed"])
