@@ -1,4 +1,4 @@
-"""alignkit.generation.base: SamplingParams validation, Completion.num_tokens, truncate_at_stop, the protocol."""
+"""alignkit.generation.base: SamplingParams checks, Completion.num_tokens, truncate_at_stop, the protocol."""
 from __future__ import annotations
 
 import random
@@ -8,11 +8,11 @@ import pytest
 from alignkit.generation.base import Completion, Generator, SamplingParams, truncate_at_stop
 
 
-# ------------------------------------------------------------------------------------------------ SamplingParams
+# ------------------------------------------------------------------------------------------- SamplingParams
 def test_defaults_are_greedy_with_independent_stop_lists():
     a, b = SamplingParams(), SamplingParams()
-    assert (a.max_new_tokens, a.temperature, a.top_p, a.min_new_tokens, a.stop, a.seed) == (256, 0.0, 1.0, 0, [],
-                                                                                             None)
+    got = (a.max_new_tokens, a.temperature, a.top_p, a.min_new_tokens, a.stop, a.seed)
+    assert got == (256, 0.0, 1.0, 0, [], None)
     a.stop.append("x")
     assert b.stop == []  # no shared mutable default
 
@@ -65,7 +65,7 @@ def test_completion_defaults():
     assert (c.token_ids, c.finish_reason, c.prompt_tokens, c.usage_tokens) == ([], "stop", 0, None)
 
 
-# ------------------------------------------------------------------------------------------------ truncate_at_stop
+# ----------------------------------------------------------------------------------------- truncate_at_stop
 @pytest.mark.parametrize("text, stop, expected", [
     ("answer: 4\n\nQ: next", ["\n\n"], ("answer: 4", True)),
     ("a STOP b END c", ["END", "STOP"], ("a ", True)),  # the earliest cut wins, not the first stop listed
@@ -95,7 +95,8 @@ def test_truncate_at_stop_matches_a_scanning_reference():
     rng = random.Random(0)
     for _ in range(2000):
         text = "".join(rng.choice("abc ") for _ in range(rng.randint(0, 12)))
-        stop = ["".join(rng.choice("abc") for _ in range(rng.randint(0, 3))) for _ in range(rng.randint(0, 3))]
+        stop = ["".join(rng.choice("abc") for _ in range(rng.randint(0, 3)))
+                for _ in range(rng.randint(0, 3))]
         cut, stopped = truncate_at_stop(text, stop)
         assert (cut, stopped) == _reference_truncate(text, stop), (text, stop)
         assert all(not s or s not in cut for s in stop)  # the kept text holds no stop string

@@ -112,6 +112,7 @@ def test_missing_or_non_string_spec_is_refused(spec):
 
 @pytest.mark.parametrize("spec", ["gpt-4", "hf", "ftp://host/v1", "vllm", "openai:gpt-4"])
 def test_unknown_spec_is_refused_naming_the_valid_forms(spec):
-    expected = f"unknown generator spec {spec!r}; expected 'hf:PATH_OR_NAME', 'vllm:PATH_OR_NAME', 'http://HOST:PORT/v1'"
+    expected = (f"unknown generator spec {spec!r}; "
+                "expected 'hf:PATH_OR_NAME', 'vllm:PATH_OR_NAME', 'http://HOST:PORT/v1'")
     with pytest.raises(ValueError, match=re.escape(expected)):
         make_generator(spec)

@@ -142,7 +142,8 @@ def test_text_template_sources():
 
 @pytest.mark.parametrize("template, prompt, expected", [
     ("Q: {prompt}\nA: {response}", "2+2?", "Q: 2+2?\nA: "),
-    ("### Instruction:\n{instruction}\n\n### Response:\n{response}", "Hi", "### Instruction:\nHi\n\n### Response:\n"),
+    ("### Instruction:\n{instruction}\n\n### Response:\n{response}", "Hi",
+     "### Instruction:\nHi\n\n### Response:\n"),
     ("{question} => {response} <end>", "why", "why => "),
     ("no response slot: {prompt}!", "x", "no response slot: x!"),
     # the prompt's own braces are text, never slots
@@ -167,15 +168,16 @@ LORA_FIELDS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targ
 
 def test_lora_config_maps_every_field():
     assert {f.name for f in dataclasses.fields(LoraArgs)} - {"enabled"} == set(LORA_FIELDS)
-    args = LoraArgs(enabled=True, r=4, alpha=12, dropout=0.2, target_modules=["q_proj", "v_proj"], bias="lora_only",
-                    modules_to_save=["lm_head"], use_rslora=True)
+    args = LoraArgs(enabled=True, r=4, alpha=12, dropout=0.2, target_modules=["q_proj", "v_proj"],
+                    bias="lora_only", modules_to_save=["lm_head"], use_rslora=True)
     cfg = common.lora_config(args, task_type="SEQ_CLS")
-    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.bias, cfg.use_rslora) == (4, 12, 0.2, "lora_only", True)
+    got = (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.bias, cfg.use_rslora)
+    assert got == (4, 12, 0.2, "lora_only", True)
     assert set(cfg.target_modules) == {"q_proj", "v_proj"} and list(cfg.modules_to_save) == ["lm_head"]
     assert cfg.task_type == "SEQ_CLS"
     default = common.lora_config(LoraArgs(enabled=True))
-    assert (default.r, default.lora_alpha, default.target_modules, default.task_type) == (16, 32, "all-linear",
-                                                                                         "CAUSAL_LM")
+    got = (default.r, default.lora_alpha, default.target_modules, default.task_type)
+    assert got == (16, 32, "all-linear", "CAUSAL_LM")
     assert default.modules_to_save is None and default.use_rslora is False
 
 
@@ -200,7 +202,8 @@ def test_lora_config_takes_effect_on_a_model(tiny_model):
 
 # ------------------------------------------------------------------------------------------------ varlen
 def _recipe(stage="sft", attn=None, **train):
-    return SimpleNamespace(stage=stage, model=ModelArgs(attn_implementation=attn), train=SimpleNamespace(**train))
+    return SimpleNamespace(stage=stage, model=ModelArgs(attn_implementation=attn),
+                           train=SimpleNamespace(**train))
 
 
 @pytest.fixture
@@ -245,14 +248,16 @@ def test_varlen_attention_with_trl_sft_config(sdpa_model, tmp_path):
     """TRL's own config: packing=True with its default strategy (bfd) is padding-free."""
     cpu = {"output_dir": str(tmp_path), "report_to": "none", "use_cpu": True, "bf16": False}
     train = SFTConfig(packing=True, **cpu)
-    assert common.use_varlen_attention(sdpa_model, SimpleNamespace(stage="sft", model=ModelArgs(), train=train))
+    assert common.use_varlen_attention(sdpa_model, SimpleNamespace(stage="sft", model=ModelArgs(),
+                                                                   train=train))
     plain = copy.deepcopy(sdpa_model)
     plain.set_attn_implementation("sdpa")
     untouched = SFTConfig(**cpu)
-    assert not common.use_varlen_attention(plain, SimpleNamespace(stage="sft", model=ModelArgs(), train=untouched))
+    assert not common.use_varlen_attention(plain, SimpleNamespace(stage="sft", model=ModelArgs(),
+                                                                  train=untouched))
 
 
-# ------------------------------------------------------------------------------------------------ checked_loader
+# ------------------------------------------------------------------------------------------- checked_loader
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -280,13 +285,15 @@ def test_checked_loader_keeps_the_first_rows_and_saves_the_report(tmp_path):
 def test_checked_loader_refuses_malformed_rows_naming_the_first(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}, {"prompt": "q2"},
                                          {"prompt": "q3", "completion": 3}])
-    with pytest.raises(ValueError, match=rf"2 malformed data rows, first: {path} line 2 field 'prompt': missing"):
+    with pytest.raises(ValueError,
+                       match=rf"2 malformed data rows, first: {path} line 2 field 'prompt': missing"):
         _loader(tmp_path / "stage")(path, "train", None, "train")
     assert (tmp_path / "stage" / "data_check_train.md").is_file()  # the full list is there to read
 
 
 def test_checked_loader_refuses_when_nothing_is_kept(tmp_path):
-    empty = _jsonl(tmp_path / "e.jsonl", [{"prompt": "q", "completion": " "}, {"prompt": "", "completion": "a"}])
+    empty = _jsonl(tmp_path / "e.jsonl", [{"prompt": "q", "completion": " "},
+                                          {"prompt": "", "completion": "a"}])
     with pytest.raises(ValueError, match=r"no rows kept of 2 read \(2 empty text; 0 malformed\)"):
         _loader(tmp_path / "stage", allow_empty=True)(empty, "train", None, "train")
     # duplicates are dropped, one copy kept
@@ -294,7 +301,7 @@ def test_checked_loader_refuses_when_nothing_is_kept(tmp_path):
     assert _loader(tmp_path / "stage")(twice, "train", None, "train") == [{"prompt": "q", "completion": "a"}]
 
 
-# ------------------------------------------------------------------------------------------------ callbacks, resume
+# ---------------------------------------------------------------------------------------- callbacks, resume
 def test_stage_callbacks(tmp_path):
     metrics, interrupt = common.stage_callbacks(tmp_path / "s")
     assert isinstance(metrics, MetricsJsonlCallback) and metrics.path == tmp_path / "s" / "metrics.jsonl"
@@ -310,11 +317,12 @@ def test_last_checkpoint_is_the_highest_step(tmp_path):
     assert common.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-40")  # 40 > 12 > 5, not by name
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="checked_loader cuts the kept rows to `limit` but not rows_read/malformed: "
-                                       "a bad row after the first max_rows still fails the stage (report to lead)")
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="checked_loader cuts the kept rows to `limit` but not rows_read/malformed: "
+                          "a bad row after the first max_rows still fails the stage (reported to lead)")
 def test_checked_loader_limit_applies_to_what_is_checked(tmp_path):
-    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"},
-                                         {"prompt": "bad"}])
+    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"},
+                                         {"prompt": "c", "completion": "d"}, {"prompt": "bad"}])
     assert _loader(tmp_path / "stage")(path, "train", 1, "train") == [{"prompt": "a", "completion": "b"}]
     report = json.loads((tmp_path / "stage" / "data_check_train.json").read_text())
     assert report["rows_read"] == report["rows_kept"] + report["rows_dropped"] + len(report["malformed"])
