@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from alignkit import notebook as nb
+from alignkit.models import DEFAULT_MODEL
 
 
 def test_pick_model_on_cpu_is_packaged_smollm2_without_4bit(monkeypatch):
-    from alignkit.models import DEFAULT_MODEL
-
     monkeypatch.delenv("ALIGNKIT_NOTEBOOK_MODEL", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     choice = nb.pick_model()
