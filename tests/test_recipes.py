@@ -69,8 +69,10 @@ def _tiny_overrides(recipe, model: Path, data: dict, out: Path) -> list[str]:
     chain = recipe.is_chain
     for name, stage in recipe.stages.items():
         pre = f"{name}." if chain else ""
+        if name != "sft":  # SFT reads no data.format (a strict recipe refuses it)
+            ov.append(f"{pre}data.format=auto")
         ov += [f"{pre}model.name_or_path={model}", f"{pre}model.dtype=float32", f"{pre}data.path={data[name]}",
-               f"{pre}data.format=auto", f"{pre}data.eval_split=null", f"{pre}data.val_size=2",
+               f"{pre}data.eval_split=null", f"{pre}data.val_size=2",
                f"{pre}data.max_eval_rows=2", f"{pre}data.columns=null",
                f"{pre}train.max_steps=1", f"{pre}train.max_length=48", f"{pre}train.eval_steps=1",
                f"{pre}train.save_steps=1", f"{pre}train.report_to=none", f"{pre}train.per_device_train_batch_size=2",

@@ -74,8 +74,7 @@ class DPOArgs(DPOConfig):
         changed = {name: reason for name, reason in unread_settings(self).items()
                    if getattr(self, name) != _default(name)}
         if changed:
-            name = min(changed)
-            raise ValueError(f"{name}={getattr(self, name)!r} is ignored: {name} is {changed[name]}")
+            raise ValueError(changed[min(changed)])
 
 
 ARGS_CLASS = DPOArgs
@@ -106,7 +105,8 @@ def resolve_loss(args) -> str:
 
 
 def unread_settings(args) -> dict[str, str]:
-    """``{field: reason}`` for every DPOArgs loss setting the resolved ``args.loss`` does not read."""
+    """``{field: message}`` for every DPOArgs loss setting the resolved ``args.loss`` does not read; the
+    message is one line, ``train.label_smoothing is read by losses ...; this recipe's loss is dpo``."""
     name, types = args.loss, list(args.loss_type)
     trl_path = f"trl with loss_type {', '.join(types)}"
     out = {}
@@ -119,20 +119,19 @@ def unread_settings(args) -> dict[str, str]:
             out["f_alpha_divergence_coef"] = ("read by loss trl with f_divergence_type alpha_divergence; this "
                                               f"recipe's f_divergence_type is {args.f_divergence_type}")
         out["simpo_gamma"] = _readers("gamma", trl_path)
-        return out
-    spec = L.get_loss_spec(name)
-    for param, attr in LOSS_PARAM_FIELDS.items():
-        if param not in spec.params:
-            out[attr] = _readers(param, name)
-    for attr in TRL_LOSS_FIELDS:
-        if attr == "loss_type" and types == [spec.trl_loss_type]:
-            continue  # loss_type names this very loss
-        out[attr] = (f"read by loss trl; this recipe's loss is {name} (alignkit.losses; set loss: trl for "
-                     f"TRL's loss_type)")
-    if spec.reference_free:
-        for attr in REFERENCE_FIELDS:
-            out[attr] = f"read by reference-based losses; this recipe's loss {name} is reference-free"
-    return out
+    else:
+        spec = L.get_loss_spec(name)
+        for param, attr in LOSS_PARAM_FIELDS.items():
+            if param not in spec.params:
+                out[attr] = _readers(param, name)
+        for attr in TRL_LOSS_FIELDS:
+            if attr != "loss_type" or types != [spec.trl_loss_type]:  # a loss_type naming this very loss is read
+                out[attr] = (f"read by loss trl; this recipe's loss is {name} (alignkit.losses; set loss: trl "
+                             f"for TRL's loss_type)")
+        if spec.reference_free:
+            for attr in REFERENCE_FIELDS:
+                out[attr] = f"read by reference-based losses; this recipe's loss {name} is reference-free"
+    return {attr: f"train.{attr} is {reason}" for attr, reason in out.items()}
 
 
 def _readers(param: str, current: str) -> str:
@@ -147,7 +146,7 @@ def _readers(param: str, current: str) -> str:
 def ignored_keys(stage) -> dict[str, str]:
     """Stage-module strictness hook (contract in alignkit/train/__init__.py): the recipe keys the selected
     loss does not read, ``{"train.label_smoothing": "train.label_smoothing is read by ...; ..."}``."""
-    return {f"train.{name}": f"train.{name} is {reason}" for name, reason in unread_settings(stage.train).items()}
+    return {f"train.{name}": message for name, message in unread_settings(stage.train).items()}
 
 
 class AlignkitDPOTrainer(DPOTrainer):
