@@ -100,3 +100,28 @@ def test_recipe_runs_one_step_on_tiny_model(path, tmp_path, tiny_chat_model):
         state = json.loads((recipe.stage_dir(name) / "state.json").read_text())
         assert state["result"]["global_step"] == 1
         assert (recipe.stage_dir(name) / "resolved_config.yaml").is_file()
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipe_sets_nothing_ignored(path):
+    """Every shipped recipe (grpo and chains included) passes the strictness check: no key it sets is one
+    the path it selects ignores (load_recipe refuses those; asserted here on its own too)."""
+    from alignkit.config import check_strict, ignored_settings
+
+    recipe = load_recipe(path)  # strict by default
+    shared = _shared(recipe)
+    ignored = {name: ignored_settings(stage) for name, stage in recipe.stages.items()}
+    for name, stage in recipe.stages.items():
+        own = stage.user_keys - shared
+        assert own, name  # the recipe's keys were seen
+        assert not set(ignored[name]) & own, (name, {k: ignored[name][k] for k in set(ignored[name]) & own})
+        check_strict(stage, f"{path.name}: {name}:", own)
+    for key in shared:  # a chain's shared default is read by at least one stage
+        assert any(key not in reasons for reasons in ignored.values()), key
+
+
+def _shared(recipe) -> set[str]:
+    """A chain's top-level model/data/lora keys (defaults for every stage)."""
+    if not recipe.is_chain:
+        return set()
+    return {f"{sec}.{k}" for sec in ("model", "data", "lora") for k in (recipe.raw.get(sec) or {})}
