@@ -125,7 +125,8 @@ class DataArgs:
                 "quickstart:<name> (built by alignkit.train.quickstart)."})
     split: str = field(default="train", metadata={"help": "Split to read (folders and hub datasets)."})
     format: str = field(default="auto", metadata={
-        "help": "Preference format: auto, prompt_chosen_rejected, conversational, hh (ignored for SFT)."})
+        "help": "Preference format (dpo, reward): auto, prompt_chosen_rejected, conversational, hh. An SFT "
+                "recipe that sets it is refused."})
     columns: dict[str, str] | None = field(default=None, metadata={
         "help": "Column mapping, e.g. {prompt: question, chosen: good, rejected: bad}."})
     eval_path: str | None = field(default=None, metadata={
@@ -137,7 +138,8 @@ class DataArgs:
     max_rows: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_rows: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
     max_length: int | None = field(default=None, metadata={
-        "help": "Token limit for the data check (rows longer are dropped); None: train.max_length."})
+        "help": "Token limit for the data check (rows longer are dropped); None: train.max_length. Unread "
+                "(refused) when SFT packs: packed rows are concatenated and cut, not dropped."})
     packing: str | None = field(default=None, metadata={
         "help": "SFT only: 'alignkit' packs with alignkit.data.PackedSFTDataset (Alpaca template, loss on "
                 "every token); for TRL's packing set train.packing=true instead.",
