@@ -623,7 +623,8 @@ def ignored_settings(stage: StageRecipe) -> dict[str, str]:
     plus the stage module's ``ignored_keys(stage)`` when it defines one.
 
     Generic rules: with ``lora.enabled: false`` every other lora key holding a value other than its default;
-    data keys outside the stage module's ``DATA_KEYS`` (when it declares them); in a chain, a later stage's
+    data keys outside the stage module's ``DATA_KEYS`` (when it declares them); the Trainer's interval knobs
+    without their ``*_strategy: steps`` (:func:`_interval_rules`); in a chain, a later stage's
     model.name_or_path/revision/gguf_file (it starts from the previous stage's model).
     """
     module = get_stage_module(stage.stage)
@@ -640,6 +641,7 @@ def ignored_settings(stage: StageRecipe) -> dict[str, str]:
             if name not in data_keys:
                 out[f"data.{name}"] = (f"data.{name} is read by stages {_data_readers(name)}; this recipe's "
                                        f"stage is {stage.stage}")
+    out.update(_interval_rules(stage.train))
     if stage.previous is not None:
         for name in FIRST_STAGE_MODEL_KEYS:
             out[f"model.{name}"] = (f"model.{name} is read by the chain's first training stage; {stage.stage} "
@@ -647,6 +649,27 @@ def ignored_settings(stage: StageRecipe) -> dict[str, str]:
     hook = getattr(module, "ignored_keys", None)
     if hook is not None:
         out.update(hook(stage))
+    return out
+
+
+#: TrainingArguments interval knobs -> the strategy field that must be "steps" for them to be read
+INTERVAL_KEYS = {"eval_steps": "eval_strategy", "save_steps": "save_strategy", "logging_steps": "logging_strategy"}
+
+
+def _interval_rules(train) -> dict[str, str]:
+    """transformers' Trainer reads ``eval_steps``/``save_steps``/``logging_steps`` only under the matching
+    ``*_strategy: steps``, and ``save_total_limit`` only when it saves (train sections without the
+    strategy fields, e.g. GRPO's, get none of these rules)."""
+    out = {}
+    for key, strategy in INTERVAL_KEYS.items():
+        value = getattr(train, strategy, None)
+        if value is not None and str(getattr(value, "value", value)) != "steps":
+            out[f"train.{key}"] = (f"train.{key} is read with train.{strategy}: steps; this recipe's {strategy} "
+                                   f"is {getattr(value, 'value', value)}")
+    save = getattr(train, "save_strategy", None)
+    if save is not None and str(getattr(save, "value", save)) == "no":
+        out["train.save_total_limit"] = ("train.save_total_limit is read when checkpoints are saved; this "
+                                         "recipe's save_strategy is no")
     return out
 
 

@@ -282,3 +282,16 @@ def test_resolved_config_leaves_out_what_the_stage_ignores(tmp_path):
     assert doc["train"]["loss"] == "ipo" and doc["train"]["beta"] == 0.1
     assert not {"label_smoothing", "simpo_gamma", "use_weighting", "loss_type"} & set(doc["train"])
     assert "packing" not in doc["data"] and doc["data"]["format"] == "auto"
+
+
+def test_interval_knobs_need_their_strategy(tmp_path):
+    with pytest.raises(RecipeError, match=r"train\.eval_steps is read with train\.eval_strategy: steps; this "
+                                          r"recipe's eval_strategy is no"):
+        load_recipe(write(tmp_path, SFT), ["train.eval_steps=10"])
+    with pytest.raises(RecipeError, match=r"train\.save_steps is read with train\.save_strategy: steps; this "
+                                          r"recipe's save_strategy is epoch"):
+        load_recipe(write(tmp_path, SFT), ["train.save_strategy=epoch", "train.save_steps=10"])
+    with pytest.raises(RecipeError, match=r"train\.save_total_limit is read when checkpoints are saved"):
+        load_recipe(write(tmp_path, SFT), ["train.save_strategy=no", "train.save_total_limit=2"])
+    st = load_recipe(write(tmp_path, SFT), ["train.eval_strategy=steps", "train.eval_steps=10"]).stages["sft"]
+    assert st.train.eval_steps == 10

@@ -71,12 +71,17 @@ def _tiny_overrides(recipe, model: Path, data: dict, out: Path) -> list[str]:
         pre = f"{name}." if chain else ""
         if name != "sft":  # SFT reads no data.format (a strict recipe refuses it)
             ov.append(f"{pre}data.format=auto")
-        ov += [f"{pre}model.name_or_path={model}", f"{pre}model.dtype=float32", f"{pre}data.path={data[name]}",
+        if stage.previous is None:  # a chain's later stage starts from the previous model (refuses a name)
+            ov.append(f"{pre}model.name_or_path={model}")
+        ov += [f"{pre}model.dtype=float32", f"{pre}data.path={data[name]}",
                f"{pre}data.eval_split=null", f"{pre}data.val_size=2",
                f"{pre}data.max_eval_rows=2", f"{pre}data.columns=null",
-               f"{pre}train.max_steps=1", f"{pre}train.max_length=48", f"{pre}train.eval_steps=1",
-               f"{pre}train.save_steps=1", f"{pre}train.report_to=none", f"{pre}train.per_device_train_batch_size=2",
+               f"{pre}train.max_steps=1", f"{pre}train.max_length=48", f"{pre}train.report_to=none",
+               f"{pre}train.per_device_train_batch_size=2",
                f"{pre}train.gradient_accumulation_steps=1", f"{pre}train.per_device_eval_batch_size=2"]
+        for key, strategy in (("eval_steps", "eval_strategy"), ("save_steps", "save_strategy")):
+            if getattr(stage.train, strategy).value == "steps":  # read only then (a strict recipe refuses it)
+                ov.append(f"{pre}train.{key}=1")
         if stage.train.optim.value.startswith("paged"):  # paged optimizers need CUDA
             ov.append(f"{pre}train.optim=adamw_torch")
     return ov
