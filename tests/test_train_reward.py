@@ -57,3 +57,14 @@ def test_reward_lora_trains_score_head(tmp_path, tiny_model_dir):
     assert (tmp_path / "out" / "final" / "adapter_config.json").is_file()
     merged = AutoModelForSequenceClassification.from_pretrained(result["model_dir"])
     assert merged.config.num_labels == 1
+
+
+def test_reward_reads_the_preference_data_keys(tmp_path, tiny_model_dir):
+    from alignkit.config import RecipeError
+    from alignkit.train import dpo, reward
+
+    assert reward.DATA_KEYS == dpo.DATA_KEYS  # the same loader (dpo.preference_loader)
+    assert _stage(tmp_path, tiny_model_dir, "data.format=prompt_chosen_rejected").data.format == \
+        "prompt_chosen_rejected"
+    with pytest.raises(RecipeError, match=r"data\.packing is read by stages sft; this recipe's stage is reward"):
+        _stage(tmp_path, tiny_model_dir, "data.packing=alignkit")
