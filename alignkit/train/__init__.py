@@ -62,24 +62,20 @@ The pipeline (:mod:`alignkit.pipeline`) writes ``resolved_config.yaml`` and the 
 """
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-# stage name -> module path (each module keeps the contract above)
-STAGES: dict[str, str] = {
-    "sft": "alignkit.train.sft",
-    "dpo": "alignkit.train.dpo",
-    "reward": "alignkit.train.reward",
-    "grpo": "alignkit.train.grpo",
-}
+from alignkit.train import dpo, grpo, reward, sft
+
+# stage name -> stage module (each keeps the contract above)
+STAGES: dict[str, ModuleType] = {"sft": sft, "dpo": dpo, "reward": reward, "grpo": grpo}
 
 
 def get_stage_module(name: str) -> ModuleType:
-    """Import the stage module for ``name``; a clear error lists the valid stage names."""
+    """The stage module for ``name``; a clear error lists the valid stage names."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
-    module = importlib.import_module(STAGES[name])
+    module = STAGES[name]
     for attr in ("ARGS_CLASS", "run"):
         if not hasattr(module, attr):
-            raise TypeError(f"stage module {STAGES[name]} lacks {attr!r} (see alignkit/train/__init__.py)")
+            raise TypeError(f"stage module {module.__name__} lacks {attr!r} (see alignkit/train/__init__.py)")
     return module
