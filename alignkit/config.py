@@ -136,7 +136,14 @@ class DataArgs:
         "help": "Split of `path` used for validation when eval_path is None (e.g. test)."})
     val_size: float = field(default=0.0, metadata={
         "help": "Hold out this fraction (<1) or number (>=1) of training rows for validation."})
-    max_rows: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_rows: int | None = field(default=None, metadata={
+        "help": "Read only the first N training records (bad ones included): the report says read N."})
+    on_error: str = field(default="raise", metadata={
+        "help": "Malformed rows (bad JSON, missing field, wrong type, undecodable bytes, a cut .gz): raise (stop "
+                "before training, naming file, line and field) or drop (leave them out, counted in the data "
+                "check report). Rows dropped for a reason (empty text, chosen == rejected, duplicate, over "
+                "max length) are always left out. `alignkit data check` reaches the same verdict.",
+        "choices": ["raise", "drop"]})
     max_eval_rows: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
     max_length: int | None = field(default=None, metadata={
         "help": "Token limit for the data check (rows longer are dropped); None: train.max_length. Unread "

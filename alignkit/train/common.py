@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
+from alignkit.data.check import run_check
 from alignkit.data.io import write_json_atomic, write_text_atomic
 from alignkit.models import load_model, prepare_kbit
 from alignkit.resources import prompt as bundled_prompt
@@ -124,17 +125,17 @@ def fill_template(template: str, prompt: str) -> str:
     return head.replace("\x00", prompt)
 
 
-def checked_loader(read, check, stage_dir: Path):
-    """``load_fn`` for :func:`load_split`: ``read(path, split)`` the rows (errors collected), keep the first
-    ``limit``, ``check(rows)`` them (report saved, malformed rows raise) and return the clean rows."""
+def checked_loader(data, kind: str, tokenizer, max_length: int | None, stage_dir: Path):
+    """``load_fn`` for :func:`load_split`: the data check's own loader (:func:`alignkit.data.check.run_check`,
+    ``limit`` read as ``max_rows``), its report saved, then its verdict under ``data.on_error``; returns the
+    kept rows. ``alignkit data check`` runs the same function, so the two agree on every row."""
 
     def load(path, split, limit, name):
-        rows = read(path, split)
-        if limit:
-            del rows[limit:]
-            del rows.locations[limit:]
-        report = check(rows)
+        opts = {"data": path, "split": split, "kind": kind, "format": getattr(data, "format", None),
+                "columns": data.columns, "template": data.template, "max_length": max_length, "max_rows": limit}
+        report = run_check(opts, tokenizer=tokenizer)
         save_data_report(report, stage_dir, f"data_check_{name}")
+        report.verdict(data.on_error, report_path=str(stage_dir / f"data_check_{name}.md"))
         return report.kept
 
     return load
@@ -147,11 +148,6 @@ def save_data_report(report, stage_dir: Path, name: str) -> None:
     write_json_atomic(stage_dir / f"{name}.json", report.to_dict())
     logger.info("data check (%s): %d read, %d kept, %d dropped, %d malformed -> %s", name, report.rows_read,
                 report.rows_kept, report.rows_dropped, len(report.malformed), stage_dir / f"{name}.md")
-    if report.malformed:
-        first = report.malformed[0]
-        raise ValueError(f"{len(report.malformed)} malformed data rows, first: {first.source} line {first.line}"
-                         f" field {first.field!r}: {first.message} (full list: {stage_dir / (name + '.md')})")
-    report.raise_if_empty()
 
 
 def stage_callbacks(stage_dir: Path) -> list:

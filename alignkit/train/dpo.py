@@ -24,8 +24,7 @@ from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from alignkit import losses as L
-from alignkit.data.check import check_preference
-from alignkit.data.preference import PreferencePair, load_preference_rows, to_trl_dataset
+from alignkit.data.preference import PreferencePair, to_trl_dataset
 from alignkit.train import common
 
 logger = logging.getLogger("alignkit.train")
@@ -45,7 +44,7 @@ REFERENCE_FIELDS = ("precompute_ref_log_probs", "precompute_ref_batch_size", "sy
                     "ref_model_mixup_alpha", "ref_model_sync_steps")
 #: the data.* keys this stage reads (common.load_split + preference_loader); others are refused
 DATA_KEYS = frozenset({"path", "split", "format", "columns", "eval_path", "eval_split", "val_size", "max_rows",
-                       "max_eval_rows", "max_length", "template"})
+                       "max_eval_rows", "max_length", "template", "on_error"})
 
 
 @dataclass
@@ -224,15 +223,8 @@ def to_trl_pairs(pairs: list, template: str | None):
 
 def preference_loader(recipe, tokenizer, stage_dir: Path):
     """``load_fn`` for :func:`common.load_split`: read, check (report saved), keep the clean pairs."""
-    d = recipe.data
-    max_length = d.max_length or getattr(recipe.train, "max_length", None)
-    template = d.template  # the check takes "chat", a bundled prompt name or a template string as is
-
-    return common.checked_loader(
-        lambda path, split: load_preference_rows(path, split=split, format=d.format, columns=d.columns,
-                                                 errors="collect"),
-        lambda pairs: check_preference(pairs, tokenizer=tokenizer, max_length=max_length, template=template),
-        stage_dir)
+    max_length = recipe.data.max_length or getattr(recipe.train, "max_length", None)
+    return common.checked_loader(recipe.data, "preference", tokenizer, max_length, stage_dir)
 
 
 def run(recipe, stage_dir, model_path=None) -> dict:

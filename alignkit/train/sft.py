@@ -13,15 +13,13 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from alignkit.data import PackedSFTDataset
-from alignkit.data.check import check_sft
-from alignkit.data.sft_rows import load_sft_rows
 from alignkit.train import common
 
 logger = logging.getLogger("alignkit.train")
 
 #: the data.* keys this stage reads (common.load_split + _loader + build_datasets); others are refused
 DATA_KEYS = frozenset({"path", "split", "columns", "eval_path", "eval_split", "val_size", "max_rows",
-                       "max_eval_rows", "max_length", "packing", "template"})
+                       "max_eval_rows", "max_length", "packing", "template", "on_error"})
 #: SFTConfig fields of TRL's own data path (formatting, tokenization, packing, loss masks), unread when
 #: data.packing=alignkit hands TRL already packed input_ids
 TRL_DATA_FIELDS = ("packing", "packing_strategy", "eval_packing", "completion_only_loss", "assistant_only_loss",
@@ -99,12 +97,7 @@ def _loader(recipe, tokenizer, stage_dir: Path):
     packed = recipe.data.packing == "alignkit" or recipe.train.packing
     # packed rows are concatenated then cut, so a long row is not dropped
     max_length = None if packed else recipe.data.max_length or recipe.train.max_length
-    template = recipe.data.template  # the check takes "chat", a bundled prompt name or a template string as is
-
-    return common.checked_loader(
-        lambda path, split: load_sft_rows(path, split=split, columns=recipe.data.columns, errors="collect"),
-        lambda rows: check_sft(rows, tokenizer=tokenizer, max_length=max_length, template=template),
-        stage_dir)
+    return common.checked_loader(recipe.data, "sft", tokenizer, max_length, stage_dir)
 
 
 def packed_dataset(rows: list[dict], tokenizer, seq_length: int, path: Path, seed: int):
