@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
-from alignkit.data.check import run_check
+from alignkit.data.check import render, resolve_template, run_check
 from alignkit.data.io import write_json_atomic, write_text_atomic
 from alignkit.models import load_model, prepare_kbit
-from alignkit.resources import prompt as bundled_prompt
 from alignkit.train.callbacks import GracefulInterruptCallback, MetricsJsonlCallback, plot_metrics
 
 logger = logging.getLogger("alignkit.train")
@@ -109,20 +108,15 @@ def load_split(data, load_fn, seed: int) -> tuple[list, list]:
 
 def text_template(template: str | None) -> str | None:
     """The text template for ``data.template``: None for "chat"/None, else a bundled prompt's text
-    (e.g. "alpaca_sft") or the string itself when it has ``{instruction}``/``{prompt}`` slots."""
-    if template in (None, "chat"):
-        return None
-    if "{" in template:
-        return template
-    return bundled_prompt(template)
+    (e.g. "alpaca_sft") or the string itself when it has ``{instruction}``/``{prompt}`` slots
+    (:func:`alignkit.data.check.resolve_template`, which the data check measures with)."""
+    return None if template == "chat" else resolve_template(template)
 
 
 def fill_template(template: str, prompt: str) -> str:
-    """The prompt text of a template up to its response slot (``{response}`` left empty)."""
-    for slot in ("{instruction}", "{prompt}", "{question}"):
-        template = template.replace(slot, "\x00")
-    head = template.split("{response}", 1)[0]
-    return head.replace("\x00", prompt)
+    """The prompt text of a template up to its response slot: :func:`alignkit.data.check.render`, the same
+    rendering the data check measures, so the check and training see one text."""
+    return render(template, prompt)
 
 
 def checked_loader(data, kind: str, tokenizer, max_length: int | None, stage_dir: Path):
