@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import load_stage
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.train.dpo import AlignkitDPOTrainer, DPOArgs, to_trl_pairs
@@ -127,14 +128,11 @@ def _write_pairs(path, n=12):
 
 
 def _recipe(tmp_path, model_dir, data, overrides):
-    from alignkit.config import load_recipe
-
-    path = tmp_path / "dpo.yaml"
-    path.write_text(f"stage: dpo\nmodel: {{name_or_path: {model_dir}}}\ndata: {{path: {data}, val_size: 4}}\n"
-                    "train: {max_steps: 2, per_device_train_batch_size: 2, per_device_eval_batch_size: 4, "
-                    "max_length: 48, logging_steps: 1, report_to: none, gradient_checkpointing: false, "
-                    "save_strategy: 'no', learning_rate: 1.0e-3}\n")
-    return load_recipe(path, [f"output_dir={tmp_path / 'out'}", *overrides]).stages["dpo"]
+    return load_stage(tmp_path, "dpo", f"stage: dpo\nmodel: {{name_or_path: {model_dir}}}\n"
+                      f"data: {{path: {data}, val_size: 4}}\n"
+                      "train: {max_steps: 2, per_device_train_batch_size: 2, per_device_eval_batch_size: 4, "
+                      "max_length: 48, logging_steps: 1, report_to: none, gradient_checkpointing: false, "
+                      "save_strategy: 'no', learning_rate: 1.0e-3}\n", overrides)
 
 
 @pytest.mark.slow
