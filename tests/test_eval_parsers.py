@@ -101,7 +101,7 @@ def test_echoed_lists_count_as_unparsed_in_the_mmlu_metrics():
     task = MMLU()
     ex = dict(EXAMPLE, id="g/1")
     outputs = [FULL_LIST, "A. Paris\nB. London", "A) Paris\nB) London\nC) Berlin", "A. Paris B. London",
-               "(A) Paris\n(B) London\n(C) Berlin\n(D) Madrid", "The correct answer is C", "A. Paris"]
+               "A: Paris\nB: London\nC: Berlin", "The correct answer is C", "A. Paris"]
     records = [{"id": f"g/{i}", "example": ex, "generation": o, "score": task.score(ex, o)}
                for i, o in enumerate(outputs)]
     m = task.aggregate(records)
