@@ -318,6 +318,9 @@ def test_win_rates_refuse_probabilities_outside_0_1(bad, index):
         length_controlled_win_rate(bad, [10] * len(bad), [5] * len(bad))
     with pytest.raises(ValueError, match="len_model has 1 values for 2 preferences"):
         length_controlled_win_rate([1.0, 0.0], [3], [4, 5])
+    if bad[index] is not None:  # from a numpy array the value is shown as a plain float
+        with pytest.raises(ValueError, match=rf"preference {index} is {re.escape(repr(float(bad[index])))}, outside"):
+            win_rate(np.array(bad, dtype=np.float64))
     assert win_rate([0.0, 1.0, 0.5])["win_rate"] == 0.5  # the bounds themselves are fine
 
 

@@ -227,7 +227,8 @@ def check_probabilities(values: Sequence[float], what: str = "preference") -> np
     bad = np.flatnonzero(~((p >= 0.0) & (p <= 1.0)))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{what} {i} is {values[i]!r}, outside [0, 1] (P(model wins): 1 win, 0.5 tie, 0 loss; "
+        shown = values[i].item() if isinstance(values[i], np.generic) else values[i]  # 1.52, not np.float64(1.52)
+        raise ValueError(f"{what} {i} is {shown!r}, outside [0, 1] (P(model wins): 1 win, 0.5 tie, 0 loss; "
                          f"alpaca_eval's 1-2 preferences are read by read_alpaca_eval_annotations)")
     return p
 
