@@ -130,9 +130,9 @@ def judge_task(task: Task, records: list[dict], judge, out_dir: Path, resume: bo
 
 
 def run_task(task: Task, generator, out_dir: Path, *, limit, seed, style, max_new_tokens, batch_size,
-             resume, judge) -> tuple[dict, dict, list[dict]]:
+             resume, judge, limit_per_subject=None) -> tuple[dict, dict, list[dict]]:
     """One task end to end -> (metrics, throughput, sample failures)."""
-    examples = task.load(limit, seed)
+    examples = task.load(limit, seed, limit_per_subject=limit_per_subject)
     log = PredictionLog(out_dir / "predictions.jsonl", resume=resume)
     throughput = generate_task(generator, task, examples, log, style=style, max_new_tokens=max_new_tokens,
                                batch_size=batch_size)
@@ -196,7 +196,8 @@ def _run_tasks(cfg: EvalConfig, model) -> dict:
         # 1. generate/score/judge one task; 2. write the run's files so far (atomic)
         metrics, thr, samples = run_task(get_task(name), generator, out / name, limit=cfg.limit, seed=cfg.seed,
                                          style=cfg.prompt, max_new_tokens=cfg.max_new_tokens,
-                                         batch_size=cfg.batch_size, resume=cfg.resume, judge=judge_obj)
+                                         batch_size=cfg.batch_size, resume=cfg.resume, judge=judge_obj,
+                                         limit_per_subject=cfg.limit_per_subject)
         results["metrics"][name], results["throughput"][name], results["samples"][name] = metrics, thr, samples
         write_reports(out, results)
     logger.info("eval done: %s", summary_line(results))
