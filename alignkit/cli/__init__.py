@@ -5,6 +5,7 @@
     alignkit data check RECIPE.yaml                alignkit.cli.data
     alignkit compare RUN_DIR...                    alignkit.cli.compare
     alignkit merge ADAPTER_DIR OUT_DIR             alignkit.cli.merge
+    alignkit judge ANNOTATIONS.json                alignkit.cli.judge
 
 The benchmarks are not part of the installed package: run ``python -m benchmarks.run`` from a source
 checkout (benchmarks/RESULTS.md there has the measured ratios).
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from alignkit.cli import compare, data, merge, train
+from alignkit.cli import compare, data, judge, merge, train
 from alignkit.cli import eval as eval_cli
 
 # name -> (main function, one-line help)
@@ -23,6 +24,7 @@ COMMANDS = {
     "data": (data.main, "inspect data: alignkit data check RECIPE.yaml"),
     "compare": (compare.main, "compare eval runs side by side: alignkit compare RUN_DIR..."),
     "merge": (merge.main, "merge a LoRA adapter into its base: alignkit merge ADAPTER_DIR OUT_DIR"),
+    "judge": (judge.main, "score an alpaca_eval annotations file: alignkit judge ANNOTATIONS.json"),
 }
 
 
