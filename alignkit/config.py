@@ -26,6 +26,7 @@ import dataclasses
 import difflib
 import enum
 import json
+import os
 import re
 import types
 import typing
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from alignkit.data.io import write_text_atomic
@@ -478,8 +480,6 @@ def hardware_defaults(train_cls, user_keys: set[str]) -> dict:
     """Precision/device defaults chosen from the hardware (not the user's memory): on a machine
     without CUDA ``use_cpu=True, bf16=False``; on CUDA ``bf16`` only where the GPU supports it.
     Keys the user set are left alone."""
-    import torch
-
     names = set(field_names(train_cls))
     out = {}
     cuda = torch.cuda.is_available()
@@ -549,6 +549,21 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
+# what `accelerate launch --config_file` exports for a sharded config -> the config it came from
+SHARDED_LAUNCH = {"ACCELERATE_USE_FSDP": "FSDP (accelerate_configs/fsdp.yaml)",
+                  "ACCELERATE_USE_DEEPSPEED": "DeepSpeed (accelerate_configs/deepspeed_zero*.yaml)"}
+
+
+def check_launch(env, cuda: bool) -> None:
+    """A sharded launch on a machine without a CUDA GPU is refused: accelerate would quietly run plain
+    data-parallel CPU training (``MULTI_CPU``) and shard nothing, so the launcher setting would be ignored."""
+    for var, what in SHARDED_LAUNCH.items():
+        if str(env.get(var, "")).lower() == "true" and not cuda:
+            raise RecipeError(f"launched with {what} ({var}=true) on a machine without a CUDA GPU: accelerate would "
+                              "run plain DDP on CPU (MULTI_CPU) and shard nothing; use "
+                              "accelerate_configs/multi_gpu.yaml on CPU")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, strict: bool = True) -> Recipe:
     """Read a recipe YAML, apply dotted overrides and build typed configs for every step.
 
@@ -556,6 +571,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     (:func:`check_strict`), before anything loads.
     """
     src = str(path)
+    check_launch(os.environ, torch.cuda.is_available())
     raw = apply_overrides(read_yaml(path), list(overrides))
     steps = _steps(raw, src)
     valid_top = list(TOP_LEVEL_KEYS) + (list(STAGES) if len(steps) > 1 or steps == ["eval"] else [])
