@@ -12,6 +12,8 @@ import pytest
 from alignkit.cli import compare as compare_cli
 from alignkit.eval import report
 from alignkit.eval.judge import length_controlled_win_rate
+from alignkit.eval.runner import run_eval
+from alignkit.generation.base import Completion
 
 Z95 = 1.959963984540054
 
@@ -198,3 +200,57 @@ def test_fail_on_regression_needs_two_runs(runs, tmp_path, capsys):
 def test_a_metric_only_the_first_run_measured_is_named(runs, tmp_path, capsys):
     assert cmp(runs, tmp_path, "--fail-on-regression", "alpaca_eval/lc_win_rate=0.1") == 2
     assert "alpaca_eval/lc_win_rate: not measured in run(s) dpo" in capsys.readouterr().err
+
+
+class Scripted:
+    """A Generator answering ``reply(prompt)``: the evaluated model, or the judge."""
+
+    def __init__(self, reply, name):
+        self.reply, self.name = reply, name
+
+    def generate(self, prompts, params):
+        return [Completion(self.reply(p), token_ids=[1]) for p in prompts]
+
+    def chat(self, conversations, params):
+        return self.generate([c[-1]["content"] for c in conversations], params)
+
+    def update_weights(self, model):
+        pass
+
+
+def test_intervals_from_a_real_judged_eval_run(tmp_path):
+    """run_eval's own folders: the bootstrap reads its judgments and reproduces its win rates."""
+    def judge(prompt):  # prefers an output that says "detail"; otherwise the first one (a tie over both orders)
+        a, b = prompt.split("# Output (a):\n")[1].split("\n\n# Output (b):\n")
+        return "[[B]]" if "detail" in b and "detail" not in a else "[[A]]"
+
+    dirs = []
+    for name, reply in (("short", lambda p: "ok 7"), ("long", lambda p: "ok 7" + " detail" * (len(p) % 2))):
+        run_eval(Scripted(reply, name), ["alpaca_eval", "gsm8k"], str(tmp_path / name), limit=6,
+                 judge=Scripted(judge, "judge"))
+        dirs.append(tmp_path / name)
+    assert cmp(dirs, tmp_path, "--fail-on-regression", "alpaca_eval/win_rate=0.1") == 0
+    got = cells(tmp_path)
+    for name in ("short", "long"):
+        metrics = json.loads((tmp_path / name / "results.json").read_text())["metrics"]
+        for metric in ("win_rate", "lc_win_rate"):
+            c = got[("alpaca_eval", metric, name)]
+            assert c["method"] == "bootstrap" and c["value"] == metrics["alpaca_eval"][metric]
+            assert c["n"] == metrics["alpaca_eval"]["n_judged"] == 6 and c["lo"] <= c["value"] <= c["hi"]
+        acc = got[("gsm8k", "accuracy", name)]
+        assert acc["method"] == "wilson" and acc["n"] == 6
+    assert cmp(dirs[::-1], tmp_path, "--fail-on-regression", "alpaca_eval/win_rate=0.1") == 1
+
+
+def test_a_rate_over_zero_examples_is_not_measured(tmp_path):
+    # what the tasks write when nothing was validly judged: proportion_safe 0.0 over safe + unsafe = 0
+    a = write_run(tmp_path / "a", {"sst": {"proportion_safe": 0.0, "safe": 0, "unsafe": 0, "n": 5},
+                                   "gsm8k": gsm8k(0, 4)})
+    b = write_run(tmp_path / "b", {"sst": {"proportion_safe": 0.8, "safe": 4, "unsafe": 1, "n": 5},
+                                   "gsm8k": gsm8k(1, 4)})
+    assert cmp([a, b], tmp_path, "--fail-on-regression", "gsm8k/accuracy=0") == 0
+    got = cells(tmp_path)
+    assert got[("sst", "proportion_safe", "a")] == {"value": None, "n": 0, "lo": None, "hi": None,
+                                                    "method": "not measured (n = 0)"}
+    assert got[("gsm8k", "accuracy", "a")]["value"] == 0.0 and got[("gsm8k", "accuracy", "a")]["lo"] == 0.0
+    assert cmp([a, b], tmp_path, "--fail-on-regression", "sst/proportion_safe=0") == 2

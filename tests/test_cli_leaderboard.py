@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from alignkit import resources
 from alignkit.cli import leaderboard as leaderboard_cli
 from alignkit.eval.judge import Judge, JudgeError
 from alignkit.eval.leaderboard import bradley_terry, run_leaderboard
+from alignkit.eval.runner import run_eval
 from alignkit.generation.base import Completion
 
 # quality of each run's answer to instruction i; the judge prefers the higher quality, answers "[[A]]"
@@ -42,6 +44,22 @@ class ScriptedJudge:
         self.calls += 1
         self.prompts += list(prompts)
         return [Completion(self.verdict(p)) for p in prompts]
+
+    def chat(self, conversations, params):
+        return self.generate([c[-1]["content"] for c in conversations], params)
+
+    def update_weights(self, model):
+        pass
+
+
+class Completer:
+    """The evaluated model: ``reply(prompt)`` for every prompt."""
+
+    def __init__(self, reply, name):
+        self.reply, self.name = reply, name
+
+    def generate(self, prompts, params):
+        return [Completion(self.reply(p), token_ids=[1]) for p in prompts]
 
     def chat(self, conversations, params):
         return self.generate([c[-1]["content"] for c in conversations], params)
@@ -183,3 +201,19 @@ def test_cli_errors_exit_2(run_dirs, tmp_path, monkeypatch, capsys):
     assert "at least two runs" in capsys.readouterr().err
     with pytest.raises(JudgeError):
         run_leaderboard(run_dirs, Judge(ScriptedJudge(invalid=True)), tmp_path / "lb2")
+
+
+def test_on_real_eval_run_folders(tmp_path):
+    """Folders written by run_eval itself (generation only, no judge during eval)."""
+    dirs = []
+    for name, q in (("base", 1), ("sft", 2), ("dpo", 3)):
+        reply = lambda p, name=name, q=q: f"{name}-answer quality={q}"
+        run_eval(Completer(reply, name), ["alpaca_eval"], str(tmp_path / name), limit=3)
+        dirs.append(tmp_path / name)
+    script = ScriptedJudge()
+    board = run_leaderboard(dirs, Judge(script), tmp_path / "lb", n_bootstrap=50)
+    assert [r["model"] for r in board.table] == ["dpo", "sft", "base"]
+    assert board.examples == 3 and len(script.prompts) == 18
+    instructions = [json.loads(x)["instruction"] for x in
+                    (resources.data_path("alpaca_eval", "alpaca_eval.jsonl")).read_text().splitlines()[:3]]
+    assert all(any(f"# Instruction:\n{ins}\n" in p for p in script.prompts) for ins in instructions)

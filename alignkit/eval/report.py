@@ -226,9 +226,17 @@ def _proportion_counts(metrics: dict, metric: str, value: float) -> tuple[int, i
     return None
 
 
+def _denominator(metrics: dict, metric: str, value: float) -> int | None:
+    """How many examples the value is computed over (validly judged ones for win rates), if known."""
+    if metric in BOOTSTRAPPED:
+        return metrics.get("n_judged")
+    counts = _proportion_counts(metrics, metric, value)
+    return None if counts is None else counts[1]
+
+
 def _wilson(metrics: dict, metric: str, value: float) -> Measurement:
     counts = _proportion_counts(metrics, metric, value)
-    if counts is None or counts[1] == 0:
+    if counts is None:
         return Measurement(value, metrics.get("n"), method="no interval: no counts behind the proportion")
     successes, n = counts
     if abs(successes / n - value) > 1e-9:
@@ -290,6 +298,8 @@ def measure(results: dict, run_dir: Path | None, task: str, metric: str, *, seed
     value = _metric_value(metrics, metric) if isinstance(metrics, dict) else None
     if value is None:
         return Measurement(None)
+    if _denominator(metrics, metric, value) == 0:  # the tasks report 0.0 for a rate over nothing
+        return Measurement(None, 0, method=f"{NOT_MEASURED} (n = 0)")
     if metric in BOOTSTRAPPED:
         return _bootstrap(run_dir, metric, value, seed, n_resamples)
     return _wilson(metrics, metric, value)
