@@ -119,7 +119,7 @@ def test_a_win_rate_without_its_judgments_says_so(runs, tmp_path):
     (runs[0] / "alpaca_eval" / "judgments.jsonl").unlink()
     assert cmp(runs, tmp_path) == 0
     win = cells(tmp_path)[("alpaca_eval", "win_rate", "base")]
-    assert win["lo"] is None and win["method"] == "no interval: no alpaca_eval/judgments.jsonl"
+    assert win["lo"] is None and win["n"] == 11 and win["method"] == "no interval: no alpaca_eval/judgments.jsonl"
 
 
 def test_markdown_says_not_measured_and_keeps_the_value_table(runs, tmp_path, capsys):

@@ -146,9 +146,20 @@ def write_reports(out_dir: str | Path, results: dict) -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------- compare
-# Metrics `alignkit compare` shows beyond each task's HEADLINE one, with their direction (higher is better).
-# format_rate = answers that parsed / n, derived from the "unparseable" count of the graded tasks.
-COMPARED_EXTRA = {("alpaca_eval", "lc_win_rate"): True, ("mmlu", "format_rate"): True, ("gsm8k", "format_rate"): True}
+def load_run(run_dir: str | Path) -> dict:
+    """The ``results.json`` of an ``alignkit eval`` output folder."""
+    path = Path(run_dir) / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: no results.json (not an `alignkit eval` output folder)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+# compare also shows format_rate = answers that parsed / n (higher is better) of the graded tasks, derived from
+# their "unparseable" count when the run does not report it.
+FORMAT_RATE_TASKS = ("mmlu", "gsm8k")
 BOOTSTRAPPED = ("win_rate", "lc_win_rate")  # alpaca_eval: intervals from the per-example judgments
 NOT_MEASURED = "not measured"
 INTERVALS_NOTE = ("n and 95% intervals (Wilson for proportions, seeded percentile bootstrap over the per-example "
@@ -184,23 +195,15 @@ class ComparisonRow:
         return [c.value for c in self.cells]
 
 
-def load_run(run_dir: str | Path) -> dict:
-    """The ``results.json`` of an ``alignkit eval`` output folder."""
-    path = Path(run_dir) / "results.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no results.json (not an `alignkit eval` output folder)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-
-
 def compared_metrics() -> dict[tuple[str, str], bool]:
-    """Every (task, metric) compare shows, in table order -> higher is better."""
+    """Every (task, metric) compare shows, in table order -> higher is better: each task's HEADLINE metric,
+    its EXTRA ones (same direction: lc_win_rate reads like win_rate), then format_rate."""
     out = {}
     for task, (metric, higher) in HEADLINE.items():
         out[(task, metric)] = higher
-        out.update({k: v for k, v in COMPARED_EXTRA.items() if k[0] == task})
+        out.update({(task, extra): higher for extra in EXTRA.get(task, [])})
+        if task in FORMAT_RATE_TASKS:
+            out[(task, "format_rate")] = True
     return out
 
 
@@ -268,11 +271,13 @@ def _win_rate_samples(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return prefs, out_len, ref_len
 
 
-def _bootstrap(run_dir: Path | None, metric: str, value: float, seed: int, n_resamples: int) -> Measurement:
-    """Percentile bootstrap over the run's per-example judgments (the whole statistic refitted per replica)."""
+def _bootstrap(run_dir: Path | None, metric: str, value: float, n: int | None, seed: int,
+               n_resamples: int) -> Measurement:
+    """Percentile bootstrap over the run's per-example judgments (the whole statistic refitted per replica);
+    ``n``: the validly judged examples results.json reports, shown when the judgments cannot be read."""
     samples = _win_rate_samples(run_dir) if run_dir is not None else "no run folder given"
     if isinstance(samples, str):
-        return Measurement(value, None, method=f"no interval: {samples}")
+        return Measurement(value, n, method=f"no interval: {samples}")
     prefs, out_len, ref_len = samples
     if metric == "lc_win_rate" and np.isnan(ref_len).any():
         return Measurement(value, len(prefs), method="no interval: references missing from predictions.jsonl")
@@ -301,7 +306,7 @@ def measure(results: dict, run_dir: Path | None, task: str, metric: str, *, seed
     if _denominator(metrics, metric, value) == 0:  # the tasks report 0.0 for a rate over nothing
         return Measurement(None, 0, method=f"{NOT_MEASURED} (n = 0)")
     if metric in BOOTSTRAPPED:
-        return _bootstrap(run_dir, metric, value, seed, n_resamples)
+        return _bootstrap(run_dir, metric, value, metrics.get("n_judged"), seed, n_resamples)
     return _wilson(metrics, metric, value)
 
 
