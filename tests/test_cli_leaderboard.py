@@ -199,6 +199,8 @@ def test_cli_errors_exit_2(run_dirs, tmp_path, monkeypatch, capsys):
     assert "no valid pairwise verdict" in capsys.readouterr().err
     assert leaderboard_cli.main([str(run_dirs[0]), "--judge", "x", "--output", str(tmp_path / "lb")]) == 2
     assert "at least two runs" in capsys.readouterr().err
+    assert leaderboard_cli.main([*map(str, run_dirs), "--judge", "x", "--bootstrap", "0"]) == 2
+    assert "n_bootstrap must be an integer >= 1" in capsys.readouterr().err
     with pytest.raises(JudgeError):
         run_leaderboard(run_dirs, Judge(ScriptedJudge(invalid=True)), tmp_path / "lb2")
 

@@ -425,6 +425,8 @@ def run_leaderboard(run_dirs: list[str | Path], judge, output: str | Path, *, na
         raise ValueError(f"the leaderboard needs {len(run_dirs)} distinct run names, got {names}")
     if len(run_dirs) < 2:
         raise ValueError("a leaderboard needs at least two runs")
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be an integer >= 1, got {n_bootstrap!r}")  # before any judge call
     runs = [load_alpaca_outputs(d, n) for d, n in zip(run_dirs, names)]
     examples = shared_instructions(runs)
     output = Path(output)
