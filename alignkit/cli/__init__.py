@@ -6,6 +6,7 @@
     alignkit compare RUN_DIR...                    alignkit.cli.compare
     alignkit merge ADAPTER_DIR OUT_DIR             alignkit.cli.merge
     alignkit judge ANNOTATIONS.json                alignkit.cli.judge
+    alignkit leaderboard RUN_DIR... --judge SPEC   alignkit.cli.leaderboard
 
 The benchmarks are not part of the installed package: run ``python -m benchmarks.run`` from a source
 checkout (benchmarks/RESULTS.md there has the measured ratios).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from alignkit.cli import compare, data, judge, merge, train
+from alignkit.cli import compare, data, judge, leaderboard, merge, train
 from alignkit.cli import eval as eval_cli
 
 # name -> (main function, one-line help)
@@ -25,12 +26,14 @@ COMMANDS = {
     "compare": (compare.main, "compare eval runs side by side: alignkit compare RUN_DIR..."),
     "merge": (merge.main, "merge a LoRA adapter into its base: alignkit merge ADAPTER_DIR OUT_DIR"),
     "judge": (judge.main, "score an alpaca_eval annotations file: alignkit judge ANNOTATIONS.json"),
+    "leaderboard": (leaderboard.main, "rank eval runs by pairwise-judged AlpacaEval outputs: "
+                                      "alignkit leaderboard RUN_DIR... --judge SPEC"),
 }
 
 
 def usage() -> str:
     lines = ["usage: alignkit COMMAND [args...]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
