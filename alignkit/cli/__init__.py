@@ -26,8 +26,7 @@ COMMANDS = {
     "compare": (compare.main, "compare eval runs side by side: alignkit compare RUN_DIR..."),
     "merge": (merge.main, "merge a LoRA adapter into its base: alignkit merge ADAPTER_DIR OUT_DIR"),
     "judge": (judge.main, "score an alpaca_eval annotations file: alignkit judge ANNOTATIONS.json"),
-    "leaderboard": (leaderboard.main, "rank eval runs by pairwise-judged AlpacaEval outputs: "
-                                      "alignkit leaderboard RUN_DIR... --judge SPEC"),
+    "leaderboard": (leaderboard.main, "rank runs by judged AlpacaEval pairs: alignkit leaderboard RUN_DIR..."),
 }
 
 
