@@ -11,10 +11,13 @@ import types
 from types import SimpleNamespace
 
 import pytest
+import torch
+from conftest import build_tiny_llama
 from trl import SFTConfig
 
 from alignkit.attention import VARLEN_SDPA
 from alignkit.config import DataArgs, LoraArgs, ModelArgs
+from alignkit.models import load_model
 from alignkit.resources import ROOT as RESOURCES
 from alignkit.train import common
 from alignkit.train.callbacks import GracefulInterruptCallback, MetricsJsonlCallback
@@ -329,3 +332,26 @@ def test_checked_loader_on_error_drop_leaves_malformed_rows_out(tmp_path):
     assert kept == [{"prompt": "q", "completion": "a"}, {"prompt": "q3", "completion": "c"}]
     report = json.loads((tmp_path / "stage" / "data_check_train.json").read_text())
     assert [m["line"] for m in report["malformed"]] == [2]
+
+
+@pytest.mark.slow
+def test_quantized_adapter_is_merged_onto_a_full_precision_copy(tmp_path):
+    """A QLoRA stage hands the next stage a full model: base (float32) + adapter, equal to applying the adapter."""
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = build_tiny_llama(tmp_path / "tiny64", hidden_size=64, intermediate_size=128)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                      init_lora_weights=False)
+    model, tokenizer, _ = load_model(base_dir, quantization="4bit", lora=lora, device="cpu")
+    adapter_dir = tmp_path / "final"
+    model.save_pretrained(adapter_dir)
+    trainer = types.SimpleNamespace(model=model, accelerator=types.SimpleNamespace(unwrap_model=lambda m: m),
+                                    is_world_process_zero=lambda: True)
+    out = common._save_merged(trainer, tokenizer, adapter_dir, tmp_path / "final_merged")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    full = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter_dir)
+    ids = torch.tensor([[5, 9, 2, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, full.eval()(ids).logits, atol=1e-5, rtol=0)

@@ -13,7 +13,7 @@ from pathlib import Path
 from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
 from alignkit.data.check import render, resolve_template, run_check
 from alignkit.data.io import write_json_atomic, write_text_atomic
-from alignkit.models import load_model, prepare_kbit
+from alignkit.models import load_model, merge_adapter, prepare_kbit
 from alignkit.train.callbacks import GracefulInterruptCallback, MetricsJsonlCallback, plot_metrics
 
 logger = logging.getLogger("alignkit.train")
@@ -186,7 +186,8 @@ def train_and_save(trainer, recipe, stage_dir: Path, tokenizer, source, *, merge
         tokenizer.save_pretrained(str(final))
     if _is_peft(trainer.model):
         result["adapter_dir"] = str(final)
-        result["model_dir"] = _save_merged(trainer, tokenizer, stage_dir / "final_merged") if merge_lora else None
+        result["model_dir"] = (_save_merged(trainer, tokenizer, final, stage_dir / "final_merged")
+                               if merge_lora else None)
     trainer.accelerator.wait_for_everyone()
     # 4. curves and summary
     if trainer.is_world_process_zero():
@@ -203,18 +204,21 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _save_merged(trainer, tokenizer, out: Path) -> str | None:
-    """Merge the LoRA adapter into a copy of the base weights (skipped for 4/8-bit bases)."""
+def _save_merged(trainer, tokenizer, adapter_dir: Path, out: Path) -> str:
+    """A full model folder for the next stage: the LoRA adapter merged into the base weights. A 4/8-bit
+    (QLoRA) base is not merged onto its quantized weights: the saved adapter is merged onto a full-precision
+    (float32) copy of the base instead (:func:`alignkit.models.merge_adapter`), and the log says so."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     base = model.get_base_model()
-    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        logger.warning("quantized base: not merging the adapter (merge onto full-precision weights with "
-                       "`alignkit merge ADAPTER_DIR OUT_DIR`)")
-        return None
+    quantized = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
     if trainer.is_world_process_zero():
-        merged = model.merge_and_unload()
-        merged.save_pretrained(str(out))
-        tokenizer.save_pretrained(str(out))
+        if quantized:
+            merge_adapter(adapter_dir, out, dtype="float32", device="cpu")
+            logger.info("quantized base: the adapter %s is merged onto a full-precision copy of the base -> %s "
+                        "(the next stage starts from it)", adapter_dir, out)
+        else:
+            model.merge_and_unload().save_pretrained(str(out))
+            tokenizer.save_pretrained(str(out))
     return str(out)
 
 
