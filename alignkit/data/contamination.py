@@ -1,0 +1,496 @@
+"""Benchmark contamination and near-duplicates: training rows against the eval sets, and against each other.
+
+``check_contamination(rows, against=[...])`` compares every training row's prompt and response texts with
+the eval sets alignkit ships (:func:`builtin_eval_sets`: GSM8K test questions, MMLU test questions,
+AlpacaEval instructions, SimpleSafetyTests prompts) and any extra files (:func:`eval_set_from_file`), and
+the training rows with one another. It returns a :class:`ContaminationReport` (``to_markdown()``,
+``to_dict()``, ``drop_indices()``).
+
+Texts of a row (:func:`row_texts`): each prompt-like field (``prompt``, ``question``, ``instruction``,
+``input``) and each response-like field (``completion``, ``response``, ``output``, ``answer``, ``chosen``,
+``rejected``) separately; a message list counts as the concatenated contents of its messages (one per
+line); a ``messages`` transcript gives two texts, its non-assistant turns and its assistant turns.
+
+Matching rules:
+
+* **exact**: equal after :func:`normalize` (Unicode NFKC, case-folded, every punctuation or symbol
+  character deleted, whitespace runs collapsed to one space, ends stripped), so ``"Janet's ducks..."`` and
+  ``"janet’s  DUCKS"`` are the same text;
+* **near**: word 5-gram shingles of the normalised text (:func:`shingles`; a text shorter than 5 words is
+  one shingle of all its words) with Jaccard similarity >= 0.5. Candidates come from datasketch's
+  ``MinHashLSH`` over 128-permutation ``MinHash`` sketches; each candidate is then confirmed with the exact
+  Jaccard of the two shingle sets, so a reported similarity is exact (LSH can only miss a pair near the
+  threshold, never invent one). One word changed in a GSM8K question (43 words at the median) removes at most
+  5 of its ~39 shingles: Jaccard ~0.77, well above 0.5; an unrelated question shares almost no 5-gram.
+* eval items shorter than ``min_words`` (4) normalised words (MMLU has one-word "questions" such as
+  ``Inflation``) are not compared; the report counts them per eval set.
+
+A row is counted once per eval set: as exact when any of its texts equals an item, otherwise as near when
+any text is a near-duplicate of an item (the most similar item is shown). Inside the training set each row
+is compared with the rows before it (all its texts joined); a row that nearly repeats an earlier row is
+listed with that row. Eval-set indexes are cached per process (:func:`eval_index`).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import re
+import time
+import unicodedata
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from alignkit.data.io import DataError, location, read_rows
+from alignkit.resources import data_path
+
+if TYPE_CHECKING:
+    from datasketch import MinHash, MinHashLSH
+
+logger = logging.getLogger(__name__)
+
+NGRAM = 3            # words per shingle
+THRESHOLD = 0.6      # Jaccard similarity of shingle sets at or above which two texts are near-duplicates
+NUM_PERM = 126       # MinHash permutations
+LSH_ROWS = 3         # rows per LSH band (42 bands): a pair at Jaccard 0.6 shares a band with probability 1 - (1 - 0.6**3)**42 > 0.9999
+MIN_WORDS = 4        # eval items with fewer normalised words are not compared
+PROMPT_FIELDS = ("prompt", "question", "instruction", "input")
+RESPONSE_FIELDS = ("completion", "response", "output", "answer", "chosen", "rejected")
+AGAINST_FIELDS = ("prompt", "question", "instruction")  # the prompt-like field of an --against file
+_NOT_WORD = re.compile(r"[^\w\s]|_")
+
+
+# ----------------------------------------------------------------------------------------------
+# Text rules
+
+
+def normalize(text: str) -> str:
+    """The text exact matching compares: Unicode NFKC, case-folded, every character that is neither a letter or
+    digit (``str.isalnum``) nor whitespace deleted (punctuation, symbols, ``_``), whitespace runs collapsed to one
+    space, ends stripped."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(_NOT_WORD.sub("", text).split())
+
+
+def shingles(normalized: str, n: int = NGRAM) -> frozenset[int]:
+    """32-bit hashes (CRC-32) of the word ``n``-grams of a normalised text; fewer than
+    ``n`` words: one shingle of all of them; no words: the empty set."""
+    words = normalized.split()
+    if not words:
+        return frozenset()
+    grams = [" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))]
+    return frozenset(zlib.crc32(g.encode("utf-8")) for g in grams)
+
+
+def jaccard(a: frozenset, b: frozenset) -> float:
+    """|a & b| / |a | b| (0.0 for two empty sets)."""
+    union = len(a | b)
+    return len(a & b) / union if union else 0.0
+
+
+def _identity(value: int) -> int:
+    """MinHash hash function for values that are already 32-bit hashes (module level, so sketches can be pickled)."""
+    return value
+
+
+def _minhashes(sets: Sequence[frozenset], num_perm: int) -> list[MinHash]:
+    from datasketch import MinHash  # imported here: datasketch pulls in scipy (~0.7 s)
+
+    return MinHash.bulk([sorted(s) for s in sets], num_perm=num_perm, hashfunc=_identity)
+
+
+def _new_lsh(num_perm: int) -> MinHashLSH:
+    """An LSH of ``num_perm // LSH_ROWS`` bands of ``LSH_ROWS`` rows: generous candidates, each one confirmed
+    by the exact Jaccard of its shingle sets."""
+    from datasketch import MinHashLSH
+
+    return MinHashLSH(num_perm=num_perm, params=(num_perm // LSH_ROWS, LSH_ROWS))
+
+
+def _content(value) -> str:
+    """A string as it is; a message list as its contents, one per line; anything else: empty."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(m["content"] for m in value
+                         if isinstance(m, dict) and isinstance(m.get("content"), str))
+    return ""
+
+
+def row_texts(row) -> list[tuple[str, str]]:
+    """``(field, text)`` of a training row: a dict (SFT row or raw record), a :class:`~alignkit.data.io.Row`
+    or a :class:`~alignkit.data.preference.PreferencePair`; empty texts left out."""
+    data = row.data if hasattr(row, "data") and isinstance(row.data, dict) else row
+    if not isinstance(data, dict):
+        data = {name: getattr(data, name) for name in ("prompt", "chosen", "rejected") if hasattr(data, name)}
+    out = []
+    for name in (*PROMPT_FIELDS, *RESPONSE_FIELDS):
+        if name in data:
+            out.append((name, _content(data[name])))
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        turns = [m for m in messages if isinstance(m, dict)]
+        out.append(("messages (user)", _content([m for m in turns if m.get("role") != "assistant"])))
+        out.append(("messages (assistant)", _content([m for m in turns if m.get("role") == "assistant"])))
+    return [(name, text) for name, text in out if text.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval sets
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Texts to look for in training data: ``texts[i]`` is the item found at ``ids[i]`` (file and line)."""
+
+    name: str
+    texts: tuple[str, ...]
+    ids: tuple[str, ...]
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the name and texts: the key of this set's cached index."""
+        digest = hashlib.sha256(self.name.encode())
+        for text in self.texts:
+            digest.update(b"\0" + text.encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()[:24]
+
+
+def _jsonl_set(name: str, rel: str, field_name: str) -> EvalSet:
+    rows = [(r.data[field_name], location(rel, r.line)) for r in read_rows(data_path(rel))]
+    return EvalSet(name, tuple(t for t, _ in rows), tuple(i for _, i in rows))
+
+
+def _mmlu_set(split: str = "test") -> EvalSet:
+    """MMLU questions (column 1 of the header-less ``mmlu/<split>/<subject>_<split>.csv`` files)."""
+    texts, ids = [], []
+    for path in sorted(data_path("mmlu", split).glob(f"*_{split}.csv")):
+        rel = f"mmlu/{split}/{path.name}"
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader, start = csv.reader(fh), 1
+            for record in reader:
+                if record:
+                    texts.append(record[0])
+                    ids.append(location(rel, start))
+                start = reader.line_num + 1
+    return EvalSet(f"mmlu_{split}", tuple(texts), tuple(ids))
+
+
+def _sst_set() -> EvalSet:
+    rel = "simple_safety_tests/simple_safety_tests.csv"
+    rows = [(r.data["prompts_final"], location(rel, r.line)) for r in read_rows(data_path(rel))]
+    return EvalSet("simple_safety_tests", tuple(t for t, _ in rows), tuple(i for _, i in rows))
+
+
+@lru_cache(maxsize=1)
+def builtin_eval_sets() -> tuple[EvalSet, ...]:
+    """The eval sets alignkit ships: GSM8K test questions, MMLU test questions, AlpacaEval instructions,
+    SimpleSafetyTests prompts (read once per process)."""
+    return (_jsonl_set("gsm8k_test", "gsm8k/test.jsonl", "question"), _mmlu_set("test"),
+            _jsonl_set("alpaca_eval", "alpaca_eval/alpaca_eval.jsonl", "instruction"), _sst_set())
+
+
+def eval_set_from_file(path, field_name: str | None = None, name: str | None = None) -> EvalSet:
+    """An eval set from any file :func:`~alignkit.data.io.read_rows` reads: each row's ``field_name``, or its
+    first field among prompt, question, instruction (a message list: its contents). A row without it is a
+    :class:`~alignkit.data.io.DataError` naming file and line."""
+    texts, ids = [], []
+    for row in read_rows(path):
+        names = (field_name,) if field_name else AGAINST_FIELDS
+        found = next((n for n in names if n in row.data), None)
+        if found is None:
+            raise DataError(f"{location(row.source, row.line)}: eval file has no field {' or '.join(names)}; "
+                            f"fields present: {', '.join(map(str, row.data))}", source=row.source, line=row.line,
+                            field=names[0])
+        texts.append(_content(row.data[found]))
+        ids.append(location(row.source, row.line))
+    return EvalSet(name or Path(str(path)).name, tuple(texts), tuple(ids))
+
+
+@dataclass
+class _Index:
+    """One eval set, ready to query: normalised text -> first item, shingle sets, LSH over the sketches."""
+
+    exact: dict[str, int]
+    sets: list[frozenset]
+    lsh: MinHashLSH
+    compared: int
+    too_short: int
+
+
+_INDEXES: dict[tuple, _Index] = {}
+
+
+def _build_index(es: EvalSet, ngram: int, threshold: float, num_perm: int, min_words: int) -> _Index:
+    norms = [normalize(t) for t in es.texts]
+    keep = [i for i, t in enumerate(norms) if len(t.split()) >= min_words]
+    exact: dict[str, int] = {}
+    for i in keep:
+        exact.setdefault(norms[i], i)
+    sets = [shingles(t, ngram) if len(t.split()) >= min_words else frozenset() for t in norms]
+    lsh = _new_lsh(num_perm)
+    with lsh.insertion_session() as session:
+        for i, mh in zip(keep, _minhashes([sets[i] for i in keep], num_perm)):
+            session.insert(i, mh)
+    return _Index(exact, sets, lsh, len(keep), len(norms) - len(keep))
+
+
+def eval_index(es: EvalSet, *, ngram: int = NGRAM, threshold: float = THRESHOLD, num_perm: int = NUM_PERM,
+               min_words: int = MIN_WORDS) -> _Index:
+    """The index of ``es``, built once per process and kept in memory (no disk cache: unpickling the MMLU
+    index measured slower than building it)."""
+    key = (es.fingerprint, ngram, threshold, num_perm, min_words)
+    if key not in _INDEXES:
+        start = time.perf_counter()
+        _INDEXES[key] = _build_index(es, ngram, threshold, num_perm, min_words)
+        logger.info("contamination index of %s (%d items) built in %.2f s", es.name, len(es.texts),
+                    time.perf_counter() - start)
+    return _INDEXES[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass(frozen=True)
+class Match:
+    """Training row ``row`` (0-based, at ``source``/``line``; its ``field`` text) overlaps eval item ``eval_id``."""
+
+    row: int
+    source: str
+    line: int
+    field: str
+    eval_set: str
+    eval_id: str
+    eval_text: str
+    kind: str             # "exact" | "near"
+    similarity: float     # Jaccard of the shingle sets (1.0 for exact)
+
+    def to_dict(self) -> dict:
+        return {"row": self.row, "source": self.source, "line": self.line, "field": self.field,
+                "eval_set": self.eval_set, "eval_id": self.eval_id, "eval_text": self.eval_text,
+                "kind": self.kind, "similarity": round(self.similarity, 4)}
+
+
+@dataclass(frozen=True)
+class DuplicatePair:
+    """Training row ``second`` nearly repeats the earlier row ``first`` (0-based indices, with locations)."""
+
+    first: int
+    second: int
+    first_at: tuple[str, int]
+    second_at: tuple[str, int]
+    similarity: float
+
+    def to_dict(self) -> dict:
+        return {"first": self.first, "second": self.second, "first_at": list(self.first_at),
+                "second_at": list(self.second_at), "similarity": round(self.similarity, 4)}
+
+
+@dataclass
+class EvalSetSummary:
+    """One eval set's size: items compared and items too short to compare."""
+
+    name: str
+    items: int
+    compared: int
+    too_short: int
+
+
+@dataclass
+class ContaminationReport:
+    """Overlaps of the training rows with each eval set (one :class:`Match` per row and set) and near-duplicate
+    pairs inside the training set; ``drop_indices()`` is what ``data.decontaminate: true`` leaves out."""
+
+    rows_checked: int
+    eval_sets: list[EvalSetSummary]
+    matches: list[Match] = field(default_factory=list)
+    internal: list[DuplicatePair] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def matches_of(self, eval_set: str, kind: str | None = None) -> list[Match]:
+        """The matches with ``eval_set`` (of one ``kind`` when given), in row order."""
+        return [m for m in self.matches if m.eval_set == eval_set and (kind is None or m.kind == kind)]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{eval set: {"exact": rows, "near": rows}}`` (each overlapping row counted once per set)."""
+        return {s.name: {k: len(self.matches_of(s.name, k)) for k in ("exact", "near")} for s in self.eval_sets}
+
+    @property
+    def contaminated(self) -> set[int]:
+        """Indices of rows overlapping any eval set (exact or near)."""
+        return {m.row for m in self.matches}
+
+    @property
+    def duplicates(self) -> set[int]:
+        """Indices of rows that nearly repeat an earlier row."""
+        return {p.second for p in self.internal}
+
+    def drop_indices(self, *, eval_sets: bool = True, internal: bool = True) -> set[int]:
+        """Rows to leave out: those overlapping an eval set and/or those repeating an earlier row (the first
+        of each near-duplicate group is kept)."""
+        return (self.contaminated if eval_sets else set()) | (self.duplicates if internal else set())
+
+    def lines(self, max_listed: int = 3) -> list[str]:
+        """One line per eval set (and one for the training set itself) with counts and first locations."""
+        out = []
+        for s, (name, c) in zip(self.eval_sets, self.counts().items()):
+            found = self.matches_of(name)
+            where = "; ".join(f"{location(m.source, m.line)} {m.kind} {m.eval_id}" for m in found[:max_listed])
+            more = f" (and {len(found) - max_listed} more)" if len(found) > max_listed else ""
+            out.append(f"{name} ({s.compared} items): {c['exact']} exact, {c['near']} near"
+                       + (f": {where}{more}" if found else ""))
+        where = "; ".join(f"{location(*p.second_at)} ~ {location(*p.first_at)}" for p in self.internal[:max_listed])
+        more = f" (and {len(self.internal) - max_listed} more)" if len(self.internal) > max_listed else ""
+        out.append(f"training set: {len(self.internal)} rows nearly repeat an earlier row"
+                   + (f": {where}{more}" if self.internal else ""))
+        return out
+
+    def to_markdown(self, max_listed: int = 5) -> str:
+        """Counts per eval set, then the first ``max_listed`` matches of each and of the internal pairs."""
+        rule = (f"exact: normalised text; near: word {self.settings.get('ngram')}-gram Jaccard >= "
+                f"{self.settings.get('threshold')} (MinHash LSH, {self.settings.get('num_perm')} permutations)")
+        lines = [f"## Contamination ({self.rows_checked} training rows)", "", rule, "",
+                 "| eval set | items | exact | near |", "|---|---:|---:|---:|"]
+        counts = self.counts()
+        lines += [f"| {s.name} | {s.compared} | {counts[s.name]['exact']} | {counts[s.name]['near']} |"
+                  for s in self.eval_sets]
+        lines += [f"| training set (near-repeats) | {self.rows_checked} | - | {len(self.internal)} |", ""]
+        for s in self.eval_sets:
+            found = self.matches_of(s.name)
+            if found:
+                lines += [f"### {s.name}", "", "| training row | field | kind | J | eval item | text |",
+                          "|---|---|---|---:|---|---|"]
+                lines += [f"| {location(m.source, m.line)} | {m.field} | {m.kind} | {m.similarity:.2f} | {m.eval_id} "
+                          f"| {_snippet(m.eval_text)} |" for m in found[:max_listed]]
+                lines += [f"\n(and {len(found) - max_listed} more)"] if len(found) > max_listed else []
+                lines.append("")
+        if self.internal:
+            lines += ["### Near-duplicates inside the training set", "", "| row | repeats | J |", "|---|---|---:|"]
+            lines += [f"| {location(*p.second_at)} | {location(*p.first_at)} | {p.similarity:.2f} |"
+                      for p in self.internal[:max_listed]]
+            lines += [f"\n(and {len(self.internal) - max_listed} more)"] if len(self.internal) > max_listed else []
+        too_short = [f"{s.name} {s.too_short}" for s in self.eval_sets if s.too_short]
+        if too_short:
+            lines += ["", f"Not compared (under {self.settings.get('min_words')} words): {', '.join(too_short)}."]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def to_dict(self) -> dict:
+        return {"rows_checked": self.rows_checked, "settings": self.settings, "seconds": round(self.seconds, 3),
+                "counts": self.counts(),
+                "eval_sets": [vars(s).copy() for s in self.eval_sets],
+                "matches": [m.to_dict() for m in self.matches],
+                "internal_duplicates": [p.to_dict() for p in self.internal],
+                "drop": sorted(self.drop_indices())}
+
+
+def _snippet(text: str, width: int = 80) -> str:
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------
+# The check
+
+
+@dataclass
+class _Prepared:
+    """A training text, normalised and shingled once for every eval set."""
+
+    row: int
+    field: str
+    norm: str
+    sets: frozenset
+    minhash: MinHash | None = None
+
+
+def _locations(rows: list, locations) -> list[tuple[str, int]]:
+    if locations is not None:
+        if len(locations) != len(rows):
+            raise ValueError(f"locations: {len(locations)} given for {len(rows)} rows")
+        return [tuple(loc) for loc in locations]
+    return [(getattr(r, "source", "<memory>"), getattr(r, "line", i)) for i, r in enumerate(rows)]
+
+
+def _prepare(texts: list[list[tuple[str, str]]], ngram: int, num_perm: int) -> list[_Prepared]:
+    prepared = [_Prepared(i, name, norm, shingles(norm, ngram))
+                for i, row in enumerate(texts) for name, text in row if (norm := normalize(text))]
+    for p, mh in zip(prepared, _minhashes([p.sets for p in prepared], num_perm)):
+        p.minhash = mh
+    return prepared
+
+
+def _match_set(es: EvalSet, index: _Index, prepared: list[_Prepared], locs, threshold: float) -> list[Match]:
+    """The best match of each row with one eval set: exact when any text is exact, else the most similar."""
+    best: dict[int, tuple] = {}
+    for p in prepared:
+        item = index.exact.get(p.norm)
+        if item is not None:
+            candidate = ("exact", 1.0, item, p.field)
+        else:
+            scored = [(jaccard(p.sets, index.sets[i]), -i) for i in index.lsh.query(p.minhash)]
+            similarity, neg_item = max(scored, default=(0.0, 0))
+            if similarity < threshold:
+                continue
+            candidate = ("near", similarity, -neg_item, p.field)
+        current = best.get(p.row)
+        if current is None or (current[0] != "exact" and (candidate[0] == "exact" or candidate[1] > current[1])):
+            best[p.row] = candidate
+    return [Match(row, *locs[row], fieldname, es.name, es.ids[item], es.texts[item], kind, similarity)
+            for row, (kind, similarity, item, fieldname) in sorted(best.items())]
+
+
+def _internal(texts: list[list[tuple[str, str]]], locs, ngram: int, threshold: float,
+              num_perm: int) -> list[DuplicatePair]:
+    """Each row against the rows before it (all its texts joined): its most similar earlier row at or above
+    ``threshold``, first of equals."""
+    norms = [normalize("\n".join(t for _, t in row)) for row in texts]
+    sets = [shingles(n, ngram) for n in norms]
+    lsh, pairs, exact = _new_lsh(num_perm), [], {}
+    for j, mh in enumerate(_minhashes(sets, num_perm)):
+        if not norms[j]:
+            continue
+        if norms[j] in exact:
+            first, similarity = exact[norms[j]], 1.0
+        else:
+            scored = [(jaccard(sets[j], sets[i]), -i) for i in lsh.query(mh)]
+            similarity, neg_first = max(scored, default=(0.0, 0))
+            first = -neg_first
+            exact[norms[j]] = j
+        if similarity >= threshold:
+            pairs.append(DuplicatePair(first, j, locs[first], locs[j], similarity))
+        lsh.insert(j, mh)
+    return pairs
+
+
+def check_contamination(rows: Iterable, *, locations: Sequence[tuple[str, int]] | None = None,
+                        eval_sets: Sequence[EvalSet] | None = None, against: Sequence = (),
+                        against_field: str | None = None, internal: bool = True, ngram: int = NGRAM,
+                        threshold: float = THRESHOLD, num_perm: int = NUM_PERM, min_words: int = MIN_WORDS) -> ContaminationReport:
+    """Compare training ``rows`` (see :func:`row_texts`) with ``eval_sets`` (default :func:`builtin_eval_sets`)
+    plus the files ``against`` (read by :func:`eval_set_from_file` with ``against_field``), and with each other
+    (``internal``). ``locations``: ``(source, line)`` per row (e.g. ``LoadedRows.locations``; default: the rows'
+    own ``source``/``line`` attributes, else ``("<memory>", index)``)."""
+    start = time.perf_counter()
+    rows = list(rows)
+    locs = _locations(rows, locations)
+    sets = list(builtin_eval_sets() if eval_sets is None else eval_sets)
+    sets += [eval_set_from_file(path, against_field) for path in against]
+    texts = [row_texts(r) for r in rows]
+    prepared = _prepare(texts, ngram, num_perm)
+    settings = {"ngram": ngram, "threshold": threshold, "num_perm": num_perm, "min_words": min_words}
+    report = ContaminationReport(len(rows), [], settings=settings)
+    for es in sets:
+        index = eval_index(es, ngram=ngram, threshold=threshold, num_perm=num_perm, min_words=min_words)
+        report.eval_sets.append(EvalSetSummary(es.name, len(es.texts), index.compared, index.too_short))
+        report.matches += _match_set(es, index, prepared, locs, threshold)
+    if internal:
+        report.internal = _internal(texts, locs, ngram, threshold, num_perm)
+    report.seconds = time.perf_counter() - start
+    logger.info("contamination check of %d rows against %d eval sets: %.2f s", len(rows), len(sets), report.seconds)
+    return report
