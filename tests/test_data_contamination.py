@@ -189,6 +189,14 @@ def test_drop_set_is_what_the_counts_say(report, planted):
     assert report.drop_indices() == contaminated | set(planted["repeats"])
     assert report.drop_indices(internal=False) == contaminated
     assert report.drop_indices(eval_sets=False) == set(planted["repeats"])
+    path = str(planted["path"])
+    assert report.drop_locations() == {(path, planted["lines"][i]) for i in report.drop_indices()}
+    rows = load_sft_rows(planted["path"])
+    kept = report.filter(rows)
+    assert len(kept) == len(rows) - len(report.drop_indices())
+    assert kept == [r for i, r in enumerate(rows) if i not in contaminated | set(planted["repeats"])]
+    with pytest.raises(ValueError, match="rows given"):
+        report.filter(rows[:-1])
 
 
 def test_against_file_and_field(tmp_path):

@@ -13,15 +13,19 @@ line); a ``messages`` transcript gives two texts, its non-assistant turns and it
 
 Matching rules:
 
-* **exact**: equal after :func:`normalize` (Unicode NFKC, case-folded, every punctuation or symbol
-  character deleted, whitespace runs collapsed to one space, ends stripped), so ``"Janet's ducks..."`` and
-  ``"janet’s  DUCKS"`` are the same text;
-* **near**: word 5-gram shingles of the normalised text (:func:`shingles`; a text shorter than 5 words is
-  one shingle of all its words) with Jaccard similarity >= 0.5. Candidates come from datasketch's
-  ``MinHashLSH`` over 128-permutation ``MinHash`` sketches; each candidate is then confirmed with the exact
-  Jaccard of the two shingle sets, so a reported similarity is exact (LSH can only miss a pair near the
-  threshold, never invent one). One word changed in a GSM8K question (43 words at the median) removes at most
-  5 of its ~39 shingles: Jaccard ~0.77, well above 0.5; an unrelated question shares almost no 5-gram.
+* **exact**: equal after :func:`normalize` (Unicode NFKC, case-folded, every character that is neither a
+  letter/digit nor whitespace deleted: punctuation, symbols, ``_``; whitespace runs collapsed to one space,
+  ends stripped), so ``"Janet's ducks, lay 16 eggs!"`` and ``"janet’s  DUCKS lay 16 eggs"`` are the same text;
+* **near**: word 3-gram shingles of the normalised text (:func:`shingles`; a text shorter than 3 words is
+  one shingle of all its words) with Jaccard similarity >= 0.6. Candidates come from datasketch's
+  ``MinHashLSH`` (42 bands of 3 rows over 126-permutation ``MinHash`` sketches: a pair at Jaccard 0.6 is a
+  candidate with probability 1 - (1 - 0.6**3)**42 > 0.9999); each candidate is then confirmed with the exact
+  Jaccard of the two shingle sets, so a reported similarity is exact and LSH can only (rarely) miss a pair,
+  never invent one. Why 3-grams at 0.6: changing one word in the middle of a text of ``w`` words removes 3 of
+  its ``w - 2`` shingles and adds 3, so Jaccard = (w - 5) / (w + 1): 0.625 for the shortest GSM8K question
+  (15 words), 0.86 at the median (43); with 5-grams it would be (w - 9) / (w + 1) = 0.375 for 15 words.
+  Distinct GSM8K test questions never reach 0.6 with one another; templated MMLU stems that differ in one
+  word (``Which of the following is true about X?``) do, and are reported as near-duplicates.
 * eval items shorter than ``min_words`` (4) normalised words (MMLU has one-word "questions" such as
   ``Inflation``) are not compared; the report counts them per eval set.
 
@@ -312,6 +316,7 @@ class ContaminationReport:
     internal: list[DuplicatePair] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
+    locations: list[tuple[str, int]] = field(default_factory=list, repr=False)  # (source, line) of every row
 
     def matches_of(self, eval_set: str, kind: str | None = None) -> list[Match]:
         """The matches with ``eval_set`` (of one ``kind`` when given), in row order."""
@@ -335,6 +340,17 @@ class ContaminationReport:
         """Rows to leave out: those overlapping an eval set and/or those repeating an earlier row (the first
         of each near-duplicate group is kept)."""
         return (self.contaminated if eval_sets else set()) | (self.duplicates if internal else set())
+
+    def drop_locations(self, *, eval_sets: bool = True, internal: bool = True) -> set[tuple[str, int]]:
+        """``(source, line)`` of the rows :meth:`drop_indices` names (to filter rows that lost their index)."""
+        return {self.locations[i] for i in self.drop_indices(eval_sets=eval_sets, internal=internal)}
+
+    def filter(self, rows: Sequence, *, eval_sets: bool = True, internal: bool = True) -> list:
+        """``rows`` (the same rows, in the same order, as were checked) without those :meth:`drop_indices` names."""
+        if len(rows) != self.rows_checked:
+            raise ValueError(f"filter: {len(rows)} rows given, {self.rows_checked} were checked")
+        drop = self.drop_indices(eval_sets=eval_sets, internal=internal)
+        return [row for i, row in enumerate(rows) if i not in drop]
 
     def lines(self, max_listed: int = 3) -> list[str]:
         """One line per eval set (and one for the training set itself) with counts and first locations."""
@@ -484,7 +500,7 @@ def check_contamination(rows: Iterable, *, locations: Sequence[tuple[str, int]] 
     texts = [row_texts(r) for r in rows]
     prepared = _prepare(texts, ngram, num_perm)
     settings = {"ngram": ngram, "threshold": threshold, "num_perm": num_perm, "min_words": min_words}
-    report = ContaminationReport(len(rows), [], settings=settings)
+    report = ContaminationReport(len(rows), [], settings=settings, locations=locs)
     for es in sets:
         index = eval_index(es, ngram=ngram, threshold=threshold, num_perm=num_perm, min_words=min_words)
         report.eval_sets.append(EvalSetSummary(es.name, len(es.texts), index.compared, index.too_short))
