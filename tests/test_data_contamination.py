@@ -42,13 +42,14 @@ def _gsm8k_id(index: int) -> str:
 def _one_word_changed(text: str) -> str:
     """The middle word replaced: at most NGRAM shingles lost, the rest of the question intact."""
     words = text.split()
-    words[len(words) // 2] = "zebra"
+    middle = len(words) // 2
+    words[middle] = "quokka" if words[middle].lower().strip(".,") != "quokka" else "zebra"
     return " ".join(words)
 
 
 def _reworded(text: str) -> str:
     """Every second word replaced: no word NGRAM-gram (NGRAM >= 2) of the original survives."""
-    return " ".join("zebra" if i % 2 else w for i, w in enumerate(text.split()))
+    return " ".join("quokka" if i % 2 else w for i, w in enumerate(text.split()))
 
 
 def _write(path, rows: list[dict]) -> list[int]:
@@ -142,15 +143,14 @@ def test_planted_locations_and_items(report, planted):
     assert not set(planted["none"]) & report.contaminated
 
 
-def test_one_word_changed_is_caught_for_every_gsm8k_question_length():
-    """The shortest, median-length and longest GSM8K questions, each with its middle word changed; an unrelated
-    question and the reworded form are not matched."""
-    by_length = sorted(range(len(GSM8K)), key=lambda i: len(GSM8K[i].split()))
-    picks = [by_length[0], by_length[len(by_length) // 2], by_length[-1]]
-    rows = [{"prompt": _one_word_changed(GSM8K[i])} for i in picks]
-    rows += [{"prompt": UNRELATED[2]}, {"prompt": _reworded(GSM8K[picks[1]])}]
+def test_one_word_changed_is_caught_in_every_gsm8k_question():
+    """Every GSM8K test question (15 to 164 words) with its middle word changed is a near-duplicate of that very
+    question; unrelated questions and the reworded forms match nothing."""
+    rows = [{"prompt": _one_word_changed(q)} for q in GSM8K]
+    rows += [{"prompt": text} for text in UNRELATED] + [{"prompt": _reworded(q)} for q in GSM8K[:50]]
     got = check_contamination(rows, eval_sets=builtin_eval_sets()[:1], internal=False)
-    assert [(m.row, m.eval_id, m.kind) for m in got.matches] == [(k, _gsm8k_id(i), "near") for k, i in enumerate(picks)]
+    assert [(m.row, m.eval_id, m.kind) for m in got.matches] == [(i, _gsm8k_id(i), "near") for i in range(len(GSM8K))]
+    assert min(m.similarity for m in got.matches) >= THRESHOLD
 
 
 def test_other_bundled_sets_are_read_with_their_layouts():

@@ -18,8 +18,8 @@ Matching rules:
   ends stripped), so ``"Janet's ducks, lay 16 eggs!"`` and ``"janet’s  DUCKS lay 16 eggs"`` are the same text;
 * **near**: word 3-gram shingles of the normalised text (:func:`shingles`; a text shorter than 3 words is
   one shingle of all its words) with Jaccard similarity >= 0.6. Candidates come from datasketch's
-  ``MinHashLSH`` (42 bands of 3 rows over 126-permutation ``MinHash`` sketches: a pair at Jaccard 0.6 is a
-  candidate with probability 1 - (1 - 0.6**3)**42 > 0.9999); each candidate is then confirmed with the exact
+  ``MinHashLSH`` (32 bands of 3 rows over 96-permutation ``MinHash`` sketches: a pair at Jaccard 0.6 is a
+  candidate with probability 1 - (1 - 0.6**3)**32 > 0.9995); each candidate is then confirmed with the exact
   Jaccard of the two shingle sets, so a reported similarity is exact and LSH can only (rarely) miss a pair,
   never invent one. Why 3-grams at 0.6: changing one word in the middle of a text of ``w`` words removes 3 of
   its ``w - 2`` shingles and adds 3, so Jaccard = (w - 5) / (w + 1): 0.625 for the shortest GSM8K question
@@ -59,8 +59,8 @@ logger = logging.getLogger(__name__)
 
 NGRAM = 3            # words per shingle
 THRESHOLD = 0.6      # Jaccard similarity of shingle sets at or above which two texts are near-duplicates
-NUM_PERM = 126       # MinHash permutations
-LSH_ROWS = 3         # rows per LSH band (42 bands): a pair at Jaccard 0.6 shares a band with probability 1 - (1 - 0.6**3)**42 > 0.9999
+NUM_PERM = 96        # MinHash permutations
+LSH_ROWS = 3         # rows per LSH band (32 bands): a pair at Jaccard 0.6 shares a band with probability > 0.9995
 MIN_WORDS = 4        # eval items with fewer normalised words are not compared
 PROMPT_FIELDS = ("prompt", "question", "instruction", "input")
 RESPONSE_FIELDS = ("completion", "response", "output", "answer", "chosen", "rejected")
