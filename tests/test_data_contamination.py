@@ -241,7 +241,9 @@ def test_report_outputs(report, planted):
 
 
 def test_eval_index_is_built_once_per_process():
-    gsm8k = builtin_eval_sets()[0]
-    assert eval_index(gsm8k) is eval_index(gsm8k)
-    mmlu = eval_index(builtin_eval_sets()[1])
-    assert mmlu.too_short > 0 and mmlu.compared + mmlu.too_short == len(builtin_eval_sets()[1].texts)
+    sets = builtin_eval_sets()
+    assert eval_index(sets) is eval_index(list(sets)) and eval_index(sets[0]) is eval_index([sets[0]])
+    index = eval_index(sets)
+    mmlu_items = len(sets[1].texts)
+    assert index.too_short[1] > 0 and index.compared[1] + index.too_short[1] == mmlu_items
+    assert len(index.owner) == sum(index.compared)

@@ -216,43 +216,56 @@ def eval_set_from_file(path, field_name: str | None = None, name: str | None = N
 
 
 @dataclass
-class _Index:
-    """One eval set, ready to query: normalised text -> first item, shingle sets, LSH over the sketches."""
+class EvalIndex:
+    """Eval sets ready to query together (one LSH for all): every compared item has a key; ``owner[key]`` is
+    ``(set position, item)``, ``exact`` maps a normalised text to the keys holding it (the first item of each
+    set), ``shingles[key]`` is the item's shingle set. ``compared``/``too_short``: item counts per set."""
 
-    exact: dict[str, int]
-    sets: list[frozenset]
+    sets: tuple[EvalSet, ...]
+    owner: list[tuple[int, int]]
+    exact: dict[str, list[int]]
+    shingles: list[frozenset]
     lsh: MinHashLSH
-    compared: int
-    too_short: int
+    compared: list[int]
+    too_short: list[int]
 
 
-_INDEXES: dict[tuple, _Index] = {}
+_INDEXES: dict[tuple, EvalIndex] = {}
 
 
-def _build_index(es: EvalSet, ngram: int, threshold: float, num_perm: int, min_words: int) -> _Index:
-    norms = [normalize(t) for t in es.texts]
-    keep = [i for i, t in enumerate(norms) if len(t.split()) >= min_words]
-    exact: dict[str, int] = {}
-    for i in keep:
-        exact.setdefault(norms[i], i)
-    sets = [shingles(t, ngram) if len(t.split()) >= min_words else frozenset() for t in norms]
-    lsh = _new_lsh(num_perm)
-    with lsh.insertion_session() as session:
-        for i, mh in zip(keep, _minhashes([sets[i] for i in keep], num_perm)):
-            session.insert(i, mh)
-    return _Index(exact, sets, lsh, len(keep), len(norms) - len(keep))
+def _build_index(sets: tuple[EvalSet, ...], ngram: int, num_perm: int, min_words: int) -> EvalIndex:
+    index = EvalIndex(sets, [], {}, [], _new_lsh(num_perm), [0] * len(sets), [0] * len(sets))
+    for pos, es in enumerate(sets):
+        # 1. skip items too short to compare; 2. give the rest a key; 3. the first of each text per set is exact
+        for item, text in enumerate(es.texts):
+            norm = normalize(text)
+            if len(norm.split()) < min_words:
+                index.too_short[pos] += 1
+                continue
+            key = len(index.owner)
+            index.owner.append((pos, item))
+            index.shingles.append(shingles(norm, ngram))
+            keys = index.exact.setdefault(norm, [])
+            if all(index.owner[k][0] != pos for k in keys):
+                keys.append(key)
+            index.compared[pos] += 1
+    with index.lsh.insertion_session() as session:
+        for key, mh in enumerate(_minhashes(index.shingles, num_perm)):
+            session.insert(key, mh)
+    return index
 
 
-def eval_index(es: EvalSet, *, ngram: int = NGRAM, threshold: float = THRESHOLD, num_perm: int = NUM_PERM,
-               min_words: int = MIN_WORDS) -> _Index:
-    """The index of ``es``, built once per process and kept in memory (no disk cache: unpickling the MMLU
-    index measured slower than building it)."""
-    key = (es.fingerprint, ngram, threshold, num_perm, min_words)
+def eval_index(sets: EvalSet | Sequence[EvalSet], *, ngram: int = NGRAM, num_perm: int = NUM_PERM,
+               min_words: int = MIN_WORDS) -> EvalIndex:
+    """The index of ``sets`` (one or several eval sets), built once per process and kept in memory (no disk
+    cache: unpickling the MMLU index measured slower than building it)."""
+    sets = (sets,) if isinstance(sets, EvalSet) else tuple(sets)
+    key = (tuple(es.fingerprint for es in sets), ngram, num_perm, min_words)
     if key not in _INDEXES:
         start = time.perf_counter()
-        _INDEXES[key] = _build_index(es, ngram, threshold, num_perm, min_words)
-        logger.info("contamination index of %s (%d items) built in %.2f s", es.name, len(es.texts),
-                    time.perf_counter() - start)
+        _INDEXES[key] = _build_index(sets, ngram, num_perm, min_words)
+        logger.info("contamination index of %s (%d items) built in %.2f s", ", ".join(es.name for es in sets),
+                    sum(len(es.texts) for es in sets), time.perf_counter() - start)
     return _INDEXES[key]
 
 
@@ -441,24 +454,42 @@ def _prepare(texts: list[list[tuple[str, str]]], ngram: int, num_perm: int) -> l
     return prepared
 
 
-def _match_set(es: EvalSet, index: _Index, prepared: list[_Prepared], locs, threshold: float) -> list[Match]:
-    """The best match of each row with one eval set: exact when any text is exact, else the most similar."""
-    best: dict[int, tuple] = {}
+def _better(new: tuple, old: tuple | None) -> bool:
+    """``(kind, similarity, ...)`` ranking: exact over near, then the higher similarity; ties keep ``old``."""
+    if old is None:
+        return True
+    if new[0] != old[0]:
+        return new[0] == "exact"
+    return new[1] > old[1]
+
+
+def _text_matches(index: EvalIndex, p: _Prepared, threshold: float) -> dict[int, tuple]:
+    """``{set position: (kind, similarity, item)}``: the best item of each set for one training text."""
+    found: dict[int, tuple] = {}
+    for key in index.exact.get(p.norm, ()):
+        pos, item = index.owner[key]
+        found[pos] = ("exact", 1.0, item)
+    for key in sorted(index.lsh.query(p.minhash)):
+        pos, item = index.owner[key]
+        similarity = jaccard(p.sets, index.shingles[key])
+        if similarity >= threshold and _better(("near", similarity, item), found.get(pos)):
+            found[pos] = ("near", similarity, item)
+    return found
+
+
+def _match(index: EvalIndex, prepared: list[_Prepared], locs, threshold: float) -> list[Match]:
+    """The best match of each row with each set of ``index`` (exact when any text is exact, else the most
+    similar item; ties: the earlier field, then the earlier item), ordered by set then row."""
+    best: dict[tuple[int, int], tuple] = {}
     for p in prepared:
-        item = index.exact.get(p.norm)
-        if item is not None:
-            candidate = ("exact", 1.0, item, p.field)
-        else:
-            scored = [(jaccard(p.sets, index.sets[i]), -i) for i in index.lsh.query(p.minhash)]
-            similarity, neg_item = max(scored, default=(0.0, 0))
-            if similarity < threshold:
-                continue
-            candidate = ("near", similarity, -neg_item, p.field)
-        current = best.get(p.row)
-        if current is None or (current[0] != "exact" and (candidate[0] == "exact" or candidate[1] > current[1])):
-            best[p.row] = candidate
-    return [Match(row, *locs[row], fieldname, es.name, es.ids[item], es.texts[item], kind, similarity)
-            for row, (kind, similarity, item, fieldname) in sorted(best.items())]
+        for pos, (kind, similarity, item) in _text_matches(index, p, threshold).items():
+            if _better((kind, similarity), best.get((pos, p.row))):
+                best[(pos, p.row)] = (kind, similarity, item, p.field)
+    out = []
+    for (pos, row), (kind, similarity, item, fieldname) in sorted(best.items()):
+        es = index.sets[pos]
+        out.append(Match(row, *locs[row], fieldname, es.name, es.ids[item], es.texts[item], kind, similarity))
+    return out
 
 
 def _internal(texts: list[list[tuple[str, str]]], locs, ngram: int, threshold: float,
@@ -487,7 +518,8 @@ def _internal(texts: list[list[tuple[str, str]]], locs, ngram: int, threshold: f
 def check_contamination(rows: Iterable, *, locations: Sequence[tuple[str, int]] | None = None,
                         eval_sets: Sequence[EvalSet] | None = None, against: Sequence = (),
                         against_field: str | None = None, internal: bool = True, ngram: int = NGRAM,
-                        threshold: float = THRESHOLD, num_perm: int = NUM_PERM, min_words: int = MIN_WORDS) -> ContaminationReport:
+                        threshold: float = THRESHOLD, num_perm: int = NUM_PERM,
+                        min_words: int = MIN_WORDS) -> ContaminationReport:
     """Compare training ``rows`` (see :func:`row_texts`) with ``eval_sets`` (default :func:`builtin_eval_sets`)
     plus the files ``against`` (read by :func:`eval_set_from_file` with ``against_field``), and with each other
     (``internal``). ``locations``: ``(source, line)`` per row (e.g. ``LoadedRows.locations``; default: the rows'
@@ -495,18 +527,22 @@ def check_contamination(rows: Iterable, *, locations: Sequence[tuple[str, int]] 
     start = time.perf_counter()
     rows = list(rows)
     locs = _locations(rows, locations)
-    sets = list(builtin_eval_sets() if eval_sets is None else eval_sets)
-    sets += [eval_set_from_file(path, against_field) for path in against]
+    base = tuple(builtin_eval_sets() if eval_sets is None else eval_sets)   # one cached index for these,
+    extra = tuple(eval_set_from_file(path, against_field) for path in against)  # one for the --against files
     texts = [row_texts(r) for r in rows]
     prepared = _prepare(texts, ngram, num_perm)
     settings = {"ngram": ngram, "threshold": threshold, "num_perm": num_perm, "min_words": min_words}
     report = ContaminationReport(len(rows), [], settings=settings, locations=locs)
-    for es in sets:
-        index = eval_index(es, ngram=ngram, threshold=threshold, num_perm=num_perm, min_words=min_words)
-        report.eval_sets.append(EvalSetSummary(es.name, len(es.texts), index.compared, index.too_short))
-        report.matches += _match_set(es, index, prepared, locs, threshold)
+    for group in (base, extra):
+        if not group:
+            continue
+        index = eval_index(group, ngram=ngram, num_perm=num_perm, min_words=min_words)
+        report.eval_sets += [EvalSetSummary(es.name, len(es.texts), index.compared[pos], index.too_short[pos])
+                             for pos, es in enumerate(group)]
+        report.matches += _match(index, prepared, locs, threshold)
     if internal:
         report.internal = _internal(texts, locs, ngram, threshold, num_perm)
     report.seconds = time.perf_counter() - start
-    logger.info("contamination check of %d rows against %d eval sets: %.2f s", len(rows), len(sets), report.seconds)
+    logger.info("contamination check of %d rows against %d eval sets: %.2f s", len(rows), len(report.eval_sets),
+                report.seconds)
     return report
