@@ -146,6 +146,10 @@ class DataArgs:
                 "check report). Rows dropped for a reason (empty text, chosen == rejected, duplicate, over "
                 "max length) are always left out. `alignkit data check` reaches the same verdict.",
         "choices": ["raise", "drop"]})
+    decontaminate: bool = field(default=False, metadata={
+        "help": "Drop training rows whose prompt or response equals (after normalisation) or nearly equals "
+                "(word 3-gram Jaccard >= 0.6, MinHash LSH) a question of the bundled eval sets (GSM8K test, "
+                "MMLU test, AlpacaEval, SimpleSafetyTests); the data check report lists them."})
     max_eval_rows: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
     max_length: int | None = field(default=None, metadata={
         "help": "Token limit for the data check (rows longer are dropped); None: train.max_length. Unread "

@@ -266,7 +266,7 @@ def _jsonl(path, rows):
 
 
 def _loader(stage_dir, on_error="raise"):
-    data = types.SimpleNamespace(columns=None, template=None, on_error=on_error)
+    data = types.SimpleNamespace(columns=None, template=None, on_error=on_error, decontaminate=False)
     return common.checked_loader(data, "sft", None, None, stage_dir)
 
 

@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model (or tokenizer) whose tokenizer measures token lengths; default: the recipe's "
                         f"model, else {DEFAULT_MODEL} (characters when it cannot be loaded)")
     p.add_argument("--max-rows", type=int, default=None, help="read only the first N records")
+    p.add_argument("--against", action="append", default=[], metavar="FILE",
+                   help="also compare with this eval file (repeatable); the bundled GSM8K, MMLU, AlpacaEval and "
+                        "SimpleSafetyTests test sets are always compared")
+    p.add_argument("--against-field", default=None,
+                   help="the text field of --against files (default: prompt, question or instruction)")
+    p.add_argument("--no-contamination", action="store_true", help="skip the eval-set overlap check")
     p.add_argument("--on-error", choices=ON_ERROR, default=None,
                    help="malformed rows: raise (exit 1, as training stops) or drop (left out, as training does "
                         "with data.on_error=drop); default: the recipe's data.on_error, else raise")
@@ -96,6 +102,7 @@ def recipe_options(path: str, overrides: list[str], stage: str | None = None) ->
         "tokenizer": _first(recipe, "model.name_or_path", "model.path", "model.name"),
         "max_length": _first(data, "max_length") or _first(recipe, "train.max_length"),
         "max_rows": _first(data, "max_rows"), "on_error": _first(data, "on_error"),
+        "decontaminate": _first(data, "decontaminate"),
     }
 
 
@@ -104,10 +111,12 @@ def options(args) -> dict:
     opts = recipe_options(args.recipe, args.overrides, args.stage) if args.recipe else {}
     cli = {"data": args.data, "split": args.split, "format": args.format, "columns": parse_columns(args.columns),
            "multi_turn": args.multi_turn, "tokenizer": args.tokenizer, "max_length": args.max_length,
-           "template": args.template, "kind": args.kind, "max_rows": args.max_rows, "on_error": args.on_error}
+           "template": args.template, "kind": args.kind, "max_rows": args.max_rows, "on_error": args.on_error,
+           "against": args.against or None, "against_field": args.against_field}
     opts.update({k: v for k, v in cli.items() if v is not None})
     if not opts.get("data"):
         raise ValueError("no data: pass a recipe with a data section, or --data PATH")
+    opts["contamination"] = not args.no_contamination
     if not opts.get("max_length"):
         opts["max_length"] = DEFAULT_MAX_LENGTH[opts.get("kind") or "preference"]
     if isinstance(opts.get("columns"), str):
@@ -151,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignkit data check: {exc}", file=sys.stderr)
         return 1
     print(report.to_markdown())
+    for line in report.contamination.lines() if report.contamination is not None else []:
+        print(line)
     if args.output:
         print(f"wrote {write_outputs(report, args.output)}/report.md, report.json, lengths.png")
     try:

@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignkit.data.contamination import ContaminationReport, check_contamination
 from alignkit.data.io import (
     DataError,
     Malformed,
@@ -43,6 +44,7 @@ from alignkit.resources import prompt as bundled_prompt
 logger = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "drop")  # what a malformed row does: stop the run, or leave the row out
+CONTAMINATED = "contaminated (overlaps an eval set)"  # with data.decontaminate
 EMPTY, IDENTICAL, DUPLICATE, TOO_LONG = "empty text", "chosen == rejected", "duplicate", "over max length"
 _PROMPT_SLOT = re.compile(r"\{(instruction|prompt|question)\}")
 _REPLY_SLOTS = ("{response}", "{completion}")
@@ -64,6 +66,7 @@ class DataReport:
     drop_over_length: bool = True
     format: str = ""
     source: str = ""
+    contamination: ContaminationReport | None = None  # overlap with eval sets (alignkit.data.contamination)
 
     @property
     def rows_kept(self) -> int:
@@ -98,6 +101,7 @@ class DataReport:
             "malformed": [m.to_dict() for m in self.malformed],
             "lengths": self.stats, "unit": self.unit, "max_length": self.max_length,
             "over_max_length": self.over_max_length, "drop_over_length": self.drop_over_length,
+            "contamination": self.contamination.to_dict() if self.contamination is not None else None,
         }
 
     def to_markdown(self, max_listed: int = 20) -> str:
@@ -110,6 +114,8 @@ class DataReport:
         lines += [f"| dropped: {reason} | {len(where)} |" for reason, where in self.dropped.items()]
         lines += [f"| malformed | {len(self.malformed)} |", ""]
         lines += self._markdown_details(max_listed)
+        if self.contamination is not None:
+            lines += ["", self.contamination.to_markdown()]
         return "\n".join(lines).rstrip() + "\n"
 
     def _markdown_details(self, max_listed: int) -> list[str]:
@@ -389,7 +395,8 @@ def run_check(opts: dict, *, tokenizer=None, drop_over_length: bool = True) -> D
 
     The one loader ``alignkit data check`` and every training stage use, so they reach the same verdict
     (:meth:`DataReport.verdict`). ``opts``: data, split, kind (preference | sft), format, columns,
-    multi_turn, max_length, template, max_rows (read only the first N records)."""
+    multi_turn, max_length, template, max_rows (read only the first N records); contamination (compare with
+    the bundled eval sets and ``against`` files, field ``against_field``), decontaminate (and drop overlaps)."""
     split, kind = opts.get("split") or "train", opts.get("kind") or "preference"
     common = {"tokenizer": tokenizer, "max_length": opts.get("max_length"), "template": opts.get("template"),
                   "drop_over_length": drop_over_length}
@@ -403,7 +410,23 @@ def run_check(opts: dict, *, tokenizer=None, drop_over_length: bool = True) -> D
                                     multi_turn=opts.get("multi_turn") or "drop", limit=opts.get("max_rows"))
         report = check_preference(rows, **common)
     report.source = str(opts["data"])
+    if opts.get("contamination") or opts.get("decontaminate"):
+        _contamination(report, rows, opts)
     return report
+
+
+def _contamination(report: DataReport, rows, opts: dict) -> None:
+    """Compare the loaded rows with the bundled eval sets (and ``opts["against"]`` files); with
+    ``opts["decontaminate"]`` the kept rows that overlap an eval set are dropped (reason CONTAMINATED)."""
+    report.contamination = check_contamination(rows, locations=rows.locations, against=opts.get("against") or (),
+                                                against_field=opts.get("against_field"))
+    if not opts.get("decontaminate"):
+        return
+    hits = report.contamination.drop_indices(eval_sets=True, internal=False)
+    dropped = {id(rows[i]): rows.locations[i] for i in hits}
+    for source, line in dropped.values():
+        report.drop(CONTAMINATED, source, line)
+    report.kept = [row for row in report.kept if id(row) not in dropped]
 
 
 def write_outputs(report: DataReport, out_dir) -> Path:

@@ -126,7 +126,8 @@ def checked_loader(data, kind: str, tokenizer, max_length: int | None, stage_dir
 
     def load(path, split, limit, name):
         opts = {"data": path, "split": split, "kind": kind, "format": getattr(data, "format", None),
-                "columns": data.columns, "template": data.template, "max_length": max_length, "max_rows": limit}
+                "columns": data.columns, "template": data.template, "max_length": max_length, "max_rows": limit,
+                "decontaminate": data.decontaminate}
         report = run_check(opts, tokenizer=tokenizer)
         save_data_report(report, stage_dir, f"data_check_{name}")
         report.verdict(data.on_error, report_path=str(stage_dir / f"data_check_{name}.md"))

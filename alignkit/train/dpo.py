@@ -44,7 +44,7 @@ REFERENCE_FIELDS = ("precompute_ref_log_probs", "precompute_ref_batch_size", "sy
                     "ref_model_mixup_alpha", "ref_model_sync_steps")
 #: the data.* keys this stage reads (common.load_split + preference_loader); others are refused
 DATA_KEYS = frozenset({"path", "split", "format", "columns", "eval_path", "eval_split", "val_size", "max_rows",
-                       "max_eval_rows", "max_length", "template", "on_error"})
+                       "max_eval_rows", "max_length", "template", "on_error", "decontaminate"})
 
 
 @dataclass

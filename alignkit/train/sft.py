@@ -19,7 +19,7 @@ logger = logging.getLogger("alignkit.train")
 
 #: the data.* keys this stage reads (common.load_split + _loader + build_datasets); others are refused
 DATA_KEYS = frozenset({"path", "split", "columns", "eval_path", "eval_split", "val_size", "max_rows",
-                       "max_eval_rows", "max_length", "packing", "template", "on_error"})
+                       "max_eval_rows", "max_length", "packing", "template", "on_error", "decontaminate"})
 #: SFTConfig fields of TRL's own data path (formatting, tokenization, packing, loss masks), unread when
 #: data.packing=alignkit hands TRL already packed input_ids
 TRL_DATA_FIELDS = ("packing", "packing_strategy", "eval_packing", "completion_only_loss", "assistant_only_loss",
