@@ -116,8 +116,11 @@ def options(args) -> dict:
     opts.update({k: v for k, v in cli.items() if v is not None})
     if not opts.get("data"):
         raise ValueError("no data: pass a recipe with a data section, or --data PATH")
-    if not opts.get("max_length"):
+    packed = getattr(opts.get("recipe"), "stage", None) == "sft" and sft.check_max_length(opts["recipe"]) is None
+    if not opts.get("max_length") and not (packed and args.max_length is None):  # packed: training drops no row
         opts["max_length"] = DEFAULT_MAX_LENGTH[opts.get("kind") or "preference"]
+    if packed and args.max_length is None:
+        opts["max_length"] = None
     if isinstance(opts.get("columns"), str):
         opts["columns"] = parse_columns(opts["columns"])
     return opts

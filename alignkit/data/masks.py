@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import html
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 #: attention implementations that keep padding-free documents apart (flash varlen kernels read
@@ -247,20 +247,48 @@ def mask_problems(rows: Iterable[ViewRow], max_listed: int = 5) -> list[str]:
     return out
 
 
-def cross_document_problem(*, per_document: bool, attn_implementation: str | None, prepacked: bool) -> str | None:
+def cross_document_problem(*, per_document: bool, attn_implementation: str | None, prepacked: bool,
+                           probe: Callable[[], bool] | None = None) -> str | None:
     """Why padding-free rows would attend across documents, or None. ``per_document``: the recipe asked for
     per-document attention (``padding_free``, or TRL's BFD packing); ``attn_implementation``: the one the model
-    trains with; ``prepacked``: rows are alignkit-packed streams (several documents per row, no position ids)."""
+    trains with; ``prepacked``: rows are alignkit-packed streams (several documents per row, no position ids);
+    ``probe``: for an implementation outside :data:`PER_DOCUMENT_ATTENTION`, a call that answers whether it
+    keeps documents apart (e.g. :func:`attends_per_document` on the loaded model)."""
     if not per_document:
         return None
     if prepacked:
         return ("packed rows attend across documents: data.packing: alignkit concatenates documents into each row "
                 "without restarting position ids, so train.padding_free keeps them apart only between rows; use "
                 "TRL's packing (train.packing: true, packing_strategy: bfd) for per-document attention")
-    if attn_implementation not in PER_DOCUMENT_ATTENTION:
+    if attn_implementation in PER_DOCUMENT_ATTENTION:
+        return None
+    if probe is None:
         return (f"packed rows attend across documents: model.attn_implementation {attn_implementation!r} is not "
                 f"known to respect position_ids or cu_seq_lens (known: {', '.join(sorted(PER_DOCUMENT_ATTENTION))})")
-    return None
+    if probe():
+        return None
+    return (f"packed rows attend across documents: model.attn_implementation {attn_implementation!r} ignores "
+            "position_ids and cu_seq_lens (a padding-free row of two documents gave the second one other logits "
+            "than it gets alone); use sdpa_varlen, sdpa or flash_attention_2")
+
+
+def attends_per_document(model, n: int = 6, atol: float = 1e-4) -> bool:
+    """Whether ``model`` keeps padding-free documents apart: one row of two random documents with restarting
+    ``position_ids`` and ``cu_seq_lens`` (what TRL's padding-free collator passes), without a KV cache as
+    ``SFTTrainer.compute_loss`` runs it (transformers looks for packed rows only then), gives the second
+    document the logits it gets alone."""
+    import torch
+
+    vocab = model.config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, vocab, (1, n), generator=gen).to(model.device) for _ in range(2))
+    positions = torch.arange(n, device=model.device).repeat(2)[None]  # (1, 2n)
+    cu = torch.tensor([0, n, 2 * n], dtype=torch.int32, device=model.device)
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([first, second], dim=1), position_ids=positions, cu_seq_lens_q=cu,
+                       cu_seq_lens_k=cu, max_length_q=n, max_length_k=n, use_cache=False).logits[0, n:]  # (n, V)
+        alone = model(input_ids=second, use_cache=False).logits[0]  # (n, V)
+    return bool(torch.allclose(packed.double(), alone.double(), atol=atol, rtol=1e-3))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -94,11 +94,15 @@ def to_trl_rows(rows: list[dict], template: str | None) -> list[dict]:
     return out
 
 
-def _loader(recipe, tokenizer, stage_dir: Path):
+def check_max_length(recipe) -> int | None:
+    """The max_length the data check drops rows at: data.max_length or train.max_length, None when packing
+    (packed rows are concatenated then cut, so a long row is not dropped)."""
     packed = recipe.data.packing == "alignkit" or recipe.train.packing
-    # packed rows are concatenated then cut, so a long row is not dropped
-    max_length = None if packed else recipe.data.max_length or recipe.train.max_length
-    return common.checked_loader(recipe.data, "sft", tokenizer, max_length, stage_dir)
+    return None if packed else recipe.data.max_length or recipe.train.max_length
+
+
+def _loader(recipe, tokenizer, stage_dir: Path):
+    return common.checked_loader(recipe.data, "sft", tokenizer, check_max_length(recipe), stage_dir)
 
 
 def packed_dataset(rows: list[dict], tokenizer, seq_length: int, path: Path, seed: int):
@@ -168,6 +172,12 @@ def trl_args(args, dataset):
     return args
 
 
+def _probe_attention(recipe) -> bool:
+    """Load the stage's model as training would and run :func:`alignkit.data.masks.attends_per_document`."""
+    model, _, _ = common.load_for_training(recipe, None)
+    return masks.attends_per_document(model.eval())
+
+
 def trainer_view(recipe, tokenizer, stage_dir: Path, *, limit: int | None = None):
     """``(rows, problems)``: the training rows exactly as this stage's SFTTrainer sees them (TRL's preparation
     and collator on :func:`build_datasets`' dataset; :func:`alignkit.data.masks.sft_view`), the first ``limit``
@@ -178,7 +188,7 @@ def trainer_view(recipe, tokenizer, stage_dir: Path, *, limit: int | None = None
     per_document = bool(args.padding_free or (args.packing and args.packing_strategy in {"bfd", "bfd_split"}))
     attention = recipe.model.attn_implementation or VARLEN_SDPA  # common.use_varlen_attention's choice
     problem = masks.cross_document_problem(per_document=per_document, attn_implementation=attention,
-                                           prepacked=packed)
+                                           prepacked=packed, probe=lambda: _probe_attention(recipe))
     view = list(masks.sft_view(train, tokenizer, args))
     if packed:  # alignkit packing trains on every token: nothing is masked on purpose
         for row in view:
