@@ -101,6 +101,28 @@ def test_assistant_mask_equals_the_assistant_tokens(chat_tokenizer):
         assert mask == want_mask and sum(mask) > 0
 
 
+def test_assistant_mask_agrees_with_trl_on_the_same_template_with_generation_tags(chat_tokenizer, tmp_path,
+                                                                                 chat_model_dir, capsys):
+    """The same template with {% generation %} tags: transformers' own assistant mask (what TRL uses then) equals
+    alignkit's turn-by-turn mask on the untagged one, and --show-rows (TRL's path) brackets the same text."""
+    tagged = copy.deepcopy(chat_tokenizer)
+    tagged.chat_template = CHATML.replace("{{ m['content'] }}<|im_end|>\n",
+                                          "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+                                          "<|im_end|>\n{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>\n"
+                                          "{% endif %}")
+    assert masks.has_generation_tags(tagged)
+    for messages in CONVERSATIONS:
+        out = tagged.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert (out["input_ids"], out["assistant_masks"]) == masks.assistant_mask(chat_tokenizer, messages)
+    model = tmp_path / "tagged"
+    shutil.copytree(chat_model_dir, model)
+    tagged.save_pretrained(model)
+    data = _jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
+    assert data_cli.main(["check", str(_recipe(tmp_path, model, data)), "--show-rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert all(expected_text(m) in out for m in CONVERSATIONS)
+
+
 def test_a_template_that_cannot_be_split_into_turns_is_refused(chat_tokenizer):
     tok = copy.deepcopy(chat_tokenizer)  # the last turn is rendered differently from earlier ones
     tok.chat_template = CHATML.replace("{{ m['content'] }}", "{{ m['content'] }}{{ ' (last)' if loop.last else '' }}")

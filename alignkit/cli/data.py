@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-rows", type=int, default=0, metavar="N",
                    help="print the first N rows as the recipe's trainer sees them (TRL's template, truncation "
                         "and collation), loss tokens between [[ and ]] (needs a recipe)")
-    p.add_argument("--html", default=None, metavar="FILE", help="write those rows to FILE with loss tokens coloured")
+    p.add_argument("--html", default=None, metavar="FILE",
+                   help="write those rows (or the first 10) to FILE as HTML, loss tokens highlighted (needs a recipe)")
     return p
 
 
@@ -185,8 +186,10 @@ def trainer_view(opts: dict, args) -> list[str]:
                              "trainer sees)")
         return []
     tokenizer = tokenizer_for(opts.get("tokenizer"))
-    if tokenizer is None:
-        raise ValueError("--show-rows needs the recipe's tokenizer")
+    if tokenizer is None:  # lengths were counted in characters; no tokens to show or check
+        if n or args.html:
+            raise ValueError("--show-rows/--html need the recipe's tokenizer (pass --model)")
+        return []
     if tokenizer.pad_token is None:  # as common.load_for_training sets it
         tokenizer.pad_token = tokenizer.eos_token
     stage_dir = Path(tempfile.mkdtemp(prefix="alignkit-data-view-"))

@@ -157,7 +157,10 @@ def sft_prepare(dataset, tokenizer, args):
     if args.assistant_only_loss and not has_generation_tags(tokenizer):
         chat_template = get_training_chat_template(tokenizer)
     trainer = _bare(SFTTrainer, tokenizer, completion_only_loss=completion_only, chat_template=chat_template)
-    prepared = SFTTrainer._prepare_dataset(trainer, dataset, tokenizer, args, args.packing, None, "train")
+    try:
+        prepared = SFTTrainer._prepare_dataset(trainer, dataset, tokenizer, args, args.packing, None, "train")
+    except RuntimeError as exc:  # TRL's own assistant mask found no assistant token in a row
+        raise MaskError(" ".join(str(exc).split())) from exc
     padding_free = args.padding_free or (args.packing and args.packing_strategy in {"bfd", "bfd_split"})
     has_mask_column = "completion_mask" in dataset.column_names and completion_only
     masked = bool(args.assistant_only_loss or "assistant_masks" in dataset.column_names or has_mask_column
