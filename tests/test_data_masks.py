@@ -165,6 +165,16 @@ def test_show_rows_brackets_exactly_the_assistant_turns(tmp_path, chat_model_dir
     assert marked == [_turn(m)[1] for conv in CONVERSATIONS for m in conv if m["role"] == "assistant"]
 
 
+def test_show_rows_prompt_completion_rows_bracket_the_completion(tmp_path, chat_model_dir, capsys):
+    rows = [{"prompt": "Add 2 and 2.", "completion": "The sum is 4."}]
+    recipe = _recipe(tmp_path, chat_model_dir, _jsonl(tmp_path / "pc.jsonl", rows), "max_steps: 2",
+                     ', template: "### Q: {prompt}\\n### A: {response}"')
+    assert data_cli.main(["check", str(recipe), "--show-rows", "1"]) == 0
+    out = capsys.readouterr().out  # the prompt through the template, TRL's EOS after the completion; the
+    # template's trailing space merges with the completion's first word (" The"), so it carries loss: shown
+    assert "---\n### Q: Add 2 and 2.\n### A:[[ The sum is 4.<|endoftext|>]]\n" in out
+
+
 def test_show_rows_preference_pairs_as_dpo_tokenizes_them(tmp_path, chat_model_dir, capsys):
     data = _jsonl(tmp_path / "pref.jsonl", [{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}])
     recipe = tmp_path / "dpo.yaml"
