@@ -70,3 +70,12 @@ def test_main_with_a_real_recipe(tmp_path, tiny_model_dir, capsys):
     assert "| dropped: over max length |" not in capsys.readouterr().out
     assert data_cli.main(["check", str(recipe), "data.nonsense=1"]) == 1
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_show_rows_and_html_need_a_recipe(tmp_path, capsys):
+    """--show-rows/--html show what a recipe's trainer sees: without a recipe they are refused, not ignored."""
+    clean = _jsonl(tmp_path / "ok.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    for flags in (["--show-rows", "2"], ["--html", str(tmp_path / "rows.html")]):
+        assert data_cli.main(["check", "--data", str(clean), "--tokenizer", GPT2, *flags]) == 1
+        assert "--show-rows/--html need a recipe with an sft or dpo stage" in capsys.readouterr().err
+    assert not (tmp_path / "rows.html").exists()

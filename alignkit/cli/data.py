@@ -17,8 +17,11 @@ from transformers import AutoTokenizer
 from trl import DPOConfig, SFTConfig
 
 from alignkit.config import load_recipe
+from alignkit.data import masks
 from alignkit.data.check import ON_ERROR, parse_columns, run_check, write_outputs
+from alignkit.data.io import write_text_atomic
 from alignkit.models import DEFAULT_MODEL, load_tokenizer
+from alignkit.train import common, dpo, sft
 from alignkit.train.quickstart import materialize_data
 
 
@@ -62,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=None, help="prompt template string or bundled prompt name")
     p.add_argument("--keep-over-length", action="store_true", help="count over-length rows, don't drop them")
     p.add_argument("--output", default=None, help="folder for report.md, report.json, lengths.png")
+    p.add_argument("--show-rows", type=int, default=0, metavar="N",
+                   help="print the first N rows as the recipe's trainer sees them (TRL's template, truncation "
+                        "and collation), loss tokens between [[ and ]] (needs a recipe)")
+    p.add_argument("--html", default=None, metavar="FILE",
+                   help="write those rows (or the first 10) to FILE as HTML, loss tokens highlighted (needs a recipe)")
     return p
 
 
@@ -103,6 +111,7 @@ def recipe_options(path: str, overrides: list[str], stage: str | None = None) ->
         "max_length": _first(data, "max_length") or _first(recipe, "train.max_length"),
         "max_rows": _first(data, "max_rows"), "on_error": _first(data, "on_error"),
         "decontaminate": _first(data, "decontaminate"),
+        "recipe": recipe if hasattr(recipe, "train") else None,  # the StageRecipe, for the trainer's view
     }
 
 
@@ -117,8 +126,11 @@ def options(args) -> dict:
     if not opts.get("data"):
         raise ValueError("no data: pass a recipe with a data section, or --data PATH")
     opts["contamination"] = not args.no_contamination
-    if not opts.get("max_length"):
+    packed = getattr(opts.get("recipe"), "stage", None) == "sft" and sft.check_max_length(opts["recipe"]) is None
+    if not opts.get("max_length") and not (packed and args.max_length is None):  # packed: training drops no row
         opts["max_length"] = DEFAULT_MAX_LENGTH[opts.get("kind") or "preference"]
+    if packed and args.max_length is None:
+        opts["max_length"] = None
     if isinstance(opts.get("columns"), str):
         opts["columns"] = parse_columns(opts["columns"])
     return opts
@@ -166,7 +178,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {write_outputs(report, args.output)}/report.md, report.json, lengths.png")
     try:
         report.verdict(opts.get("on_error") or "raise")
-    except ValueError as exc:  # the message training would stop with
+        problems = trainer_view(opts, args)
+    except ValueError as exc:  # the message training would stop with (MaskError is a ValueError)
         print(f"alignkit data check: {exc}", file=sys.stderr)
         return 1
-    return 0
+    for problem in problems:
+        print(f"alignkit data check: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def trainer_view(opts: dict, args) -> list[str]:
+    """With a recipe's sft or dpo stage: the rows as its trainer sees them, checked (loss masks, cross-document
+    attention); the first ``--show-rows`` printed, ``--html`` written. Returns the problems found."""
+    recipe, n = opts.get("recipe"), max(0, args.show_rows or 0)
+    if recipe is None or recipe.stage not in ("sft", "dpo"):
+        if n or args.html:
+            raise ValueError("--show-rows/--html need a recipe with an sft or dpo stage (they show what its "
+                             "trainer sees)")
+        return []
+    tokenizer = tokenizer_for(opts.get("tokenizer"))
+    if tokenizer is None:  # lengths were counted in characters; no tokens to show or check
+        if n or args.html:
+            raise ValueError("--show-rows/--html need the recipe's tokenizer (pass --model)")
+        return []
+    if tokenizer.pad_token is None:  # as common.load_for_training sets it
+        tokenizer.pad_token = tokenizer.eos_token
+    stage_dir = Path(tempfile.mkdtemp(prefix="alignkit-data-view-"))
+    if recipe.stage == "sft":
+        rows, problems = sft.trainer_view(recipe, tokenizer, stage_dir)
+    else:
+        pairs, _ = common.load_split(recipe.data, dpo.preference_loader(recipe, tokenizer, stage_dir), recipe.seed)
+        rows = list(masks.dpo_view(dpo.to_trl_pairs(pairs, recipe.data.template), tokenizer, recipe.train))
+        problems = masks.mask_problems(rows)
+    shown = rows[: 2 * n if recipe.stage == "dpo" else n]
+    if n:
+        print(f"### First {n} rows as the {recipe.stage} trainer sees them (loss tokens between [[ and ]])\n")
+        for row in shown:
+            print(f"{masks.describe(row)}\n{masks.render_text(row, tokenizer)}\n")
+    if args.html:
+        write_text_atomic(args.html, masks.render_html(shown or rows[:10], tokenizer))
+        print(f"wrote {args.html}")
+    return problems

@@ -12,7 +12,8 @@ import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from alignkit.data import PackedSFTDataset
+from alignkit.attention import VARLEN_SDPA
+from alignkit.data import PackedSFTDataset, masks
 from alignkit.train import common
 
 logger = logging.getLogger("alignkit.train")
@@ -93,11 +94,15 @@ def to_trl_rows(rows: list[dict], template: str | None) -> list[dict]:
     return out
 
 
-def _loader(recipe, tokenizer, stage_dir: Path):
+def check_max_length(recipe) -> int | None:
+    """The max_length the data check drops rows at: data.max_length or train.max_length, None when packing
+    (packed rows are concatenated then cut, so a long row is not dropped)."""
     packed = recipe.data.packing == "alignkit" or recipe.train.packing
-    # packed rows are concatenated then cut, so a long row is not dropped
-    max_length = None if packed else recipe.data.max_length or recipe.train.max_length
-    return common.checked_loader(recipe.data, "sft", tokenizer, max_length, stage_dir)
+    return None if packed else recipe.data.max_length or recipe.train.max_length
+
+
+def _loader(recipe, tokenizer, stage_dir: Path):
+    return common.checked_loader(recipe.data, "sft", tokenizer, check_max_length(recipe), stage_dir)
 
 
 def packed_dataset(rows: list[dict], tokenizer, seq_length: int, path: Path, seed: int):
@@ -128,9 +133,68 @@ def build_datasets(recipe, tokenizer, stage_dir: Path):
         val = packed_dataset(val_rows, tokenizer, seq, stage_dir / "packed_eval.jsonl", recipe.seed) \
             if val_rows else None
         return train, val
-    train = datasets.Dataset.from_list(to_trl_rows(train_rows, recipe.data.template))
-    val = datasets.Dataset.from_list(to_trl_rows(val_rows, recipe.data.template)) if val_rows else None
+    train = _trl_dataset(recipe, tokenizer, train_rows, "training data")
+    val = _trl_dataset(recipe, tokenizer, val_rows, "validation data") if val_rows else None
     return train, val
+
+
+def assistant_only(args, rows: list[dict]) -> bool:
+    """Whether the loss is on the assistant turns only: ``train.assistant_only_loss``, or
+    ``train.completion_only_loss: true`` on ``messages`` rows (a transcript's completions are its assistant
+    turns; TRL would otherwise train on every turn, the user's included)."""
+    return bool(rows) and bool(args.assistant_only_loss or (args.completion_only_loss and "messages" in rows[0]))
+
+
+def _conversational(row: dict) -> bool:
+    return "messages" in row or isinstance(row.get("prompt"), list)
+
+
+def _trl_dataset(recipe, tokenizer, rows: list[dict], name: str):
+    """TRL rows as a dataset; for assistant-only loss on a template without ``{% generation %}`` tags, with
+    alignkit's assistant masks (:func:`alignkit.data.masks.with_assistant_masks`) pre-tokenized in."""
+    rows = to_trl_rows(rows, recipe.data.template)
+    if rows and assistant_only(recipe.train, rows) and _conversational(rows[0]) \
+            and not masks.has_generation_tags(tokenizer):
+        rows = masks.with_assistant_masks(rows, tokenizer, name=name)
+    return datasets.Dataset.from_list(rows)
+
+
+def trl_args(args, dataset):
+    """The SFTConfig handed to TRL for ``dataset``: rows carrying alignkit's ``assistant_masks`` (which TRL
+    applies to pre-tokenized rows) with TRL's own assistant_only_loss off (it would look for {% generation %}
+    tags); ``messages`` rows with completion_only_loss on a tagged template with TRL's assistant_only_loss on;
+    otherwise ``args`` itself."""
+    columns = dataset.column_names if dataset is not None else []
+    if "assistant_masks" in columns:
+        return masks.args_with(args, assistant_only_loss=False)
+    if "messages" in columns and args.completion_only_loss and not args.assistant_only_loss:
+        return masks.args_with(args, assistant_only_loss=True)
+    return args
+
+
+def _probe_attention(recipe) -> bool:
+    """Load the stage's model as training would and run :func:`alignkit.data.masks.attends_per_document`."""
+    model, _, _ = common.load_for_training(recipe, None)
+    return masks.attends_per_document(model.eval())
+
+
+def trainer_view(recipe, tokenizer, stage_dir: Path, *, limit: int | None = None):
+    """``(rows, problems)``: the training rows exactly as this stage's SFTTrainer sees them (TRL's preparation
+    and collator on :func:`build_datasets`' dataset; :func:`alignkit.data.masks.sft_view`), the first ``limit``
+    of them, and the check's faults (loss masks all zero or all one, cross-document attention)."""
+    train, _ = build_datasets(recipe, tokenizer, stage_dir)
+    args = trl_args(recipe.train, train)
+    packed = recipe.data.packing == "alignkit"
+    per_document = bool(args.padding_free or (args.packing and args.packing_strategy in {"bfd", "bfd_split"}))
+    attention = recipe.model.attn_implementation or VARLEN_SDPA  # common.use_varlen_attention's choice
+    problem = masks.cross_document_problem(per_document=per_document, attn_implementation=attention,
+                                           prepacked=packed, probe=lambda: _probe_attention(recipe))
+    view = list(masks.sft_view(train, tokenizer, args))
+    if packed:  # alignkit packing trains on every token: nothing is masked on purpose
+        for row in view:
+            row.masked = False
+    problems = masks.mask_problems(view) + ([problem] if problem else [])
+    return view[:limit] if limit is not None else view, problems
 
 
 def run(recipe, stage_dir, model_path=None) -> dict:
@@ -140,7 +204,7 @@ def run(recipe, stage_dir, model_path=None) -> dict:
     # 1. model, tokenizer; 2. checked data; 3. TRL trainer (LoRA via peft_config); 4. train and save
     model, tokenizer, source = common.load_for_training(recipe, model_path)
     train_ds, eval_ds = build_datasets(recipe, tokenizer, stage_dir)
-    trainer = SFTTrainer(model=model, args=recipe.train, train_dataset=train_ds, eval_dataset=eval_ds,
+    trainer = SFTTrainer(model=model, args=trl_args(recipe.train, train_ds), train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=common.lora_config(recipe.lora),
                          callbacks=common.stage_callbacks(stage_dir))
     return common.train_and_save(trainer, recipe, stage_dir, tokenizer, source)
