@@ -81,12 +81,13 @@ def test_429_honours_retry_after():
 
 
 def test_timeout_is_retried_then_gives_up():
+    """With retry_timeouts=True (off by default: see test_timed_out_request_is_not_resent)."""
     with FakeOpenAIServer([Action(delay=1.0)]) as srv:
-        gen = OpenAIHTTPGenerator(srv.base_url, "m", timeout=0.3, backoff=0.01)
+        gen = OpenAIHTTPGenerator(srv.base_url, "m", timeout=0.3, backoff=0.01, retry_timeouts=True)
         assert gen.generate(["x"], SamplingParams(max_new_tokens=2))[0].text == "[x] STOP tail"
         assert len(srv.seen) == 2
     with FakeOpenAIServer([Action(delay=1.0)] * 3) as srv:
-        gen = OpenAIHTTPGenerator(srv.base_url, "m", timeout=0.3, backoff=0.01, max_retries=2)
+        gen = OpenAIHTTPGenerator(srv.base_url, "m", timeout=0.3, backoff=0.01, max_retries=2, retry_timeouts=True)
         with pytest.raises(GenerationHTTPError, match="failed after 3 attempts.*Timeout"):
             gen.generate(["x"], SamplingParams(max_new_tokens=2))
         assert len(srv.seen) == 3
