@@ -47,12 +47,15 @@ def test_flags_are_generated_from_eval_config(capsys):
     parser = cli.build_parser()
     options = {s for a in parser._actions for s in a.option_strings}
     assert set(FLAGS) <= options
-    assert {"--timeout", "--max-retries", "--max-concurrency", "--api-key-env"} <= options
+    assert {"--timeout", "--max-retries", "--max-concurrency", "--api-key-env"} <= options  # old spellings
+    assert {"--http-timeout", "--http-retries", "--concurrency", "--http-retry-timeouts", "--fresh"} <= options
     ns = vars(parser.parse_args(["--tasks", "mmlu,gsm8k", "--batch-size", "4", "--resume", "--timeout", "2.5"]))
-    assert ns == {"tasks": "mmlu,gsm8k", "batch_size": 4, "resume": True, "timeout": 2.5}  # unset flags absent
+    assert ns == {"tasks": "mmlu,gsm8k", "batch_size": 4, "resume": True, "http_timeout": 2.5}  # unset flags absent
     cfg = EvalConfig(**ns)
-    assert (cfg.tasks, cfg.batch_size, cfg.resume, cfg.timeout) == (["mmlu", "gsm8k"], 4, True, 2.5)
-    assert (cfg.prompt, cfg.output, cfg.limit, cfg.max_retries) == ("zero_shot", "eval_out", None, 3)
+    assert (cfg.tasks, cfg.batch_size, cfg.resume, cfg.http_timeout) == (["mmlu", "gsm8k"], 4, True, 2.5)
+    assert (cfg.prompt, cfg.output, cfg.limit, cfg.http_retries) == ("zero_shot", "eval_out", None, 3)
+    assert vars(parser.parse_args(["--http-retries", "1", "--concurrency", "2"])) == {
+        "http_retries": 1, "concurrency": 2}
     assert cli.main(["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "OpenAI-compatible server for backend http" in text and "(default: eval_out)" in text
@@ -101,8 +104,9 @@ def test_harness_cap_reaches_real_lm_eval(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [["--judge", "self"], ["--prompt", "chat"], ["--resume"], ["--seed", "3"],
-                                   ["--backend", "http"], ["--base-url", "http://h:1/v1"], ["--timeout", "5"],
-                                   ["--max-retries", "0"], ["--max-concurrency", "2"], ["--api-key-env", "K"]])
+                                   ["--backend", "http"], ["--base-url", "http://h:1/v1"], ["--http-timeout", "5"],
+                                   ["--http-retries", "0"], ["--concurrency", "2"], ["--api-key-env", "K"],
+                                   ["--fresh"], ["--http-retry-timeouts"]])
 def test_harness_only_refuses_flags_it_ignores(extra, tmp_path, monkeypatch, capsys):
     fake = _FakeHarness()
     monkeypatch.setattr(runner, "run_harness", fake)
@@ -114,8 +118,9 @@ def test_harness_only_refuses_flags_it_ignores(extra, tmp_path, monkeypatch, cap
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--timeout", "5"], ("--timeout is read by --backend http and an http(s) --judge; --backend hf with --judge "
-                          "None ignores it")),
+    (["--http-timeout", "5"], ("--http-timeout is read by --backend http and an http(s) --judge; --backend hf "
+                               "with --judge None ignores it")),
+    (["--timeout", "5"], "--http-timeout is read by --backend http"),  # the old spelling, the same refusal
     (["--api-key-env", "K", "--judge", "self", "--tasks", "sst"],
      "--api-key-env is read by --backend http and an http(s) --judge; --backend hf with --judge self ignores it"),
     (["--judge", "self"], ("--judge is read by the judged tasks (alpaca_eval, sst, over_refusal); --tasks gsm8k "
@@ -132,7 +137,7 @@ def test_flags_the_backend_ignores_are_refused(extra, message, tmp_path, capsys)
 
 
 def test_http_options_are_accepted_with_an_http_judge(tmp_path):
-    cfg = EvalConfig(model=str(tmp_path), tasks=["alpaca_eval"], judge="http://h:1/v1#judge", timeout=5)
+    cfg = EvalConfig(model=str(tmp_path), tasks=["alpaca_eval"], judge="http://h:1/v1#judge", http_timeout=5)
     assert cli.usage_error(cfg) is None
 
 
@@ -177,16 +182,16 @@ def test_http_backend_reads_its_options_and_never_stores_the_key(stub_server, tm
     url, stub = stub_server
     monkeypatch.setenv("ALIGNKIT_TEST_KEY", "sekret-123")
     rc = cli.main(["--model", "served-name", "--backend", "http", "--base-url", url, "--tasks", "gsm8k",
-                   "--limit", "2", "--max-new-tokens", "5", "--timeout", "7", "--max-retries", "0",
-                   "--max-concurrency", "1", "--api-key-env", "ALIGNKIT_TEST_KEY", "--output", str(tmp_path)])
+                   "--limit", "2", "--max-new-tokens", "5", "--http-timeout", "7", "--http-retries", "0",
+                   "--concurrency", "1", "--api-key-env", "ALIGNKIT_TEST_KEY", "--output", str(tmp_path)])
     assert rc == 0
     assert len(stub.seen) == 2 and {s["auth"] for s in stub.seen} == {"Bearer sekret-123"}
     assert {(s["path"], s["body"]["model"], s["body"]["max_tokens"]) for s in stub.seen} == {
         ("/v1/completions", "served-name", 5)}
     text = (tmp_path / "results.json").read_text()
     results = json.loads(text)
-    assert {k: results["config"][k] for k in ("timeout", "max_retries", "max_concurrency", "api_key_env")} == {
-        "timeout": 7.0, "max_retries": 0, "max_concurrency": 1, "api_key_env": "ALIGNKIT_TEST_KEY"}
+    assert {k: results["config"][k] for k in ("http_timeout", "http_retries", "concurrency", "api_key_env")} == {
+        "http_timeout": 7.0, "http_retries": 0, "concurrency": 1, "api_key_env": "ALIGNKIT_TEST_KEY"}
     preds = [json.loads(x) for x in (tmp_path / "gsm8k" / "predictions.jsonl").read_text().splitlines()]
     assert results["metrics"]["gsm8k"]["correct"] == sum(p["score"]["gold"] == "18" for p in preds)
     captured = capsys.readouterr()
@@ -198,6 +203,6 @@ def test_http_timeout_and_retries_are_honoured(stub_server, tmp_path):
     url, stub = stub_server
     stub.delay = 1.0
     with pytest.raises(RuntimeError, match="failed after 1 attempts; last error: ReadTimeout"):
-        run_eval("served", ["gsm8k"], str(tmp_path), limit=1, backend="http", base_url=url, timeout=0.2,
-                 max_retries=0)
+        run_eval("served", ["gsm8k"], str(tmp_path), limit=1, backend="http", base_url=url, http_timeout=0.2,
+                 http_retries=0)
     assert len(stub.seen) == 1

@@ -167,11 +167,18 @@ def test_resume_after_crash_keeps_finished_examples(tmp_path):
     results = run_eval(again, ["gsm8k"], str(tmp_path), limit=5, batch_size=1, resume=True)
     assert again.calls == 3 and len(again.prompts) == 3  # only the unfinished examples
     assert [r["id"] for r in read_jsonl(pred)] == ["0", "1", "2", "3", "4"]
-    assert results["throughput"]["gsm8k"]["examples"] == 3
+    # throughput covers the whole run: 2 examples before the crash + 3 after, one segment each
+    thr = results["throughput"]["gsm8k"]
+    assert thr["examples"] == 5 and [s["examples"] for s in thr["segments"]] == [2, 3]
+    assert thr["wall_s"] == pytest.approx(sum(s["wall_s"] for s in thr["segments"]))
     assert results["metrics"]["gsm8k"]["n"] == 5 and results["metrics"]["gsm8k"]["correct"] == 1  # gold 18 first
+    again2 = Scripted(reply)
+    run_eval(again2, ["gsm8k"], str(tmp_path), limit=5, batch_size=1)  # the default continues: nothing to do
+    assert again2.calls == 0
     fresh = Scripted(reply)
-    run_eval(fresh, ["gsm8k"], str(tmp_path), limit=5, batch_size=1)  # no resume: starts over
+    run_eval(fresh, ["gsm8k"], str(tmp_path), limit=5, batch_size=1, fresh=True)  # starts over
     assert fresh.calls == 5
+    assert [r["id"] for r in read_jsonl(pred.with_name("predictions.jsonl.prev"))] == ["0", "1", "2", "3", "4"]
 
 
 def test_torn_last_line_is_dropped(tmp_path):
@@ -201,7 +208,7 @@ def test_chain_eval_stage_passes_every_setting_to_run_eval_config(tmp_path, monk
 
     monkeypatch.setattr(pipeline, "run_eval_config", fake)
     recipe = _eval_recipe(tmp_path, "{tasks: [gsm8k, sst], judge: self, resume: true, backend: http, "
-                                    "base_url: 'http://h:1/v1', timeout: 5, max_retries: 1, api_key_env: K, "
+                                    "base_url: 'http://h:1/v1', http_timeout: 5, http_retries: 1, api_key_env: K, "
                                     "limit: 3, harness: [alignkit_gsm8k], max_new_tokens: 9, prompt: chat}")
     metrics = pipeline.score("final-model", recipe.eval, tmp_path / "after", "base", 7)
     assert metrics == {"gsm8k/accuracy": 0.5, "gsm8k/n": 2, "gsm8k/parsed_rate": 1.0,
@@ -211,9 +218,9 @@ def test_chain_eval_stage_passes_every_setting_to_run_eval_config(tmp_path, monk
     assert (cfg.model, cfg.output, cfg.seed) == ("final-model", str(tmp_path / "after"), 7)
     assert (cfg.tasks, cfg.harness, cfg.judge, cfg.resume, cfg.backend, cfg.base_url) == (
         ["gsm8k", "sst"], ["alignkit_gsm8k"], "self", True, "http", "http://h:1/v1")
-    assert (cfg.timeout, cfg.max_retries, cfg.api_key_env, cfg.limit, cfg.max_new_tokens, cfg.prompt) == (
+    assert (cfg.http_timeout, cfg.http_retries, cfg.api_key_env, cfg.limit, cfg.max_new_tokens, cfg.prompt) == (
         5.0, 1, "K", 3, 9, "chat")
-    assert (cfg.max_concurrency, cfg.batch_size, cfg.device) == (8, 8, None)  # EvalConfig's defaults
+    assert (cfg.concurrency, cfg.batch_size, cfg.device) == (8, 8, None)  # EvalConfig's defaults
 
 
 @pytest.mark.parametrize(("section", "message"), [
@@ -224,7 +231,7 @@ def test_chain_eval_stage_passes_every_setting_to_run_eval_config(tmp_path, monk
                                         "without tasks ignores it")),
     ("{harness: [alignkit_gsm8k], resume: true}", ("eval: resume is read only by the bundled-task runner (tasks); "
                                                   "harness (lm-eval) ignores it")),
-    ("{tasks: [gsm8k], timeout: 5}", "eval: timeout is read by backend http and an http(s) judge; backend hf"),
+    ("{tasks: [gsm8k], http_timeout: 5}", "eval: http_timeout is read by backend http and an http(s) judge; backend hf"),
     ("{tasks: [gsm8k], backend: http}", "eval: backend http needs base_url"),
     ("{quickstart: true, limit: 5}", "eval: limit is read by the eval tasks and harness; this eval has neither"),
     ("{tasks: [gsm8k], quickstart_pairs: 8}", "eval: quickstart_pairs is read only with quickstart: true"),
