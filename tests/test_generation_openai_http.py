@@ -2,6 +2,11 @@
 checked against HFGenerator on the same weights; fault injection against a fake server."""
 from __future__ import annotations
 
+import _thread
+import base64
+import threading
+import time
+
 import pytest
 import torch
 from conftest import build_tiny_llama
@@ -11,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from alignkit.generation import Generator
 from alignkit.generation.base import SamplingParams
 from alignkit.generation.hf import HFGenerator
-from alignkit.generation.openai_http import GenerationHTTPError, OpenAIHTTPGenerator
+from alignkit.generation.openai_http import GenerationHTTPError, OpenAIHTTPGenerator, redact_url
 
 FAST = {"backoff": 0.01, "timeout": 5}
 
@@ -129,6 +134,119 @@ def test_update_weights_unsupported_and_bad_args():
     with pytest.raises(ValueError, match="max_concurrency"):
         OpenAIHTTPGenerator("http://x/v1", "m", max_concurrency=0)
     assert gen.generate([], SamplingParams(max_new_tokens=2)) == []
+
+
+# ---------------------------------------------------------------------- fake server: per-request results and faults
+def test_on_result_delivers_each_request_as_it_finishes():
+    """Request 0 is slow: request 1's completion is handed over first, while 0 is still running."""
+    delivered = []
+    with FakeOpenAIServer([Action(delay=0.8)]) as srv:
+        gen = OpenAIHTTPGenerator(srv.base_url, "m", max_concurrency=2, **FAST)
+        start = time.monotonic()
+        out = gen.generate(["a", "b"], SamplingParams(max_new_tokens=2),
+                           on_result=lambda i, c: delivered.append((i, c.text, time.monotonic() - start)))
+    assert [(i, t) for i, t, _ in delivered] == [(1, "[b] STOP tail"), (0, "[a] STOP tail")]
+    assert delivered[0][2] < 0.6 <= delivered[1][2]  # b was handed over while a was still in flight
+    assert [c.text for c in out] == ["[a] STOP tail", "[b] STOP tail"]
+
+
+def test_one_malformed_answer_fails_only_its_request():
+    delivered = {}
+    script = [Action()] * 3 + [Action(body="{not json")] + [Action()] * 4
+    with FakeOpenAIServer(script) as srv:
+        gen = OpenAIHTTPGenerator(srv.base_url, "m", max_concurrency=1, **FAST)
+        out = gen.generate([f"p{i}" for i in range(8)], SamplingParams(max_new_tokens=2),
+                           on_result=lambda i, r: delivered.__setitem__(i, r))
+    assert len(srv.seen) == 8  # the malformed answer is not retried (the server answered; it is wrong)
+    assert isinstance(delivered[3], GenerationHTTPError) and delivered[3].index == 3
+    assert "malformed JSON" in str(delivered[3]) and "(request 3)" in str(delivered[3])
+    assert [c.text for i, c in sorted(delivered.items()) if i != 3] == [f"[p{i}] STOP tail" for i in range(8) if i != 3]
+    assert out[3] is None and gen.stats.requests == 7
+
+
+def test_truncated_body_is_retried():
+    """Content-Length longer than the body: requests raises ChunkedEncodingError; sent again."""
+    with FakeOpenAIServer([Action(truncate=True)]) as srv:
+        out = OpenAIHTTPGenerator(srv.base_url, "m", **FAST).generate(["x"], SamplingParams(max_new_tokens=2))
+    assert out[0].text == "[x] STOP tail" and len(srv.seen) == 2
+
+
+def test_dropped_connection_is_retried_and_server_death_fails_the_rest():
+    with FakeOpenAIServer([Action(drop=True)]) as srv:
+        out = OpenAIHTTPGenerator(srv.base_url, "m", **FAST).generate(["x"], SamplingParams(max_new_tokens=2))
+        assert out[0].text == "[x] STOP tail" and len(srv.seen) == 2
+    delivered = {}
+    with FakeOpenAIServer([Action(), Action(), Action(die=True)]) as srv:
+        gen = OpenAIHTTPGenerator(srv.base_url, "m", max_concurrency=1, max_retries=1, **FAST)
+        gen.generate([f"p{i}" for i in range(5)], SamplingParams(max_new_tokens=2),
+                     on_result=lambda i, r: delivered.__setitem__(i, r))
+    assert [delivered[i].text for i in (0, 1)] == ["[p0] STOP tail", "[p1] STOP tail"]  # kept
+    assert all(isinstance(delivered[i], GenerationHTTPError) for i in (2, 3, 4))
+    assert "failed after 2 attempts" in str(delivered[4]) and "ConnectionError" in str(delivered[4])
+
+
+def test_timed_out_request_is_not_resent():
+    with FakeOpenAIServer([Action(delay=1.0)]) as srv:
+        gen = OpenAIHTTPGenerator(srv.base_url, "m", timeout=0.3, backoff=0.01, max_retries=3)
+        with pytest.raises(GenerationHTTPError, match="failed after 1 attempts.*ReadTimeout.*not re-sent"):
+            gen.generate(["x"], SamplingParams(max_new_tokens=2))
+        time.sleep(0.3)
+        assert len(srv.seen) == 1
+
+
+def test_interrupt_stops_every_worker_and_sends_nothing_after():
+    """A KeyboardInterrupt in the caller (here: raised by on_result) returns at once, and the
+    workers send no further request, with 10 queued and the server slow."""
+    def interrupt(i, result):
+        raise KeyboardInterrupt
+
+    with FakeOpenAIServer(default_delay=0.3) as srv:
+        gen = OpenAIHTTPGenerator(srv.base_url, "m", max_concurrency=2, **FAST)
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            gen.generate([str(i) for i in range(12)], SamplingParams(max_new_tokens=2), on_result=interrupt)
+        raised = time.monotonic()
+        assert raised - start < 0.6 + 0.3  # the first answer (0.3 s) + slack, not 12 * 0.3 / 2
+        time.sleep(0.8)
+        assert srv.posts_after(raised) == 0 and len(srv.seen) <= 4
+
+
+def test_interrupt_during_backoff_sleep_sends_nothing_after():
+    """The stop event also cuts a Retry-After sleep short: no second attempt after Ctrl-C."""
+    with FakeOpenAIServer([Action(status=503, body="busy", headers={"Retry-After": "2"})]) as srv:
+        gen = OpenAIHTTPGenerator(srv.base_url, "m", **FAST)
+        timer = threading.Timer(0.3, _thread.interrupt_main)
+        timer.start()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            gen.generate(["x"], SamplingParams(max_new_tokens=2))
+        assert time.monotonic() - start < 1.0
+        time.sleep(2.2)
+        assert len(srv.seen) == 1
+
+
+def test_redirect_is_not_followed():
+    with FakeOpenAIServer() as other:
+        target = other.base_url + "/completions"
+        with FakeOpenAIServer([Action(status=307, body="", headers={"Location": target})]) as srv:
+            gen = OpenAIHTTPGenerator(srv.base_url, "m", **FAST)
+            with pytest.raises(GenerationHTTPError, match=f"HTTP 307 redirect to {target} not followed"):
+                gen.generate(["x"], SamplingParams(max_new_tokens=2))
+        assert len(srv.seen) == 1 and other.seen == []  # the prompt never reached the other port
+
+
+def test_url_credentials_are_sent_as_basic_auth_and_redacted():
+    with FakeOpenAIServer([Action(status=400, body={"error": "nope"})]) as srv:
+        url = srv.base_url.replace("http://", "http://alice:s3cr%40t@")
+        gen = OpenAIHTTPGenerator(url, "m", api_key="ignored-key", **FAST)
+        assert gen.base_url == srv.base_url.replace("http://", "http://***@") and "s3cr" not in gen.name
+        with pytest.raises(GenerationHTTPError) as info:
+            gen.generate(["x"], SamplingParams(max_new_tokens=2))
+        assert gen.generate(["y"], SamplingParams(max_new_tokens=2))[0].text == "[y] STOP tail"
+    expected = "Basic " + base64.b64encode(b"alice:s3cr@t").decode()
+    assert [s.headers.get("Authorization") for s in srv.seen] == [expected, expected]
+    assert "s3cr" not in str(info.value) and "***@127.0.0.1" in str(info.value) and info.value.index == 0
+    assert redact_url("https://u:p@h:1/v1?x=1") == "https://***@h:1/v1?x=1" and redact_url("http://h/v1") == "http://h/v1"
 
 
 # ---------------------------------------------------------------------- real server
