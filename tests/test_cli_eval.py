@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from servers import Action, FakeOpenAIServer
 
 from alignkit.cli import eval as cli
 from alignkit.eval import runner
@@ -206,3 +207,120 @@ def test_http_timeout_and_retries_are_honoured(stub_server, tmp_path):
         run_eval("served", ["gsm8k"], str(tmp_path), limit=1, backend="http", base_url=url, http_timeout=0.2,
                  http_retries=0)
     assert len(stub.seen) == 1
+
+
+# ------------------------------------------------------------------ faults and resume (fake server: tests/servers.py)
+def _http(url: str, out, *extra: str) -> list[str]:
+    """`alignkit eval` on gsm8k over HTTP: 8 examples, one batch, one request at a time, no retries."""
+    return ["--model", "served", "--backend", "http", "--base-url", url, "--tasks", "gsm8k", "--limit", "8",
+            "--batch-size", "8", "--concurrency", "1", "--http-retries", "0", "--http-timeout", "5",
+            "--output", str(out), *extra]
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _prompts(srv) -> list[str]:
+    return [s.body["prompt"] for s in srv.seen]
+
+
+def test_server_killed_mid_batch_keeps_finished_examples_and_rerun_completes(tmp_path, capsys):
+    pred = tmp_path / "gsm8k" / "predictions.jsonl"
+    with FakeOpenAIServer([Action(), Action(), Action(), Action(die=True)]) as srv:
+        assert cli.main(_http(srv.base_url, tmp_path)) == cli.EXIT_INCOMPLETE
+        first = _prompts(srv)
+    assert len(first) == 4  # the 4 POSTs before the port closed; the 4 after were refused
+    assert [r["id"] for r in _lines(pred)] == ["0", "1", "2"]  # finished before the death: kept
+    failures = _lines(tmp_path / "gsm8k" / "failures.jsonl")
+    assert [f["id"] for f in failures] == ["3", "4", "5", "6", "7"]
+    assert all("ConnectionError" in f["error"] for f in failures[1:])
+    assert "incomplete: 5 example(s) failed (gsm8k 5" in capsys.readouterr().err
+    with FakeOpenAIServer() as srv2:  # the server is back (on another port: not an output-changing setting)
+        assert cli.main(_http(srv2.base_url, tmp_path)) == 0
+    assert [r["id"] for r in _lines(pred)] == [str(i) for i in range(8)]
+    saved_prompts = {r["prompt"] for r in _lines(pred)[:3]}
+    assert len(srv2.seen) == 5 and not saved_prompts & set(_prompts(srv2))  # none generated twice
+    thr = json.loads((tmp_path / "results.json").read_text())["throughput"]["gsm8k"]
+    assert thr["examples"] == 8 and [s["examples"] for s in thr["segments"]] == [3, 5]
+
+
+def test_one_malformed_answer_fails_one_example_only(tmp_path, capsys):
+    with FakeOpenAIServer([Action()] * 3 + [Action(body="{oops")] + [Action()] * 4) as srv:
+        assert cli.main(_http(srv.base_url, tmp_path)) == cli.EXIT_INCOMPLETE
+        assert len(srv.seen) == 8
+    captured = capsys.readouterr()
+    assert re.search(r"gsm8k\s+accuracy\s+\S+\s+7", captured.out)  # the summary of the 7 kept
+    [failure] = _lines(tmp_path / "gsm8k" / "failures.jsonl")
+    assert failure["id"] == "3" and "malformed JSON" in failure["error"]
+    assert len(_lines(tmp_path / "gsm8k" / "predictions.jsonl")) == 7
+    assert json.loads((tmp_path / "results.json").read_text())["failed"]["gsm8k"]["n"] == 1
+    with FakeOpenAIServer() as srv2:
+        assert cli.main(_http(srv2.base_url, tmp_path)) == 0
+        assert len(srv2.seen) == 1  # only the failed example is sent again
+    assert json.loads((tmp_path / "results.json").read_text())["metrics"]["gsm8k"]["n"] == 8
+
+
+def test_truncated_body_is_retried_end_to_end(tmp_path):
+    with FakeOpenAIServer([Action(truncate=True)]) as srv:
+        assert cli.main(_http(srv.base_url, tmp_path, "--http-retries", "1")) == 0
+        assert len(srv.seen) == 9  # one re-send
+    assert len(_lines(tmp_path / "gsm8k" / "predictions.jsonl")) == 8
+
+
+def test_401_without_key_exits_3_with_one_line_and_200_with_api_key_env(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with FakeOpenAIServer(api_key="k-123") as srv:
+        assert cli.main(_http(srv.base_url, tmp_path)) == cli.EXIT_HTTP
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith("alignkit eval: generation failed: [gsm8k] example 0:")
+        assert f"{srv.base_url}/completions (request 0): HTTP 401" in err and "$OPENAI_API_KEY" in err
+        assert len(srv.seen) == 8  # each request once (a 4xx is not retried), then the run stops
+        monkeypatch.setenv("MY_KEY", "k-123")
+        assert cli.main(_http(srv.base_url, tmp_path, "--api-key-env", "MY_KEY")) == 0
+    assert len(_lines(tmp_path / "gsm8k" / "predictions.jsonl")) == 8
+    assert not any("k-123" in p.read_text() for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_redirect_to_another_port_is_not_followed(tmp_path, capsys):
+    with FakeOpenAIServer() as other:
+        target = other.base_url + "/completions"
+        with FakeOpenAIServer([Action(status=307, body="", headers={"Location": target})] * 8) as srv:
+            assert cli.main(_http(srv.base_url, tmp_path)) == cli.EXIT_HTTP
+        assert other.seen == []
+    assert f"HTTP 307 redirect to {target} not followed" in capsys.readouterr().err
+
+
+def test_credentials_in_the_base_url_are_sent_and_redacted_everywhere(tmp_path, capsys, caplog):
+    caplog.set_level("INFO")
+    script = [Action(status=500, body="retry me")] + [Action()] * 3 + [Action(body="{bad")] + [Action()] * 4
+    with FakeOpenAIServer(script) as srv:
+        url = srv.base_url.replace("http://", "http://user:s3cr3t@")
+        assert cli.main(_http(url, tmp_path, "--http-retries", "1")) == cli.EXIT_INCOMPLETE
+    assert {s.headers.get("Authorization") for s in srv.seen} == {"Basic dXNlcjpzM2NyM3Q="}  # user:s3cr3t
+    captured = capsys.readouterr()
+    written = {p.name: p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
+    assert {"results.json", "report.md", "report.html", "failures.jsonl", "run.json"} <= set(written)
+    for where, text in {**written, "stdout": captured.out, "stderr": captured.err, "log": caplog.text}.items():
+        assert "s3cr3t" not in text, where
+    shown = srv.base_url.replace("http://", "http://***@")
+    results = json.loads(written["results.json"])
+    assert results["config"]["base_url"] == shown == results["model_source"]["base_url"]
+    assert shown in results["generator"] and shown in written["report.md"] and shown in written["failures.jsonl"]
+    assert "HTTP 500" in caplog.text and shown in caplog.text  # the retry was logged, redacted
+
+
+def test_rerun_with_changed_settings_is_refused_unless_fresh(tmp_path, capsys):
+    pred = tmp_path / "gsm8k" / "predictions.jsonl"
+    with FakeOpenAIServer() as srv:
+        assert cli.main(_http(srv.base_url, tmp_path)) == 0
+        before = pred.read_text()
+        assert cli.main(_http(srv.base_url, tmp_path, "--resume")) == 0 and len(srv.seen) == 8  # nothing to do
+        assert cli.main(_http(srv.base_url, tmp_path, "--max-new-tokens", "9", "--prompt", "chat")) == 2
+        err = capsys.readouterr().err
+        assert "max_new_tokens: None -> 9" in err and "prompt: 'zero_shot' -> 'chat'" in err and "--fresh" in err
+        assert len(srv.seen) == 8 and pred.read_text() == before  # nothing sent, nothing touched
+        assert cli.main(_http(srv.base_url, tmp_path, "--max-new-tokens", "9", "--fresh")) == 0
+        assert len(srv.seen) == 16 and {s.body["max_tokens"] for s in srv.seen[8:]} == {9}
+    assert (tmp_path / "gsm8k" / "predictions.jsonl.prev").read_text() == before  # moved aside, not deleted
+    assert cli.main(_http(srv.base_url, tmp_path, "--fresh", "--resume")) == 2
