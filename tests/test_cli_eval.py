@@ -2,8 +2,14 @@
 end, lm-eval's token cap, refused flags, and the HTTP backend with its options against a stub server."""
 from __future__ import annotations
 
+import _thread
 import json
+import os
 import re
+import shlex
+import signal
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -324,3 +330,106 @@ def test_rerun_with_changed_settings_is_refused_unless_fresh(tmp_path, capsys):
         assert len(srv.seen) == 16 and {s.body["max_tokens"] for s in srv.seen[8:]} == {9}
     assert (tmp_path / "gsm8k" / "predictions.jsonl.prev").read_text() == before  # moved aside, not deleted
     assert cli.main(_http(srv.base_url, tmp_path, "--fresh", "--resume")) == 2
+
+
+# ------------------------------------------------------------------ a real `alignkit eval` process: SIGINT and SIGKILL
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _spawn(args: list[str], tmp_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "alignkit", "eval", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"alignkit eval ended early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_ctrl_c_in_process_saves_and_prints_one_line(tmp_path, capsys):
+    """The fast twin of the subprocess test below: Ctrl-C (interrupt_main once two requests hang)."""
+    with FakeOpenAIServer([Action(), Action()], default_delay=60) as srv:
+        args = _http(srv.base_url, tmp_path, "--concurrency", "2", "--http-timeout", "100")
+
+        def interrupt_when_stuck():
+            while len(srv.seen) < 4:
+                time.sleep(0.02)
+            time.sleep(0.2)
+            stamps.append(time.monotonic())
+            _thread.interrupt_main()
+
+        stamps: list[float] = []
+        threading.Thread(target=interrupt_when_stuck, daemon=True).start()
+        assert cli.main(args) == cli.EXIT_INTERRUPTED
+        assert time.monotonic() - stamps[0] < 2
+        time.sleep(0.5)
+        assert srv.posts_after(stamps[0]) == 0 and len(srv.seen) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"alignkit eval: interrupted; 2 examples saved in {tmp_path} (gsm8k 2); continue with: "
+                       + shlex.join(["alignkit", "eval", *args]))
+    assert len(_lines(tmp_path / "gsm8k" / "predictions.jsonl")) == 2
+    assert json.loads((tmp_path / "gsm8k" / "run.json").read_text())["segments"][0]["examples"] == 2
+
+
+@pytest.mark.slow  # an `alignkit eval` process: ~15 s of imports on a loaded 2-core box
+def test_ctrl_c_with_a_hung_server_exits_at_once_and_sends_nothing_after(tmp_path):
+    """Two answers, then the server hangs: SIGINT ends the run in a few seconds with one line (2
+    saved, the command to continue), exit 130, no traceback, and no POST after the interrupt."""
+    with FakeOpenAIServer([Action(), Action()], default_delay=120, lifetime=90) as srv:
+        args = _http(srv.base_url, tmp_path / "out", "--concurrency", "2", "--batch-size", "4",
+                     "--http-timeout", "100", "--http-retries", "3", "--http-retry-timeouts", "--fresh")
+        proc = _spawn(args, tmp_path)
+        _wait_for(lambda: len(srv.seen) >= 4, 60, proc)  # 2 answered, 2 hanging: both workers stuck
+        time.sleep(0.3)
+        interrupted = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+        took = time.monotonic() - interrupted
+        time.sleep(0.5)
+        assert srv.posts_after(interrupted) == 0
+    assert proc.returncode == cli.EXIT_INTERRUPTED and took < 5, (took, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"alignkit eval: interrupted; 2 examples saved in {tmp_path / 'out'} (gsm8k 2)")
+    assert last.endswith("continue with: " + shlex.join(["alignkit", "eval", *args[:-1]]))  # without --fresh
+    assert len(_lines(tmp_path / "out" / "gsm8k" / "predictions.jsonl")) == 2
+
+
+def _comparable(path: Path) -> dict:
+    return {r["id"]: (r["prompt"], r["generation"], r["output"], r["score"]) for r in _lines(path)}
+
+
+@pytest.mark.slow  # two `alignkit eval` processes (imports ~5 s each on a loaded 2-core box)
+def test_eval_killed_mid_batch_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    pred = out / "gsm8k" / "predictions.jsonl"
+    args = [*_http("URL", out, "--limit", "12", "--batch-size", "4", "--concurrency", "2")]
+    with FakeOpenAIServer(default_delay=0.2, lifetime=120) as srv:
+        args[args.index("URL")] = srv.base_url
+        proc = _spawn(args, tmp_path)
+        _wait_for(lambda: len(_lines(pred)) >= 5 if pred.exists() else False, 90, proc)
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait(timeout=10)
+        n_first = len(srv.seen)
+        saved = _comparable(pred)  # (a line torn by the kill is dropped and rewritten on read)
+        assert 5 <= len(saved) < 12
+        rerun = _spawn(args, tmp_path)
+        assert rerun.wait(timeout=90) == 0, rerun.stderr.read()[-2000:]
+        second = [s.body["prompt"] for s in srv.seen[n_first:]]
+    assert len(second) == 12 - len(saved)  # each unfinished example sent once, no finished one again
+    assert not {p for p, *_ in saved.values()} & set(second)
+    with FakeOpenAIServer() as srv:
+        assert cli.main(_http(srv.base_url, ref, "--limit", "12", "--batch-size", "4")) == 0
+    final = _comparable(pred)
+    assert len(_lines(pred)) == 12 and final == _comparable(ref / "gsm8k" / "predictions.jsonl")
+    assert {k: final[k] for k in saved} == saved  # the examples kept from before the kill are unchanged
+    results = json.loads((out / "results.json").read_text())
+    assert results["metrics"] == json.loads((ref / "results.json").read_text())["metrics"]
+    assert results["throughput"]["gsm8k"]["examples"] >= 12 - len(saved)
