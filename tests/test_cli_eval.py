@@ -386,17 +386,23 @@ def test_ctrl_c_with_a_hung_server_exits_at_once_and_sends_nothing_after(tmp_pat
         args = _http(srv.base_url, tmp_path / "out", "--concurrency", "2", "--batch-size", "4",
                      "--http-timeout", "100", "--http-retries", "3", "--http-retry-timeouts", "--fresh")
         proc = _spawn(args, tmp_path)
+        lines: list[tuple[float, str]] = []
+        threading.Thread(target=lambda: lines.extend((time.monotonic(), x.rstrip("\n")) for x in proc.stderr),
+                         daemon=True).start()
         _wait_for(lambda: len(srv.seen) >= 4, 60, proc)  # 2 answered, 2 hanging: both workers stuck
         time.sleep(0.3)
         interrupted = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=10)
-        took = time.monotonic() - interrupted
+        proc.wait(timeout=20)
+        exited = time.monotonic() - interrupted
         time.sleep(0.5)
         assert srv.posts_after(interrupted) == 0
-    assert proc.returncode == cli.EXIT_INTERRUPTED and took < 5, (took, err)
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    last = err.strip().splitlines()[-1]
+    # The line comes at once; the exit follows after the interpreter's teardown of torch/transformers
+    # (measured at 2-5 s on a loaded 2-core box for `import alignkit.cli` alone).
+    said, last = next((t - interrupted, x) for t, x in lines if "interrupted;" in x)
+    assert proc.returncode == cli.EXIT_INTERRUPTED and said < 2 and exited < 15, (said, exited)
+    assert not any("Traceback" in x or "KeyboardInterrupt" in x for _, x in lines)
+    assert last == lines[-1][1]  # the last line
     assert last.startswith(f"alignkit eval: interrupted; 2 examples saved in {tmp_path / 'out'} (gsm8k 2)")
     assert last.endswith("continue with: " + shlex.join(["alignkit", "eval", *args[:-1]]))  # without --fresh
     assert len(_lines(tmp_path / "out" / "gsm8k" / "predictions.jsonl")) == 2
