@@ -13,8 +13,8 @@ from alignkit import pipeline, resources
 from alignkit.cli import compare as compare_cli
 from alignkit.config import RecipeError, load_recipe
 from alignkit.eval.config import EvalConfig
-from alignkit.eval.report import PredictionLog
-from alignkit.eval.runner import run_eval
+from alignkit.eval.report import PredictionLog, throughput_of
+from alignkit.eval.runner import SettingsChanged, changed_settings, output_settings, run_eval
 from alignkit.generation.base import Completion
 
 ALL_TASKS = ["mmlu", "gsm8k", "alpaca_eval", "sst", "over_refusal"]
@@ -179,6 +179,62 @@ def test_resume_after_crash_keeps_finished_examples(tmp_path):
     run_eval(fresh, ["gsm8k"], str(tmp_path), limit=5, batch_size=1, fresh=True)  # starts over
     assert fresh.calls == 5
     assert [r["id"] for r in read_jsonl(pred.with_name("predictions.jsonl.prev"))] == ["0", "1", "2", "3", "4"]
+
+
+def test_changed_selection_is_refused_and_fresh_moves_files_aside(tmp_path):
+    reply = lambda p: "so the answer is 18"
+    run_eval(Scripted(reply), ["gsm8k", "mmlu"], str(tmp_path), limit=3, batch_size=2)
+    before = (tmp_path / "gsm8k" / "predictions.jsonl").read_text()
+    for changed, key in (({"limit": 4}, "limit: 3 -> 4"), ({"seed": 1}, "seed: 0 -> 1"),
+                         ({"max_new_tokens": 5}, "max_new_tokens: None -> 5"), ({"prompt": "alpaca"}, "prompt:")):
+        gen = Scripted(reply)
+        with pytest.raises(SettingsChanged, match=re.escape(key)):
+            run_eval(gen, ["gsm8k", "mmlu"], str(tmp_path), batch_size=2, **{"limit": 3, **changed})
+        assert gen.calls == 0  # refused before anything was generated
+    with pytest.raises(SettingsChanged, match="model: 'scripted' -> 'other'"):
+        run_eval(Scripted(reply, name="other"), ["gsm8k"], str(tmp_path), limit=3)
+    assert (tmp_path / "gsm8k" / "predictions.jsonl").read_text() == before
+    for _ in range(2):  # .prev, then .prev2: an earlier .prev is never overwritten
+        again = Scripted(reply)
+        run_eval(again, ["gsm8k"], str(tmp_path), limit=4, fresh=True)
+        assert len(again.prompts) == 4
+    assert (tmp_path / "gsm8k" / "predictions.jsonl.prev").read_text() == before
+    assert len(read_jsonl(tmp_path / "gsm8k" / "predictions.jsonl.prev2")) == 4
+    assert (tmp_path / "gsm8k" / "run.json.prev").exists() and (tmp_path / "mmlu" / "predictions.jsonl").exists()
+    resumed = Scripted(reply)
+    run_eval(resumed, ["gsm8k"], str(tmp_path), limit=4, resume=False)  # resume false = fresh
+    assert resumed.calls == 1 and (tmp_path / "gsm8k" / "predictions.jsonl.prev3").exists()
+
+
+def test_a_retrained_model_folder_is_not_continued(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    cfg = EvalConfig(tasks=["gsm8k"])
+    first = output_settings(cfg, str(folder))
+    assert first["model"] == str(folder) and first["model_files"].startswith("1 files, 10 bytes")
+    (folder / "model.safetensors").write_bytes(b"y" * 12)
+    assert changed_settings(first, output_settings(cfg, str(folder))) == [
+        f"model_files: {first['model_files']!r} -> {output_settings(cfg, str(folder))['model_files']!r}"]
+    assert output_settings(cfg, "HuggingFaceTB/SmolLM2-135M-Instruct")["model_files"] is None  # a hub name
+
+
+def test_prediction_log_never_deletes(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"id": "a"}) + "\n")
+    PredictionLog(path, resume=False).append({"id": "b"})
+    assert [r["id"] for r in read_jsonl(path)] == ["b"]
+    assert [r["id"] for r in read_jsonl(tmp_path / "p.jsonl.prev")] == ["a"]
+    assert PredictionLog(path).done_ids() == {"b"}  # the default continues
+
+
+def test_throughput_of_sums_segments():
+    segs = [{"started_at": "t0", "examples": 2, "wall_s": 1.0, "generated_tokens": 10},
+            {"started_at": "t1", "examples": 6, "wall_s": 3.0, "generated_tokens": 30}]
+    t = throughput_of(segs)
+    assert (t["examples"], t["wall_s"], t["examples_per_s"], t["generated_tokens"], t["tokens_per_s"]) == (
+        8, 4.0, 2.0, 40, 10.0)
+    assert t["segments"] == segs and throughput_of([])["examples_per_s"] == 0.0
 
 
 def test_torn_last_line_is_dropped(tmp_path):
