@@ -139,8 +139,9 @@ class FakeOpenAIServer:
     """
 
     def __init__(self, script=(), *, default_delay: float = 0.0, lifetime: float = 60.0,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, delay_for=None) -> None:
         self.script = list(script)
+        self.delay_for = delay_for  # body -> extra seconds (a delay tied to a prompt, not to arrival order)
         self.default_delay = default_delay
         self.api_key = api_key  # when set: 401 unless "Authorization: Bearer <api_key>"
         self.dead = threading.Event()
@@ -210,7 +211,8 @@ class FakeOpenAIServer:
                 try:
                     if action.die:
                         server.die()
-                    server._stopping.wait(action.delay)
+                    extra = server.delay_for(body) if server.delay_for else 0.0
+                    server._stopping.wait(action.delay + extra)
                     if action.drop or server.dead.is_set():
                         self.close_connection = True
                         return

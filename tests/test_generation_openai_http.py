@@ -19,6 +19,7 @@ from alignkit.generation.hf import HFGenerator
 from alignkit.generation.openai_http import GenerationHTTPError, OpenAIHTTPGenerator, redact_url
 
 FAST = {"backoff": 0.01, "timeout": 5}
+GRACE = 0.1  # s: a request already being sent when the stop event is set may be recorded just after it
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -148,7 +149,7 @@ def test_update_weights_unsupported_and_bad_args():
 def test_on_result_delivers_each_request_as_it_finishes():
     """Request 0 is slow: request 1's completion is handed over first, while 0 is still running."""
     delivered = []
-    with FakeOpenAIServer([Action(delay=0.8)]) as srv:
+    with FakeOpenAIServer(delay_for=lambda body: 0.8 if body["prompt"] == "a" else 0.0) as srv:
         gen = OpenAIHTTPGenerator(srv.base_url, "m", max_concurrency=2, **FAST)
         start = time.monotonic()
         out = gen.generate(["a", "b"], SamplingParams(max_new_tokens=2),
@@ -204,7 +205,8 @@ def test_timed_out_request_is_not_resent():
 
 def test_interrupt_stops_every_worker_and_sends_nothing_after():
     """A KeyboardInterrupt in the caller (here: raised by on_result) returns at once, and the
-    workers send no further request, with 10 queued and the server slow."""
+    workers send no further request, with 10 queued and the server slow. (A send that a worker
+    had already begun when the stop was set can arrive a few ms later: GRACE.)"""
     def interrupt(i, result):
         raise KeyboardInterrupt
 
@@ -216,7 +218,7 @@ def test_interrupt_stops_every_worker_and_sends_nothing_after():
         raised = time.monotonic()
         assert raised - start < 0.6 + 0.3  # the first answer (0.3 s) + slack, not 12 * 0.3 / 2
         time.sleep(0.8)
-        assert srv.posts_after(raised) == 0 and len(srv.seen) <= 4
+        assert srv.posts_after(raised + GRACE) == 0 and len(srv.seen) <= 4
 
 
 def test_interrupt_during_backoff_sleep_sends_nothing_after():
