@@ -310,6 +310,21 @@ def test_transformers_serve_chat_matches_hf(real_server, local_hf):
 
 
 @pytest.mark.slow
+def test_transformers_serve_on_result_and_url_credentials(real_server, local_hf):
+    """Against the real server: each completion handed over by on_result equals the returned one and
+    HF's; a URL with credentials (ignored by transformers serve) still works and is shown redacted."""
+    url = real_server.base_url.replace("http://", "http://user:pw-secret@")
+    gen = OpenAIHTTPGenerator(url, real_server.model, max_concurrency=2, timeout=120)
+    assert "pw-secret" not in gen.name and "***@" in gen.base_url
+    prompts, params, delivered = ["Hello there", "One two three four"], SamplingParams(max_new_tokens=6), {}
+    out = gen.generate(prompts, params, on_result=lambda i, c: delivered.__setitem__(i, c))
+    assert [delivered[i].text for i in range(2)] == [c.text for c in out] == [
+        c.text for c in local_hf.generate(prompts, params)]
+    chats = gen.chat([[{"role": "user", "content": "Hi"}]], params, on_result=lambda i, c: delivered.update(chat=c))
+    assert delivered["chat"].text == chats[0].text
+
+
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_transformers_serve_smollm2_matches_hf(tmp_path):
     models = pytest.importorskip("alignkit.models")

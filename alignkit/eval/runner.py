@@ -299,8 +299,10 @@ def run_eval(model, tasks, output_dir, **settings) -> dict:
     """Evaluate ``model`` (a path/name loaded with ``backend``, or a Generator) on ``tasks``.
 
     ``settings``: any other :class:`~alignkit.eval.config.EvalConfig` field (limit, prompt, backend,
-    judge (also a Judge or Generator), max_new_tokens, batch_size, resume, seed, base_url, HTTP
-    options, harness, device), with EvalConfig's defaults. Returns :func:`run_eval_config`'s dict.
+    judge (also a Judge or Generator), max_new_tokens, batch_size, fresh, seed, base_url, HTTP
+    options, harness, device), with EvalConfig's defaults. Returns :func:`run_eval_config`'s dict;
+    raises :class:`SettingsChanged` (earlier predictions made with other settings, nothing done) or
+    :class:`EvalIncomplete` (after writing the results, when some examples failed).
     """
     return run_eval_config(EvalConfig(tasks=tasks, output=str(output_dir), **settings), model=model)
 
@@ -326,9 +328,15 @@ def run_eval_config(cfg: EvalConfig, model=None) -> dict:
         errors.append("no tasks and no harness tasks given")
     if errors:
         raise ValueError("; ".join(errors))
-    results = _run_tasks(cfg, model) if cfg.tasks else {}
+    incomplete = None
+    try:
+        results = _run_tasks(cfg, model) if cfg.tasks else {}
+    except EvalIncomplete as err:  # the harness still runs; the failure is raised at the end
+        incomplete, results = err, err.results
     if cfg.harness:
         results["harness"] = _run_harness(cfg, model)
+    if incomplete is not None:
+        raise incomplete
     return results
 
 
