@@ -10,8 +10,15 @@ This is the only layer that reads YAML. A recipe describes one stage (``stage: s
   top-level ``model``/``data``/``lora`` defaults.
 
 Overrides address the same tree: ``train.learning_rate=1e-6 lora.r=32 dpo.train.beta=0.2``. Values
-are parsed as YAML and converted to the dataclass field type; unknown keys and wrong types raise
-:class:`RecipeError` naming the recipe file, the key path and the valid keys.
+are parsed as YAML 1.2 (``no``/``yes``/``on``/``off`` are strings, ``true``/``false`` booleans, ``1e-6`` a
+float; :class:`Yaml12Loader`, also used for recipe files) and converted to the dataclass field type;
+unknown keys and wrong types raise :class:`RecipeError` naming the recipe file, the key path and the valid keys.
+
+Nothing silently ignored: every key the user set (YAML + overrides) must be read by the path the recipe
+selects. :func:`ignored_settings` collects the keys a stage does not read (generic rules here for
+``model``/``data``/``lora``, plus the stage module's ``ignored_keys(stage)``) and :func:`check_strict`
+refuses the user's keys among them before any model loads, e.g. ``train.label_smoothing is read by losses
+cdpo, robust, simpo and trl (...); this recipe's loss is dpo``.
 """
 from __future__ import annotations
 
@@ -19,17 +26,21 @@ import dataclasses
 import difflib
 import enum
 import json
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from alignkit.data.io import write_text_atomic
 from alignkit.eval.config import EvalConfig, is_set, problems, unread
 from alignkit.models import DEFAULT_MODEL
+from alignkit.train import STAGES, get_stage_module
 
 SECTIONS = ("model", "data", "lora", "train")
 TOP_LEVEL_KEYS = ("stage", "stages", "output_dir", "seed", "resume", "description", "eval", *SECTIONS)
@@ -37,6 +48,53 @@ TOP_LEVEL_KEYS = ("stage", "stages", "output_dir", "seed", "resume", "descriptio
 
 class RecipeError(ValueError):
     """A recipe (or an override) that cannot be turned into typed configs."""
+
+
+# ------------------------------------------------------------------------------------------------
+# YAML 1.2 scalars
+# ------------------------------------------------------------------------------------------------
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with the YAML 1.2 core schema's plain scalars instead of YAML 1.1's.
+
+    ``true``/``false`` (any of True/TRUE) are booleans, ``yes``/``no``/``on``/``off`` stay strings (so
+    ``train.save_strategy=no`` is the string ``no``); integers are decimal (``010`` is 10), ``0o``-octal or
+    ``0x``-hex, no ``1:30`` sexagesimal; ``1e-6`` is a float; ``2024-01-01`` a string (no timestamps). Bool fields still accept yes/no via :func:`coerce`.
+    """
+
+
+_YAML11_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp")}
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _YAML11_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, _pattern, _first in (
+        ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+        ("float", (r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                   r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), "-+.0123456789")):
+    Yaml12Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first))
+
+
+def _yaml12_int(loader, node) -> int:
+    text = loader.construct_scalar(node)
+    if text[:2] in ("0o", "0x"):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text)
+
+
+def _yaml12_float(loader, node) -> float:
+    text = loader.construct_scalar(node).lower()
+    if text.lstrip("+-") == ".inf":
+        return float("-inf") if text.startswith("-") else float("inf")
+    return float("nan") if text == ".nan" else float(text)
+
+
+Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
+Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _yaml12_float)
+
+
+def yaml12_load(text: str):
+    """``yaml.safe_load`` with YAML 1.2 scalars (:class:`Yaml12Loader`)."""
+    return yaml.load(text, Loader=Yaml12Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,7 +128,8 @@ class DataArgs:
                 "quickstart:<name> (built by alignkit.train.quickstart)."})
     split: str = field(default="train", metadata={"help": "Split to read (folders and hub datasets)."})
     format: str = field(default="auto", metadata={
-        "help": "Preference format: auto, prompt_chosen_rejected, conversational, hh (ignored for SFT)."})
+        "help": "Preference format (dpo, reward): auto, prompt_chosen_rejected, conversational, hh. An SFT "
+                "recipe that sets it is refused."})
     columns: dict[str, str] | None = field(default=None, metadata={
         "help": "Column mapping, e.g. {prompt: question, chosen: good, rejected: bad}."})
     eval_path: str | None = field(default=None, metadata={
@@ -79,10 +138,18 @@ class DataArgs:
         "help": "Split of `path` used for validation when eval_path is None (e.g. test)."})
     val_size: float = field(default=0.0, metadata={
         "help": "Hold out this fraction (<1) or number (>=1) of training rows for validation."})
-    max_rows: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_rows: int | None = field(default=None, metadata={
+        "help": "Read only the first N training records (bad ones included): the report says read N."})
+    on_error: str = field(default="raise", metadata={
+        "help": "Malformed rows (bad JSON, missing field, wrong type, undecodable bytes, a cut .gz): raise (stop "
+                "before training, naming file, line and field) or drop (leave them out, counted in the data "
+                "check report). Rows dropped for a reason (empty text, chosen == rejected, duplicate, over "
+                "max length) are always left out. `alignkit data check` reaches the same verdict.",
+        "choices": ["raise", "drop"]})
     max_eval_rows: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
     max_length: int | None = field(default=None, metadata={
-        "help": "Token limit for the data check (rows longer are dropped); None: train.max_length."})
+        "help": "Token limit for the data check (rows longer are dropped); None: train.max_length. Unread "
+                "(refused) when SFT packs: packed rows are concatenated and cut, not dropped."})
     packing: str | None = field(default=None, metadata={
         "help": "SFT only: 'alignkit' packs with alignkit.data.PackedSFTDataset (Alpaca template, loss on "
                 "every token); for TRL's packing set train.packing=true instead.",
@@ -164,7 +231,13 @@ class EvalArgs(EvalConfig):
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class StageRecipe:
-    """Everything one training stage needs (the object ``train/<stage>.run`` receives)."""
+    """Everything one training stage needs (the object ``train/<stage>.run`` receives).
+
+    ``user_keys``: the dotted keys (``train.beta``, ``lora.r``) the user set for this stage in the YAML or an
+    override, whatever the value (keys the loader sets itself, such as output_dir, seed and the hardware
+    defaults, are not among them). ``previous``: the chain's training stage before this one (whose model
+    this stage starts from), None for the first.
+    """
 
     stage: str
     model: ModelArgs
@@ -174,12 +247,20 @@ class StageRecipe:
     seed: int = 0
     resume: bool = False
     extras: dict = field(default_factory=dict)
+    user_keys: frozenset[str] = frozenset()
+    previous: str | None = None
 
     def to_dict(self) -> dict:
+        """The resolved sections as read: keys this stage ignores (:func:`ignored_settings`) are left out,
+        so the model/data/lora/train sections are themselves a valid recipe."""
         train = self.train.to_dict() if hasattr(self.train, "to_dict") else dataclasses.asdict(self.train)
-        return {"stage": self.stage, "seed": self.seed, "resume": self.resume,
-                "model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
-                "lora": dataclasses.asdict(self.lora), "train": _plain(train), **_plain(self.extras)}
+        sections = {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+                    "lora": dataclasses.asdict(self.lora), "train": _plain(train)}
+        for key in ignored_settings(self):
+            section, _, name = key.partition(".")
+            sections.get(section, {}).pop(name, None)
+        return {"stage": self.stage, "seed": self.seed, "resume": self.resume, **sections,
+                **_plain(self.extras)}
 
 
 @dataclass
@@ -355,7 +436,7 @@ def _parse_mapping(text: str, where: str):
         return json.loads(text)
     except json.JSONDecodeError:
         try:
-            return yaml.safe_load(text)
+            return yaml12_load(text)
         except yaml.YAMLError as e:
             raise RecipeError(f"{where}: cannot parse {text!r} as a mapping: {e}") from None
 
@@ -399,8 +480,6 @@ def hardware_defaults(train_cls, user_keys: set[str]) -> dict:
     """Precision/device defaults chosen from the hardware (not the user's memory): on a machine
     without CUDA ``use_cpu=True, bf16=False``; on CUDA ``bf16`` only where the GPU supports it.
     Keys the user set are left alone."""
-    import torch
-
     names = set(field_names(train_cls))
     out = {}
     cuda = torch.cuda.is_available()
@@ -423,7 +502,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not parts:
         raise RecipeError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml12_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -462,7 +541,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.exists():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml12_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -470,11 +549,29 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe YAML, apply dotted overrides and build typed configs for every step."""
-    from alignkit.train import STAGES
+# what `accelerate launch --config_file` exports for a sharded config -> the config it came from
+SHARDED_LAUNCH = {"ACCELERATE_USE_FSDP": "FSDP (accelerate_configs/fsdp.yaml)",
+                  "ACCELERATE_USE_DEEPSPEED": "DeepSpeed (accelerate_configs/deepspeed_zero*.yaml)"}
 
+
+def check_launch(env, cuda: bool) -> None:
+    """A sharded launch on a machine without a CUDA GPU is refused: accelerate would quietly run plain
+    data-parallel CPU training (``MULTI_CPU``) and shard nothing, so the launcher setting would be ignored."""
+    for var, what in SHARDED_LAUNCH.items():
+        if str(env.get(var, "")).lower() == "true" and not cuda:
+            raise RecipeError(f"launched with {what} ({var}=true) on a machine without a CUDA GPU: accelerate would "
+                              "run plain DDP on CPU (MULTI_CPU) and shard nothing; use "
+                              "accelerate_configs/multi_gpu.yaml on CPU")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, strict: bool = True) -> Recipe:
+    """Read a recipe YAML, apply dotted overrides and build typed configs for every step.
+
+    ``strict`` (default): refuse any key the user set that the selected path does not read
+    (:func:`check_strict`), before anything loads.
+    """
     src = str(path)
+    check_launch(os.environ, torch.cuda.is_available())
     raw = apply_overrides(read_yaml(path), list(overrides))
     steps = _steps(raw, src)
     valid_top = list(TOP_LEVEL_KEYS) + (list(STAGES) if len(steps) > 1 or steps == ["eval"] else [])
@@ -490,6 +587,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if "train" in raw and chain:
         raise RecipeError(f"{src}: a chain takes per-stage train sections (e.g. sft: {{train: ...}}), "
                           f"not a top-level 'train'")
+    previous = None
     for name in steps:
         if name == "eval":
             recipe.eval = build_dataclass(EvalArgs, raw.get("eval"), f"{src}: eval")
@@ -498,13 +596,20 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         if not isinstance(section, dict):
             raise RecipeError(f"{src}: {name}: expected a mapping, got {section!r}")
         where = f"{src}: {name}" if chain else src
-        recipe.stages[name] = _build_stage(name, raw, section, where, recipe.stage_dir(name), seed, resume)
+        stage = _build_stage(name, raw, section, where, recipe.stage_dir(name), seed, resume)
+        stage.previous = previous
+        own, shared = user_keys(raw, section, chain)
+        stage.user_keys = own | shared
+        if strict:
+            check_strict(stage, f"{where}:" if chain else f"{src}:", own)
+        recipe.stages[name] = stage
+        previous = name
+    if strict and chain:
+        check_shared(recipe, src)
     return recipe
 
 
 def _steps(raw: dict, src: str) -> list[str]:
-    from alignkit.train import STAGES
-
     if "stage" in raw and "stages" in raw:
         raise RecipeError(f"{src}: give either 'stage' (one stage) or 'stages' (a chain), not both")
     steps = raw.get("stages", [raw["stage"]] if "stage" in raw else None)
@@ -521,8 +626,6 @@ def _steps(raw: dict, src: str) -> list[str]:
 
 
 def _build_stage(name, raw, section, where, stage_dir, seed, resume) -> StageRecipe:
-    from alignkit.train import get_stage_module
-
     module = get_stage_module(name)
     extra_sections: dict = getattr(module, "EXTRA_SECTIONS", {})
     valid = [*SECTIONS, *extra_sections]
@@ -546,6 +649,108 @@ def _build_stage(name, raw, section, where, stage_dir, seed, resume) -> StageRec
         extras[key] = build_dataclass(cls, value, f"{where}: {key}") if cls is not None else value
     return StageRecipe(stage=name, model=model, data=data, lora=lora, train=train, seed=seed,
                        resume=resume, extras=extras)
+
+
+# ------------------------------------------------------------------------------------------------
+# Strictness: nothing the user sets is silently ignored
+# ------------------------------------------------------------------------------------------------
+#: model keys read only by the stage that loads ``model.name_or_path`` (a chain's later stages start
+#: from the previous stage's output folder: alignkit.train.common.load_for_training)
+FIRST_STAGE_MODEL_KEYS = ("name_or_path", "revision", "gguf_file")
+
+
+def user_keys(raw: dict, section: dict, chain: bool) -> tuple[frozenset[str], frozenset[str]]:
+    """``(own, shared)`` dotted keys the user set for one stage: its own sections, and in a chain the
+    top-level model/data/lora defaults shared by every stage. ``train.output_dir`` is the loader's
+    (it becomes the output folder)."""
+    own = {f"{sec}.{k}" for sec in SECTIONS for k in (section.get(sec) or {})} - {"train.output_dir"}
+    shared = {f"{sec}.{k}" for sec in ("model", "data", "lora") for k in (raw.get(sec) or {})} if chain else set()
+    return frozenset(own), frozenset(shared - own)
+
+
+def ignored_settings(stage: StageRecipe) -> dict[str, str]:
+    """``{dotted_key: one-line reason}`` for every key ``stage`` does not read, set or not: the generic rules
+    plus the stage module's ``ignored_keys(stage)`` when it defines one.
+
+    Generic rules: with ``lora.enabled: false`` every other lora key holding a value other than its default;
+    data keys outside the stage module's ``DATA_KEYS`` (when it declares them); the Trainer's interval knobs
+    without their ``*_strategy: steps`` (:func:`_interval_rules`); in a chain, a later stage's
+    model.name_or_path/revision/gguf_file (it starts from the previous stage's model).
+    """
+    module = get_stage_module(stage.stage)
+    out: dict[str, str] = {}
+    if not stage.lora.enabled:  # a disabled section may restate the defaults, as resolved_config.yaml does
+        default = LoraArgs()
+        for name in field_names(LoraArgs):
+            if name != "enabled" and getattr(stage.lora, name) != getattr(default, name):
+                out[f"lora.{name}"] = (f"lora.{name} is read only with lora.enabled: true; this recipe trains "
+                                       f"all weights (lora.enabled is false)")
+    data_keys = getattr(module, "DATA_KEYS", None)
+    if data_keys is not None:
+        for name in field_names(DataArgs):
+            if name not in data_keys:
+                out[f"data.{name}"] = (f"data.{name} is read by stages {_data_readers(name)}; this recipe's "
+                                       f"stage is {stage.stage}")
+    out.update(_interval_rules(stage.train))
+    if stage.previous is not None:
+        for name in FIRST_STAGE_MODEL_KEYS:
+            out[f"model.{name}"] = (f"model.{name} is read by the chain's first training stage; {stage.stage} "
+                                    f"starts from the model {stage.previous} trained")
+    hook = getattr(module, "ignored_keys", None)
+    if hook is not None:
+        out.update(hook(stage))
+    return out
+
+
+#: TrainingArguments interval knobs -> the strategy field that must be "steps" for them to be read
+INTERVAL_KEYS = {"eval_steps": "eval_strategy", "save_steps": "save_strategy", "logging_steps": "logging_strategy"}
+
+
+def _interval_rules(train) -> dict[str, str]:
+    """transformers' Trainer reads ``eval_steps``/``save_steps``/``logging_steps`` only under the matching
+    ``*_strategy: steps``, and ``save_total_limit`` only when it saves (train sections without the
+    strategy fields, e.g. GRPO's, get none of these rules)."""
+    out = {}
+    for key, strategy in INTERVAL_KEYS.items():
+        value = getattr(train, strategy, None)
+        if value is not None and str(getattr(value, "value", value)) != "steps":
+            out[f"train.{key}"] = (f"train.{key} is read with train.{strategy}: steps; this recipe's {strategy} "
+                                   f"is {getattr(value, 'value', value)}")
+    save = getattr(train, "save_strategy", None)
+    if save is not None and str(getattr(save, "value", save)) == "no":
+        out["train.save_total_limit"] = ("train.save_total_limit is read when checkpoints are saved; this "
+                                         "recipe's save_strategy is no")
+    return out
+
+
+def _data_readers(name: str) -> str:
+    readers = [s for s in STAGES if name in (getattr(get_stage_module(s), "DATA_KEYS", None) or ())]
+    return ", ".join(readers) or "none"
+
+
+def check_strict(stage: StageRecipe, where: str, keys: frozenset[str] | None = None) -> None:
+    """Raise :class:`RecipeError` when a key the user set (``keys``, default ``stage.user_keys``) is one the
+    stage ignores.
+
+    One line: the first such key's reason (it names the key, the path that ignores it and the paths that
+    would read it), plus the other refused keys by name.
+    """
+    reasons = ignored_settings(stage)
+    refused = sorted(k for k in reasons if k in (stage.user_keys if keys is None else keys))
+    if refused:
+        more = f" (also ignored: {', '.join(refused[1:])})" if len(refused) > 1 else ""
+        raise RecipeError(f"{where} {reasons[refused[0]]}; remove it{more}")
+
+
+def check_shared(recipe: Recipe, src: str) -> None:
+    """A chain's top-level model/data/lora keys are defaults for every stage: refused when no stage reads one."""
+    stages = list(recipe.stages.values())
+    shared = {f"{sec}.{k}" for sec in ("model", "data", "lora") for k in (recipe.raw.get(sec) or {})}
+    ignored = [ignored_settings(st) for st in stages]
+    for key in sorted(shared):
+        if stages and all(key in reasons for reasons in ignored):
+            raise RecipeError(f"{src}: {key} (top level) is read by no stage of this chain: "
+                              f"{ignored[0][key]}; remove it")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,11 +23,17 @@ orpo       Hong et al. 2024, Eqs. 4, 7 (odds-ratio     ``ORPOTrainer.odds_ratio_
 Length normalisation: IPO, SimPO and ORPO use per-token *mean* log-probs in TRL. Pass summed logps plus
 ``chosen_lengths``/``rejected_lengths`` (number of completion tokens) and they are averaged here; or pass
 mean logps and leave the lengths ``None``. For IPO without lengths the loss uses sequence sums (the paper's
-form, which TRL no longer uses). DPO/cDPO/robust/hinge ignore the lengths.
+form, which TRL no longer uses). DPO/cDPO/robust/hinge take no lengths.
+
+Each loss declares what it reads in :data:`PREFERENCE_LOSSES` (a :class:`LossSpec`: function, paper,
+hyperparameters ``params``, ``reference_free``, ``uses_lengths``, TRL ``loss_type`` equivalent). The functions
+take exactly those keyword arguments: an undeclared one (``label_smoothing`` for ``dpo``) is a ``TypeError``,
+never silently dropped. :meth:`LossSpec.kwargs` picks a call's arguments from a dict of candidates.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +41,18 @@ import torch.nn.functional as F
 from alignkit.resources import prompt as _bundled_prompt
 
 __all__ = [
+    "LENGTH_PARAMS",
     "PREFERENCE_LOSSES",
     "REFERENCE_FREE",
+    "LossSpec",
     "PreferenceLoss",
     "cdpo_loss",
     "dpo_loss",
+    "get_loss_spec",
     "get_preference_loss",
     "hinge_loss",
     "ipo_loss",
+    "losses_reading",
     "orpo_loss",
     "per_instance_dpo_loss",
     "robust_dpo_loss",
@@ -221,7 +231,7 @@ def _per_token(logps: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tenso
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
-             beta: float, **_unused) -> LossOutput:
+             beta: float) -> LossOutput:
     """DPO (Rafailov et al. 2023, Eq. 7): ``-log sigmoid(beta * (r_w - r_l))``, ``r = logp - logp_ref``.
 
     Rewards: ``beta * (logp - logp_ref)``. Same as TRL's ``loss_type="sigmoid"``.
@@ -233,7 +243,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, 
 
 
 def cdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
-              beta: float, label_smoothing: float = 0.0, **_unused) -> LossOutput:
+              beta: float, label_smoothing: float = 0.0) -> LossOutput:
     """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"), labels flipped w.p. eps:
 
     ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``, ``h = r_w - r_l``. ``eps = 0`` is DPO.
@@ -249,7 +259,7 @@ def cdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
 
 
 def robust_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
-                    *, beta: float, label_smoothing: float = 0.0, **_unused) -> LossOutput:
+                    *, beta: float, label_smoothing: float = 0.0) -> LossOutput:
     """Robust DPO (Chowdhury et al. 2024, Eq. 7), unbiased under label-flip rate eps in [0, 0.5):
 
     ``(-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)``. TRL ``loss_type="robust"``.
@@ -266,7 +276,7 @@ def robust_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 
 
 def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
-               beta: float, **_unused) -> LossOutput:
+               beta: float) -> LossOutput:
     """SLiC-HF hinge (Zhao et al. 2023, Eq. 2 on DPO log-ratios): ``relu(1 - beta (r_w - r_l))``. TRL ``hinge``."""
     chosen_lr, rejected_lr = _logratios("hinge", policy_chosen_logps, policy_rejected_logps,
                                         ref_chosen_logps, ref_rejected_logps)
@@ -275,7 +285,7 @@ def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None
 
 
 def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
-             beta: float, chosen_lengths=None, rejected_lengths=None, **_unused) -> LossOutput:
+             beta: float, chosen_lengths=None, rejected_lengths=None) -> LossOutput:
     """IPO (Azar et al. 2023, Eq. 17), beta is the paper's tau: ``(h - 1 / (2 beta))^2``.
 
     ``h = r_w / |y_w| - r_l / |y_l|`` with per-token averaged log-ratios when lengths are given (TRL 1.16's
@@ -293,7 +303,7 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, 
 
 def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
                beta: float, gamma: float = 0.5, label_smoothing: float = 0.0, chosen_lengths=None,
-               rejected_lengths=None, **_unused) -> LossOutput:
+               rejected_lengths=None) -> LossOutput:
     """SimPO (Meng et al. 2024, Eq. 6), reference-free with target margin gamma:
 
     ``-log sigmoid(beta * logp_w / |y_w| - beta * logp_l / |y_l| - gamma)`` (label smoothing as in cDPO).
@@ -320,7 +330,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def orpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
-              beta: float, chosen_lengths=None, rejected_lengths=None, **_unused) -> LossOutput:
+              beta: float, chosen_lengths=None, rejected_lengths=None) -> LossOutput:
     """ORPO odds-ratio term (Hong et al. 2024, Eqs. 4 and 7), beta is the paper's lambda:
 
     ``-beta * log sigmoid(log odds(y_w) - log odds(y_l))``, ``odds(y) = P(y) / (1 - P(y))`` on per-token mean
@@ -337,25 +347,65 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
     return losses, beta * chosen.detach(), beta * rejected.detach()
 
 
-PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
-    "dpo": dpo_loss,
-    "cdpo": cdpo_loss,
-    "robust": robust_dpo_loss,
-    "hinge": hinge_loss,
-    "ipo": ipo_loss,
-    "simpo": simpo_loss,
-    "orpo": orpo_loss,
+@dataclass(frozen=True)
+class LossSpec:
+    """One entry of the loss table: the function and what it reads.
+
+    ``params`` are the hyperparameters the function takes as keyword arguments (``beta``, ``label_smoothing``,
+    ``gamma``); with ``uses_lengths`` it also takes ``chosen_lengths``/``rejected_lengths``. Its signature has
+    no other keyword argument, so a caller passing anything else gets a ``TypeError``. ``reference_free``:
+    the reference log-probs are not read (the caller may skip the reference forward). ``trl_loss_type``:
+    TRL 1.16 ``DPOTrainer``'s ``loss_type`` with the same definition, or None when it has none.
+    """
+
+    fn: PreferenceLoss
+    paper: str
+    params: tuple[str, ...]
+    reference_free: bool = False
+    uses_lengths: bool = False
+    trl_loss_type: str | None = None
+
+    def kwargs(self, values: dict) -> dict:
+        """The keyword arguments of one call: the declared params (and lengths) picked from ``values``."""
+        names = self.params + (LENGTH_PARAMS if self.uses_lengths else ())
+        return {name: values[name] for name in names if name in values}
+
+
+#: the length keyword arguments of the losses with ``uses_lengths``
+LENGTH_PARAMS = ("chosen_lengths", "rejected_lengths")
+
+PREFERENCE_LOSSES: dict[str, LossSpec] = {
+    "dpo": LossSpec(dpo_loss, "Rafailov et al. 2023, Eq. 7", ("beta",), trl_loss_type="sigmoid"),
+    "cdpo": LossSpec(cdpo_loss, "Mitchell 2023 (conservative DPO)", ("beta", "label_smoothing")),
+    "robust": LossSpec(robust_dpo_loss, "Chowdhury et al. 2024, Eq. 7", ("beta", "label_smoothing"),
+                       trl_loss_type="robust"),
+    "hinge": LossSpec(hinge_loss, "Zhao et al. 2023 (SLiC-HF), Eq. 2", ("beta",), trl_loss_type="hinge"),
+    "ipo": LossSpec(ipo_loss, "Azar et al. 2023, Eq. 17", ("beta",), uses_lengths=True, trl_loss_type="ipo"),
+    "simpo": LossSpec(simpo_loss, "Meng et al. 2024, Eq. 6", ("beta", "gamma", "label_smoothing"),
+                      reference_free=True, uses_lengths=True),
+    "orpo": LossSpec(orpo_loss, "Hong et al. 2024, Eqs. 4, 7", ("beta",), reference_free=True,
+                     uses_lengths=True),
 }
 
 #: losses that ignore the reference model's log-probs (the caller may skip the reference forward)
-REFERENCE_FREE = frozenset({"simpo", "orpo"})
+REFERENCE_FREE = frozenset(name for name, spec in PREFERENCE_LOSSES.items() if spec.reference_free)
 
 
-def get_preference_loss(name: str) -> PreferenceLoss:
-    """The loss function called ``name`` in :data:`PREFERENCE_LOSSES` (common signature, see module doc)."""
+def get_loss_spec(name: str) -> LossSpec:
+    """The :class:`LossSpec` called ``name`` in :data:`PREFERENCE_LOSSES`; unknown names list the valid ones."""
     try:
         return PREFERENCE_LOSSES[name]
     except KeyError:
         raise ValueError(
             f"unknown preference loss {name!r}; valid names: {', '.join(sorted(PREFERENCE_LOSSES))}"
         ) from None
+
+
+def losses_reading(param: str) -> list[str]:
+    """Names of the losses whose declared ``params`` include ``param`` (e.g. label_smoothing)."""
+    return [name for name, spec in PREFERENCE_LOSSES.items() if param in spec.params]
+
+
+def get_preference_loss(name: str) -> PreferenceLoss:
+    """The loss function called ``name`` in :data:`PREFERENCE_LOSSES` (common signature, see module doc)."""
+    return get_loss_spec(name).fn

@@ -20,12 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_DISABLED", "true")
-os.environ.setdefault("TQDM_DISABLE", "1")
+for _name, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                      "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true", "TQDM_DISABLE": "1"}.items():
+    os.environ.setdefault(_name, _value)  # offline and quiet, before transformers is imported
 
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("benchmarks")

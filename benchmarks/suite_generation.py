@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -17,10 +16,10 @@ import time
 
 import requests
 
+from alignkit.eval.tasks.gsm8k import GSM8K
 from alignkit.generation.base import SamplingParams
 from alignkit.generation.hf import HFGenerator
 from alignkit.generation.openai_http import OpenAIHTTPGenerator
-from alignkit.resources import data_path
 
 from .batching_server import BatchingServer
 from .common import Context, Plot, Row
@@ -30,16 +29,14 @@ logger = logging.getLogger("benchmarks")
 
 def gsm8k_prompts(n: int) -> list[str]:
     """``n`` GSM8K test questions in a plain question/answer format."""
-    out = []
-    with open(data_path("gsm8k", "test.jsonl")) as fh:
-        for line_no, line in enumerate(fh, 1):
-            if len(out) == n:
-                break
-            row = json.loads(line)
-            if "question" not in row:
-                raise ValueError(f"gsm8k/test.jsonl line {line_no}: no 'question' field")
-            out.append(f"Question: {row['question']}\nAnswer:")
-    return out
+    return [f"Question: {e['question']}\nAnswer:" for e in GSM8K(split="test").load(n)]
+
+
+def _timed(generator, prompts: list[str], params: SamplingParams) -> tuple[list, float]:
+    """(completions, wall seconds) of one ``generate`` call."""
+    t0 = time.perf_counter()
+    out = generator.generate(prompts, params)
+    return out, time.perf_counter() - t0
 
 
 def _agreement(a, b) -> dict:
@@ -62,12 +59,8 @@ def bench_eval_generation(ctx: Context) -> list[Row]:
     prompts, params = eval_prompts(n, ctx.pick(12, 128))
     batched, single = HFGenerator(model, tok, batch_size=8), HFGenerator(model, tok, batch_size=1)
     batched.generate(prompts[:2], params)  # warm-up
-    t0 = time.perf_counter()
-    out_b = batched.generate(prompts, params)
-    t_b = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out_s = single.generate(prompts, params)
-    t_s = time.perf_counter() - t0
+    out_b, t_b = _timed(batched, prompts, params)
+    out_s, t_s = _timed(single, prompts, params)
     agreement = _agreement(out_b, out_s)
     tokens = sum(c.num_tokens for c in out_b)
     rows = [Row("eval generation: batch 8 (HFGenerator) vs one prompt at a time", n / t_b, n / t_s, "examples/s",
@@ -98,12 +91,8 @@ def _http_pair(url: str, model_name: str, prompts: list[str], params: SamplingPa
     seq = OpenAIHTTPGenerator(url, model_name, max_concurrency=1, timeout=600)
     pool = OpenAIHTTPGenerator(url, model_name, max_concurrency=8, timeout=600)
     pool.generate(prompts[:2], params)  # warm-up
-    t0 = time.perf_counter()
-    out_p = pool.generate(prompts, params)
-    t_p = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out_s = seq.generate(prompts, params)
-    t_s = time.perf_counter() - t0
+    out_p, t_p = _timed(pool, prompts, params)
+    out_s, t_s = _timed(seq, prompts, params)
     return t_s, t_p, _agreement(out_p, out_s)
 
 

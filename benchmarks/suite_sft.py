@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
-from alignkit.resources import data_path, prompt
+from alignkit.eval.tasks.gsm8k import GSM8K
+from alignkit.resources import prompt
 
 from .common import Context, Plot, Row
 
@@ -37,17 +38,8 @@ PF_VARLEN = "padding-free (TRL) + sdpa_varlen"
 def gsm8k_pairs(n: int) -> list[dict]:
     """The first ``n`` GSM8K train rows as Alpaca-template prompt/completion pairs (question -> answer)."""
     head, _ = prompt("alpaca_sft").split("{response}")
-    rows = []
-    with open(data_path("gsm8k", "train.jsonl")) as fh:
-        for line_no, line in enumerate(fh, 1):
-            if len(rows) == n:
-                break
-            row = json.loads(line)
-            if "question" not in row or "answer" not in row:
-                raise ValueError(f"gsm8k/train.jsonl line {line_no}: needs 'question' and 'answer' fields")
-            rows.append({"prompt": head.format(instruction=row["question"]), "completion": row["answer"],
-                         "question": row["question"]})
-    return rows
+    return [{"prompt": head.format(instruction=e["question"]), "completion": e["answer"], "question": e["question"]}
+            for e in GSM8K(split="train").load(n)]
 
 
 def doc_ids(tok, pairs: list[dict]) -> list[list[int]]:

@@ -58,3 +58,13 @@ def tiny_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def load_stage(tmp_path: Path, stage: str, yaml_text: str, overrides=()):
+    """Write ``yaml_text`` as ``<stage>.yaml`` in ``tmp_path`` and load it (output under ``tmp_path/out``);
+    returns the StageRecipe of ``stage``."""
+    from alignkit.config import load_recipe
+
+    path = tmp_path / f"{stage}.yaml"
+    path.write_text(yaml_text)
+    return load_recipe(path, [f"output_dir={tmp_path / 'out'}", *overrides]).stages[stage]

@@ -1,4 +1,10 @@
-"""Two processes under ``accelerate launch --multi_gpu --num_processes 2`` (gloo on CPU): ranks end equal."""
+"""The shipped accelerate configs: parsed by accelerate, sharding configs checked against the model and DeepSpeed's
+own config classes, a sharded launch without CUDA refused, and two DDP processes on CPU (gloo) that end with equal
+weights and the single-process run's losses.
+
+FSDP and DeepSpeed cannot run here: on a machine without a CUDA GPU accelerate turns an FSDP config into plain
+CPU data parallelism (MULTI_CPU) and DeepSpeed needs an accelerator, so those configs are validated, and a launch
+with them on CPU is refused by alignkit.config.check_launch rather than quietly run unsharded."""
 from __future__ import annotations
 
 import json
@@ -9,6 +15,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+
+from alignkit.config import RecipeError, check_launch
+from alignkit.data.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
@@ -28,7 +38,7 @@ WORKER = textwrap.dedent("""
         return result
 
     common.train_and_save = recording
-    from alignkit.pipeline import main
+    from alignkit.cli.train import main
     raise SystemExit(main(sys.argv[2:]))
 """)
 
@@ -44,7 +54,50 @@ def test_accelerate_configs_parse_and_explain_themselves():
         assert path.read_text().lstrip().startswith("#"), f"{path.name}: say when to use it"
     fsdp = yaml.safe_load((ROOT / "accelerate_configs/fsdp.yaml").read_text())["fsdp_config"]
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp  # the wrap class comes from the model
+    for path in CONFIGS:  # accelerate's own parser (what `accelerate launch --config_file` reads)
+        assert load_config_from_file(str(path)).distributed_type.value == yaml.safe_load(path.read_text())[
+            "distributed_type"]
+
+
+def test_fsdp_wrap_class_comes_from_the_model(tiny_model):
+    """fsdp.yaml names no layer class: accelerate wraps the model's ``_no_split_modules`` (LlamaDecoderLayer)."""
+    import yaml
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    cfg = yaml.safe_load((ROOT / "accelerate_configs/fsdp.yaml").read_text())["fsdp_config"]
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=cfg["fsdp_version"],
+                                            auto_wrap_policy=cfg["fsdp_auto_wrap_policy"].lower(),
+                                            transformer_cls_names_to_wrap=cfg.get("fsdp_transformer_layer_cls_to_wrap"))
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, tiny_model)
+    wrapped = [name for name, module in tiny_model.named_modules() if policy(module)]
+    layers = [f"model.layers.{i}" for i in range(tiny_model.config.num_hidden_layers)]
+    assert set(tiny_model._no_split_modules) == {"LlamaDecoderLayer"} and wrapped == layers
+
+
+@pytest.mark.parametrize("name, stage", [("deepspeed_zero2", 2), ("deepspeed_zero3", 3)])
+def test_deepspeed_configs_pass_deepspeeds_own_config_class(name, stage):
+    """The ZeRO section accelerate builds from the yaml is valid for DeepSpeed (``pip install deepspeed``)."""
+    import yaml
+    from accelerate.utils import DeepSpeedPlugin
+
+    zero_config = pytest.importorskip("deepspeed.runtime.zero.config", reason="needs the deepspeed extra")
+    cfg = yaml.safe_load((ROOT / "accelerate_configs" / f"{name}.yaml").read_text())["deepspeed_config"]
+    plugin = DeepSpeedPlugin(**{k.removeprefix("deepspeed_"): v for k, v in cfg.items()})
+    zero = zero_config.DeepSpeedZeroConfig(**plugin.deepspeed_config["zero_optimization"])
+    assert zero.stage == stage == cfg["zero_stage"]
+    with pytest.raises(ValueError):  # the class really validates: a ZeRO stage that does not exist
+        zero_config.DeepSpeedZeroConfig(**{**plugin.deepspeed_config["zero_optimization"], "stage": 7})
+
+
+def test_sharded_launch_without_cuda_is_refused():
+    check_launch({}, cuda=False)
+    check_launch({"ACCELERATE_USE_FSDP": "true"}, cuda=True)
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        with pytest.raises(RecipeError, match=rf"{var}=true\) on a machine without a CUDA GPU: accelerate would run "
+                                              "plain DDP"):
+            check_launch({var: "true"}, cuda=False)
 
 
 @pytest.mark.slow
@@ -80,3 +133,29 @@ def test_two_gloo_processes_end_with_equal_weights(tmp_path, tiny_model_dir):
     # rank 0 alone wrote the outputs
     assert (tmp_path / "out" / "DONE").exists() and (tmp_path / "out" / "final").is_dir()
     assert len([line for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]) >= 2
+    # one process with the global batch (2 ranks x 2) sees the same rows each step: the same losses
+    single = subprocess.run([sys.executable, "-m", "alignkit", "train", str(recipe), f"output_dir={tmp_path / 'one'}",
+                             "train.per_device_train_batch_size=4"], check=False, env=env, capture_output=True,
+                            text=True, timeout=600, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    def losses(out):
+        return [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+
+    ddp, one = losses(tmp_path / "out"), losses(tmp_path / "one")
+    assert len(ddp) == len(one) == 2 and ddp == pytest.approx(one, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_launch_on_cpu_stops_before_loading(tmp_path, tiny_model_dir):
+    """`accelerate launch --config_file accelerate_configs/fsdp.yaml` here would train unsharded: refused (exit 2)."""
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(f"stage: sft\nmodel: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {tmp_path / 'd.jsonl'}}}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs/fsdp.yaml"),
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29534", "-m", "alignkit", "train",
+           str(recipe)]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "(ACCELERATE_USE_FSDP=true) on a machine without a CUDA GPU" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("ACCELERATE_USE_FSDP=true")[0]

@@ -163,3 +163,135 @@ def test_resolved_config_roundtrip(tmp_path):
     path2 = tmp_path / "again.yaml"
     path2.write_text(yaml.safe_dump(again))
     assert load_recipe(path2).stages["sft"].train.learning_rate == 3e-4
+
+
+# ---------------------------------------------------------------------------------------------- YAML 1.2
+def test_overrides_and_files_keep_yaml_1_2_meaning(tmp_path):
+    from alignkit.config import parse_override, yaml12_load
+
+    # YAML 1.1 (PyYAML's default) reads these as booleans / sexagesimal / octal; YAML 1.2 does not
+    table = {"no": "no", "yes": "yes", "on": "on", "off": "off", "true": True, "False": False, "1:30": "1:30",
+             "010": 10, "0o17": 15, "0x1f": 31, "1e-6": 1e-6, "2024-01-01": "2024-01-01", "null": None}
+    for text, expected in table.items():
+        assert yaml12_load(text) == expected and type(yaml12_load(text)) is type(expected), text
+    assert parse_override("train.save_strategy=no") == (["train", "save_strategy"], "no")
+    st = load_recipe(write(tmp_path, SFT), ["train.save_strategy=no", "lora.enabled=yes"]).stages["sft"]
+    assert st.train.save_strategy.value == "no"  # the string "no", not False
+    assert st.lora.enabled is True  # bool fields still take yes/no/on/off through coerce
+    unquoted = load_recipe(write(tmp_path, SFT.replace("max_steps: 3", "max_steps: 3, save_strategy: no"),
+                                 "u.yaml")).stages["sft"]
+    assert unquoted.train.save_strategy.value == "no"
+
+
+# ---------------------------------------------------------------------------------------------- strictness
+DPO = SFT.replace("stage: sft", "stage: dpo")
+
+
+def test_user_keys_are_what_the_user_wrote(tmp_path):
+    st = load_recipe(write(tmp_path, SFT), ["lora.r=16", "train.seed=3"]).stages["sft"]
+    # forced by the loader (output_dir, use_cpu, bf16) are not the user's; a value equal to the default is
+    assert st.user_keys == {"model.name_or_path", "data.path", "train.learning_rate", "train.max_steps",
+                            "lora.r", "train.seed"}
+
+
+def test_label_smoothing_under_dpo_refused(tmp_path):
+    pattern = (r"train\.label_smoothing.* is read by losses cdpo, robust, simpo and trl \(loss_type robust, "
+               r"exo_pair, aot, aot_unpaired\); this recipe's loss is dpo")
+    for value in ("0.1", "0.0"):  # a value equal to TRL's default is still a key the user set
+        with pytest.raises(RecipeError, match=pattern) as err:
+            load_recipe(write(tmp_path, DPO), [f"train.label_smoothing={value}"])
+        assert "\n" not in str(err.value) and "r.yaml" in str(err.value)
+    for loss in ("cdpo", "robust", "simpo"):  # read there
+        st = load_recipe(write(tmp_path, DPO), [f"train.loss={loss}", "train.label_smoothing=0.1"]).stages["dpo"]
+        assert st.train.label_smoothing == 0.1
+    with pytest.raises(RecipeError, match=r"train\.simpo_gamma.* is read by loss simpo; this recipe's loss is ipo"):
+        load_recipe(write(tmp_path, DPO), ["train.loss=ipo", "train.simpo_gamma=0.5"])
+
+
+@pytest.mark.parametrize("override", ["train.use_weighting=true", "train.ld_alpha=0.5",
+                                      "train.f_divergence_type=js_divergence", "train.loss_weights=[1.0]",
+                                      "train.f_alpha_divergence_coef=0.5", "train.discopop_tau=0.05"])
+def test_trl_only_loss_knobs_under_an_alignkit_loss_refused(tmp_path, override):
+    key = override.split("=")[0]
+    with pytest.raises(RecipeError, match=rf"{key}.* is read by loss trl.*this recipe's loss is dpo"):
+        load_recipe(write(tmp_path, DPO), ["train.loss=dpo", override])
+
+
+def test_trl_loss_type_honoured_mapped_or_refused(tmp_path):
+    def loss_of(*ov):
+        return load_recipe(write(tmp_path, DPO), list(ov)).stages["dpo"].train.loss
+
+    # TRL users' loss_type: mapped onto the same alignkit loss, or run by TRL itself
+    assert loss_of() == "dpo"
+    assert loss_of("train.loss_type=ipo") == "ipo"
+    assert loss_of("train.loss_type=hinge") == "hinge"
+    assert loss_of("train.loss_type=exo_pair") == "trl"
+    assert loss_of("train.loss_type=[sigmoid,sft]", "train.loss_weights=[1.0,0.5]") == "trl"
+    assert loss_of("train.use_weighting=true") == "trl"  # a TRL-only knob in use: TRL's loss runs
+    assert loss_of("train.loss=ipo", "train.loss_type=ipo") == "ipo"  # agreeing pair
+    assert loss_of("train.loss=trl", "train.loss_type=hinge", "train.f_divergence_type=forward_kl") == "trl"
+    with pytest.raises(RecipeError, match=r"loss='ipo' and loss_type=\['hinge'\] name different losses"):
+        loss_of("train.loss=ipo", "train.loss_type=hinge")
+    with pytest.raises(RecipeError, match=r"train\.loss_type is read by loss trl; this recipe's loss is ipo"):
+        loss_of("train.loss=ipo", "train.loss_type=sigmoid")  # TRL's default value, but written by the user
+    with pytest.raises(RecipeError, match=r"train\.label_smoothing.*this recipe's loss is trl with loss_type hinge"):
+        loss_of("train.loss=trl", "train.loss_type=hinge", "train.label_smoothing=0.1")
+
+
+def test_reference_settings_under_reference_free_loss_refused(tmp_path):
+    with pytest.raises(RecipeError, match=r"precompute_ref_log_probs.* reference-free"):
+        load_recipe(write(tmp_path, DPO), ["train.loss=simpo", "train.precompute_ref_log_probs=false"])
+
+
+def test_generic_rules_lora_and_data(tmp_path):
+    with pytest.raises(RecipeError, match=r"lora\.r is read only with lora\.enabled: true.*remove it"):
+        load_recipe(write(tmp_path, SFT), ["lora.r=8"])
+    assert load_recipe(write(tmp_path, SFT), ["lora.r=8", "lora.enabled=true"]).stages["sft"].lora.r == 8
+    with pytest.raises(RecipeError, match=r"data\.format is read by stages dpo, reward; this recipe's stage is sft"):
+        load_recipe(write(tmp_path, SFT), ["data.format=auto"])
+    with pytest.raises(RecipeError, match=r"data\.packing is read by stages sft; this recipe's stage is dpo"):
+        load_recipe(write(tmp_path, DPO), ["data.packing=alignkit"])
+    with pytest.raises(RecipeError, match=r"data\.format.*\(also ignored: lora\.r\)"):
+        load_recipe(write(tmp_path, SFT), ["data.format=hh", "lora.r=4"])
+    # strict=False skips the check (tools that inspect a recipe as it is)
+    assert load_recipe(write(tmp_path, SFT), ["data.format=hh"], strict=False).stages["sft"].data.format == "hh"
+
+
+def test_chain_strictness(tmp_path):
+    chain = """
+        stages: [sft, dpo]
+        model: {name_or_path: base, revision: main}
+        data: {format: hh, packing: alignkit, template: alpaca_sft}
+        sft: {data: {path: a.jsonl}}
+        dpo: {data: {path: b.jsonl}}
+    """
+    recipe = load_recipe(write(tmp_path, chain))  # shared keys: each is read by some stage
+    assert recipe.stages["dpo"].previous == "sft" and recipe.stages["sft"].previous is None
+    with pytest.raises(RecipeError, match=r"dpo: model\.name_or_path is read by the chain's first training "
+                                          r"stage; dpo starts from the model sft trained"):
+        load_recipe(write(tmp_path, chain), ["dpo.model.name_or_path=other"])
+    with pytest.raises(RecipeError, match=r"sft: data\.format is read by stages dpo, reward"):
+        load_recipe(write(tmp_path, chain), ["sft.data.format=hh"])
+    with pytest.raises(RecipeError, match=r"data\.packing \(top level\) is read by no stage of this chain"):
+        load_recipe(write(tmp_path, chain.replace("[sft, dpo]", "[dpo, reward]").replace("sft:", "reward:")))
+
+
+def test_resolved_config_leaves_out_what_the_stage_ignores(tmp_path):
+    st = load_recipe(write(tmp_path, DPO), ["train.loss=ipo"]).stages["dpo"]
+    doc = st.to_dict()
+    assert doc["train"]["loss"] == "ipo" and doc["train"]["beta"] == 0.1
+    assert not {"label_smoothing", "simpo_gamma", "use_weighting", "loss_type"} & set(doc["train"])
+    assert "packing" not in doc["data"] and doc["data"]["format"] == "auto"
+
+
+def test_interval_knobs_need_their_strategy(tmp_path):
+    with pytest.raises(RecipeError, match=r"train\.eval_steps is read with train\.eval_strategy: steps; this "
+                                          r"recipe's eval_strategy is no"):
+        load_recipe(write(tmp_path, SFT), ["train.eval_steps=10"])
+    with pytest.raises(RecipeError, match=r"train\.save_steps is read with train\.save_strategy: steps; this "
+                                          r"recipe's save_strategy is epoch"):
+        load_recipe(write(tmp_path, SFT), ["train.save_strategy=epoch", "train.save_steps=10"])
+    with pytest.raises(RecipeError, match=r"train\.save_total_limit is read when checkpoints are saved"):
+        load_recipe(write(tmp_path, SFT), ["train.save_strategy=no", "train.save_total_limit=2"])
+    st = load_recipe(write(tmp_path, SFT), ["train.eval_strategy=steps", "train.eval_steps=10"]).stages["sft"]
+    assert st.train.eval_steps == 10

@@ -1,22 +1,31 @@
 """Judge: verdict parsing, invalid verdicts, both-orders win rate and length control by hand."""
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from alignkit.cli import judge as judge_cli
+from alignkit.data.io import DataError
 from alignkit.eval.judge import (
     Judge,
     JudgeError,
     fit_logistic,
     keyword_refusal,
     length_controlled_win_rate,
+    model_annotation,
     pairwise_preference,
     parse_pairwise,
     parse_refusal,
     parse_safety,
+    read_alpaca_eval_annotations,
+    score_alpaca_eval_annotations,
+    win_rate,
+    write_alpaca_eval_annotations,
 )
 from alignkit.eval.tasks import AlpacaEval, OverRefusal, SimpleSafetyTests
 from alignkit.generation.base import Completion
@@ -189,3 +198,165 @@ def test_over_refusal_uses_judge_then_keyword_fallback():
     m = task.aggregate(records)  # judge: no, yes, yes; keyword for the invalid one: yes
     assert (m["refusal_rate"], m["refusals"], m["judged"], m["keyword_fallback"], m["invalid_judgments"]) == (
         0.75, 3, 3, 1, 1)
+
+
+# ------------------------------------------------------------------------------- alpaca_eval interop
+# A hand-made alpaca_eval annotations file: output_1 = the reference, output_2 = the model (alpaca_eval's
+# convention); preference 2 = output_2 preferred, 1 = output_1, 1.5 = tie, 0 = legacy tie, 1.75 = a
+# weighted annotator's 75 % for output_2, null = the annotator failed (not counted).
+ANNOTATIONS = [
+    {"instruction": "i0", "output_1": "r" * 40, "generator_1": "gpt4_turbo", "dataset": "helpful_base",
+     "output_2": "m" * 90, "generator_2": "mine", "annotator": "weighted_alpaca_eval_gpt4_turbo",
+     "preference": 2, "price_per_example": 0.0123, "time_per_example": 1.5, "raw_completion": "m"},
+    {"instruction": "i1", "output_1": "r" * 50, "generator_1": "gpt4_turbo", "output_2": "m" * 120,
+     "generator_2": "mine", "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": 2.0},
+    {"instruction": "i2", "output_1": "r" * 60, "generator_1": "gpt4_turbo", "output_2": "m" * 20,
+     "generator_2": "mine", "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": 1},
+    {"instruction": "i3", "output_1": "r" * 30, "generator_1": "gpt4_turbo", "output_2": "m" * 35,
+     "generator_2": "mine", "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": 1.5},
+    {"instruction": "i4", "output_1": "r" * 70, "generator_1": "gpt4_turbo", "output_2": "m" * 65,
+     "generator_2": "mine", "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": 0},
+    {"instruction": "i5", "output_1": "r" * 10, "generator_1": "gpt4_turbo", "output_2": "m" * 10,
+     "generator_2": "mine", "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": None},
+    {"instruction": "i6", "output_1": "r" * 45, "generator_1": "gpt4_turbo", "output_2": "m" * 80,
+     "generator_2": "mine", "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": 1.75},
+    {"instruction": "i7", "output_1": "r" * 80, "generator_1": "gpt4_turbo", "output_2": "m" * 40,
+     "generator_2": "mine", "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": 1.25},
+]
+
+
+def _write_annotations(path, records):
+    """One record per line after "[": record i starts on file line i + 2."""
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n", encoding="utf-8")
+    return path
+
+
+def test_alpaca_eval_annotations_win_rate_by_hand(tmp_path):
+    anns = read_alpaca_eval_annotations(_write_annotations(tmp_path / "annotations.json", ANNOTATIONS))
+    m = score_alpaca_eval_annotations(anns)
+    # P(output_2 wins) = preference - 1, a tie (1.5 or legacy 0) = 1/2; the null one is left out:
+    # 1 + 1 + 0 + 0.5 + 0.5 + 0.75 + 0.25 = 4.0 over 7 annotated records
+    assert m["win_rate"] == pytest.approx(4.0 / 7, abs=1e-12)
+    assert (m["n"], m["not_annotated"], m["wins"], m["ties"], m["losses"]) == (7, 1, 3, 2, 2)
+    assert (m["generator"], m["annotators"]) == ("mine", ["weighted_alpaca_eval_gpt4_turbo"])
+    # output_1 as the model: every preference flips, 3.0 / 7; the LC GLM is symmetric (x -> -x, y -> 1 - y)
+    flipped = score_alpaca_eval_annotations(anns, model="output_1")
+    assert flipped["win_rate"] == pytest.approx(3.0 / 7, abs=1e-12) and flipped["generator"] == "gpt4_turbo"
+    assert (flipped["wins"], flipped["ties"], flipped["losses"]) == (2, 2, 3)
+    assert flipped["lc_win_rate"] == pytest.approx(1 - m["lc_win_rate"], abs=1e-9)
+    assert flipped["theta"] == pytest.approx(-m["theta"], abs=1e-9)
+
+
+def test_alpaca_eval_annotations_lc_win_rate_against_an_independent_fit(tmp_path):
+    anns = read_alpaca_eval_annotations(_write_annotations(tmp_path / "annotations.json", ANNOTATIONS))
+    m = score_alpaca_eval_annotations(anns, l2=1e-3)
+    # the documented GLM, re-derived in float64 from the raw records: y = preference - 1 (0 -> 1/2),
+    # d = len(output_2) - len(output_1), x = tanh(d / std(d)) (ddof 0), minimise
+    # sum BCE(y, sigmoid(theta + phi x)) + 1e-3 / 2 (theta^2 + phi^2) with torch's float64 BCE and LBFGS
+    done = [r for r in ANNOTATIONS if r["preference"] is not None]
+    y = torch.tensor([0.5 if r["preference"] == 0 else r["preference"] - 1.0 for r in done], dtype=torch.float64)
+    d = torch.tensor([len(r["output_2"]) - len(r["output_1"]) for r in done], dtype=torch.float64)
+    x = torch.tanh(d / d.std(correction=0))
+    w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=1000, tolerance_grad=1e-13, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(w[0] + w[1] * x, y, reduction="sum")
+        loss = bce + 0.5e-3 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    theta, phi = w.detach().tolist()
+    assert m["theta"] == pytest.approx(theta, abs=1e-6) and m["phi"] == pytest.approx(phi, abs=1e-6)
+    assert m["lc_win_rate"] == pytest.approx(1.0 / (1.0 + math.exp(-theta)), abs=1e-6)
+    assert m["phi"] > 0 and m["lc_win_rate"] < m["win_rate"]  # here longer outputs win: LC discounts that
+
+
+def test_alpaca_eval_annotations_round_trip(tmp_path):
+    first = read_alpaca_eval_annotations(_write_annotations(tmp_path / "a.json", ANNOTATIONS))
+    write_alpaca_eval_annotations(tmp_path / "b.json", first)
+    again = read_alpaca_eval_annotations(tmp_path / "b.json")
+    assert again == first
+    assert json.loads((tmp_path / "b.json").read_text(encoding="utf-8")) == ANNOTATIONS  # every key and value
+    assert first[0].extra == {"dataset": "helpful_base", "price_per_example": 0.0123, "time_per_example": 1.5,
+                              "raw_completion": "m"}
+    assert [a.p_output_2() for a in first] == [1.0, 1.0, 0.0, 0.5, 0.5, None, 0.75, 0.25]
+
+
+def test_alignkit_verdicts_written_as_annotations_score_the_same(tmp_path):
+    # alignkit's judged AlpacaEval records -> alpaca_eval annotations -> the same win rate and LC win rate
+    def reply(prompt):
+        a = prompt.split("# Output (a):\n")[1].split("\n\n# Output (b)")[0]
+        return "[[A]]" if len(a) > 6 else "[[B]]"
+
+    records = _alpaca_records(["a longer one", "short", "the longest one", "tiny", "medium x"],
+                              ["ref one", "a reference", "ref", "reference three", "r"])
+    task = AlpacaEval()
+    task.judge(records, Judge(ScriptedJudge(reply)))
+    anns = [model_annotation(r["example"]["instruction"], r["output"], r["example"]["reference"],
+                             r["judge"]["preference"], generator="tiny", reference_generator="davinci",
+                             annotator="scripted", dataset=r["example"]["dataset"]) for r in records]
+    assert [a.preference for a in anns] == [1 + r["judge"]["preference"] for r in records]
+    assert (anns[0].output_1, anns[0].output_2, anns[0].extra) == ("ref one", "a longer one", {"dataset": "d"})
+    write_alpaca_eval_annotations(tmp_path / "annotations.json", anns)
+    m = score_alpaca_eval_annotations(read_alpaca_eval_annotations(tmp_path / "annotations.json"))
+    own = task.aggregate(records)
+    for key in ("win_rate", "wins", "ties", "losses", "lc_win_rate", "theta", "phi"):
+        assert m[key] == pytest.approx(own[key], abs=1e-12), key
+
+
+@pytest.mark.parametrize("bad, index", [([1.0, 0.5, 1.52], 2), ([-0.1, 1.0], 0), ([0.5, float("nan")], 1),
+                                        ([1.0, None], 1), ([2, 1, 1.5], 0)])
+def test_win_rates_refuse_probabilities_outside_0_1(bad, index):
+    message = rf"preference {index} is {re.escape(repr(bad[index]))}, outside \[0, 1\]"
+    with pytest.raises(ValueError, match=message):
+        win_rate(bad)
+    with pytest.raises(ValueError, match=message):
+        length_controlled_win_rate(bad, [10] * len(bad), [5] * len(bad))
+    with pytest.raises(ValueError, match="len_model has 1 values for 2 preferences"):
+        length_controlled_win_rate([1.0, 0.0], [3], [4, 5])
+    if bad[index] is not None:  # from a numpy array the value is shown as a plain float
+        with pytest.raises(ValueError, match=rf"preference {index} is {re.escape(repr(float(bad[index])))}, outside"):
+            win_rate(np.array(bad, dtype=np.float64))
+    assert win_rate([0.0, 1.0, 0.5])["win_rate"] == 0.5  # the bounds themselves are fine
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"preference": 3}, r"a\.json line 3: field 'preference': preference 3 is not an alpaca_eval preference"),
+    ({"preference": 0.8}, r"line 3: field 'preference': preference 0.8 is not"),
+    ({"preference": "2"}, r"line 3: field 'preference': preference '2' is not"),
+    ({"preference": True}, r"line 3: field 'preference': preference True is not"),
+    ({"output_2": None}, r"a\.json line 3: field 'output_2' is missing or not a string"),
+    ({"generator_2": 7}, r"line 3: field 'generator_2' must be a string, got 7"),
+])
+def test_bad_annotation_records_name_file_line_and_field(tmp_path, change, message):
+    records = [dict(r) for r in ANNOTATIONS[:3]]
+    records[1].update(change)
+    with pytest.raises(DataError, match=message):
+        read_alpaca_eval_annotations(_write_annotations(tmp_path / "a.json", records))
+    del records[1]["instruction"]
+    with pytest.raises(DataError, match="field 'instruction' is missing"):
+        read_alpaca_eval_annotations(_write_annotations(tmp_path / "a.json", records))
+    with pytest.raises(ValueError, match="P\\(model wins\\) 0 is 1.5, outside"):
+        model_annotation("i", "o", "r", 1.5, generator="g")
+
+
+def test_cli_judge_scores_an_annotations_file(tmp_path, capsys):
+    path = _write_annotations(tmp_path / "annotations.json", ANNOTATIONS)
+    assert judge_cli.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"win rate: {100 * 4 / 7:.2f}%" in out and "annotated: 7 (not annotated: 1)" in out
+    assert judge_cli.main([str(path), "--json", "--model", "output_1"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["win_rate"] == pytest.approx(3 / 7) and shown["model"] == "output_1"
+    assert judge_cli.main([str(tmp_path / "missing.json")]) == 2
+    assert "annotations file not found" in capsys.readouterr().err
+    bad = [dict(ANNOTATIONS[0], preference=5)]
+    assert judge_cli.main([str(_write_annotations(tmp_path / "bad.json", bad))]) == 2
+    assert "bad.json line 2: field 'preference': preference 5 is not" in capsys.readouterr().err
+    none = [dict(ANNOTATIONS[0], preference=None)]
+    assert judge_cli.main([str(_write_annotations(tmp_path / "none.json", none))]) == 2
+    assert "has no annotated record (1 with preference null)" in capsys.readouterr().err

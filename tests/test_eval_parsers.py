@@ -7,6 +7,7 @@ import json
 import pytest
 
 from alignkit.eval.parsers import gsm8k_answer, parse_gsm8k_response, parse_mmlu_response
+from alignkit.eval.tasks import MMLU
 from alignkit.resources import data_path
 
 EXAMPLE = {
@@ -60,6 +61,53 @@ def test_parse_mmlu_statement_over_bundled_dev_set():
                 assert parse_mmlu_response(example, f"({letter}) {option}") == letter
                 n += 1
     assert n > 200
+
+
+FULL_LIST = "A. Paris\nB. London\nC. Berlin\nD. Madrid"
+
+
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        # the option list repeated, in full or in part, in the prompt's layout or another: not an answer
+        (FULL_LIST, None),
+        (" " + FULL_LIST + "\n", None),
+        ("A. Paris\nB. London", None),  # cut short by the token cap
+        ("A. Paris\nB. London\nC.", None),
+        ("(A) Paris\n(B) London\n(C) Berlin", None),
+        ("A) Paris\nB) London\nC) Berlin\nD) Madrid", None),
+        ("- **A.** Paris\n- **B.** London", None),
+        ("Question: What is the capital of Germany?\n" + FULL_LIST + "\nAnswer:", None),  # the prompt echoed
+        ("A. Paris B. London C. Berlin D. Madrid", None),  # on one line
+        ("A. Paris\nB. London\nC. Berlin\nD. Madrid\n", None),
+        # a list followed by an answer line is that answer
+        (FULL_LIST + "\nThe correct answer is C", "C"),
+        (FULL_LIST + "\n\nAnswer: (B)", "B"),
+        ("A. Paris B. London C. Berlin D. Madrid. The correct answer is D.", "D"),
+        ("The correct answer is C.\n" + FULL_LIST, "C"),
+        (FULL_LIST + "\nD", "D"),
+        # one option line is an answer, as before
+        ("B. London", "B"),
+        ("C) Berlin\nIt is the capital.", "C"),
+    ],
+)
+def test_parse_mmlu_option_list_is_not_an_answer(output, expected):
+    assert parse_mmlu_response(EXAMPLE, output) == expected
+
+
+def test_echoed_lists_count_as_unparsed_in_the_mmlu_metrics():
+    """Seven outputs of the kind a small base model writes (five repeat the option list): the old parser read
+    five of them as "A"; now exactly those five are unparsed and the accuracy counts them wrong."""
+    task = MMLU()
+    ex = dict(EXAMPLE, id="g/1")
+    outputs = [FULL_LIST, "A. Paris\nB. London", "A) Paris\nB) London\nC) Berlin", "A. Paris B. London",
+               "A: Paris\nB: London\nC: Berlin", "The correct answer is C", "A. Paris"]
+    records = [{"id": f"g/{i}", "example": ex, "generation": o, "score": task.score(ex, o)}
+               for i, o in enumerate(outputs)]
+    m = task.aggregate(records)
+    assert [r["score"]["parsed"] for r in records] == [None] * 5 + ["C", "A"]
+    assert (m["unparseable"], m["correct"], m["n"]) == (5, 1, 7)
+    assert m["accuracy"] == pytest.approx(1 / 7)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import types
 import pytest
 
 from alignkit import resources
+from alignkit.eval.config import EvalConfig, problems
 from alignkit.eval.tasks import GSM8K, MMLU, AlpacaEval, OverRefusal, SimpleSafetyTests, get_task, wrap_prompt
 from alignkit.eval.tasks.base import clean_output
 from alignkit.eval.tasks.gsm8k import numbers_equal
@@ -223,3 +224,61 @@ def test_graders_by_hand():
     assert not GSM8K.grade(None, "0") and not GSM8K.grade("", "0") and not GSM8K.grade("2", "0.5")
     assert GSM8K.spec.grader is answers_equivalent and MMLU.spec.grader is exact
     assert MMLU.grade("B", "B") and not MMLU.grade("b", "B") and not MMLU.grade(None, "B")
+
+
+def _write_subjects(folder, sizes: dict[str, int]) -> dict[str, list[list[str]]]:
+    """One hand-made <subject>_test.csv per entry; returns the rows written, per subject, in file order."""
+    (folder / "test").mkdir()
+    written = {}
+    for subject, n in sizes.items():
+        rows = [[f"{subject} q{i}", "w", "x", "y", "z", "ABCD"[i % 4]] for i in range(n)]
+        with open(folder / "test" / f"{subject}_test.csv", "w", encoding="utf-8", newline="") as f:
+            csv.writer(f).writerows(rows)
+        written[subject] = rows
+    return written
+
+
+def test_mmlu_limit_per_subject_takes_the_first_n_of_each_file(tmp_path):
+    written = _write_subjects(tmp_path, {"anatomy": 5, "virology": 2, "astronomy": 3})
+    got = MMLU(tmp_path).load(limit_per_subject=3)
+    counts = {s: sum(e["subject"] == s for e in got) for s in written}
+    assert counts == {"anatomy": 3, "virology": 2, "astronomy": 3}  # min(3, rows in the file)
+    for subject, rows in written.items():  # the first rows of the file, in file order
+        assert [e["question"] for e in got if e["subject"] == subject] == [r[0] for r in rows[:3]]
+        assert [e["id"] for e in got if e["subject"] == subject] == [f"{subject}/{i}" for i in
+                                                                      range(1, min(3, len(rows)) + 1)]
+    assert MMLU(tmp_path).load(limit_per_subject=0) == []
+    assert len(MMLU(tmp_path).load(limit_per_subject=None)) == 10
+    with pytest.raises(ValueError, match="limit_per_subject must be >= 0"):
+        MMLU(tmp_path).load(limit_per_subject=-1)
+
+
+def test_mmlu_limit_per_subject_on_the_bundled_data_then_seeded_limit():
+    files = sorted(resources.data_path("mmlu", "test").glob("*_test.csv"))
+    got = MMLU().load(limit_per_subject=2)
+    assert len(got) == 2 * len(files)
+    for path in files:
+        subject = path.name[: -len("_test.csv")]
+        first = [r[0] for r in list(csv.reader(path.open(encoding="utf-8", newline="")))[:2]]
+        assert [e["question"] for e in got if e["subject"] == subject] == first
+    sampled = MMLU().load(limit=10, seed=3, limit_per_subject=2)  # a seeded sample of those
+    assert len(sampled) == 10 and {e["id"] for e in sampled} <= {e["id"] for e in got}
+    assert [e["id"] for e in sampled] == [e["id"] for e in MMLU().load(limit=10, seed=3, limit_per_subject=2)]
+
+
+@pytest.mark.parametrize("cls", [GSM8K, AlpacaEval, SimpleSafetyTests, OverRefusal])
+def test_tasks_without_subjects_refuse_limit_per_subject(cls):
+    with pytest.raises(ValueError, match=rf"limit_per_subject is read only by tasks with subjects \(mmlu\); "
+                                         rf"task '{cls.name}' ignores it"):
+        cls().load(limit_per_subject=2)
+    assert cls().load(limit=1, limit_per_subject=None)  # unset: nothing refused
+
+
+def test_eval_config_refuses_limit_per_subject_where_it_is_not_read():
+    assert problems(EvalConfig(model="m", tasks="mmlu", limit_per_subject=2)) == []
+    assert problems(EvalConfig(model="m", tasks="mmlu,gsm8k", limit_per_subject=2)) == [
+        "limit_per_subject is read only by tasks with subjects (mmlu); tasks gsm8k ignore it"]
+    [harness_only] = problems(EvalConfig(model="m", harness="mmlu", limit_per_subject=2))
+    assert harness_only.startswith("limit_per_subject is read only by the bundled-task runner")
+    assert problems(EvalConfig(model="m", tasks="mmlu", limit_per_subject=-1)) == [
+        "limit_per_subject must be >= 0, got -1"]

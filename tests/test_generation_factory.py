@@ -63,7 +63,7 @@ def test_hf_spec_with_a_model_but_no_tokenizer_is_refused(tiny_model):
     ("http://127.0.0.1:9/v1", {"model": "served"}, "http://127.0.0.1:9/v1", "served"),
     ("http://127.0.0.1:9/v1#policy", {}, "http://127.0.0.1:9/v1", "policy"),
     ("https://example.invalid/v1/#a/b-1B", {}, "https://example.invalid/v1", "a/b-1B"),
-    ("http://127.0.0.1:9/v1#fragment", {"model": "explicit"}, "http://127.0.0.1:9/v1", "explicit"),
+    ("http://127.0.0.1:9/v1#same", {"model": "same"}, "http://127.0.0.1:9/v1", "same"),
 ])
 def test_http_spec_builds_an_openai_client_without_a_request(no_network, spec, kwargs, base_url, model):
     gen = make_generator(spec, **kwargs)
@@ -116,3 +116,14 @@ def test_unknown_spec_is_refused_naming_the_valid_forms(spec):
                 "expected 'hf:PATH_OR_NAME', 'vllm:PATH_OR_NAME', 'http://HOST:PORT/v1'")
     with pytest.raises(ValueError, match=re.escape(expected)):
         make_generator(spec)
+
+
+def test_settings_other_backends_do_not_read_are_refused(no_network):
+    with pytest.raises(ValueError, match=r"two different model names"):
+        make_generator("http://127.0.0.1:9/v1#fragment", model="explicit")
+    with pytest.raises(ValueError, match=r"batch_size= is read by the hf backend only"):
+        make_generator("http://127.0.0.1:9/v1", model="m", batch_size=4)
+    with pytest.raises(ValueError, match=r"tokenizer= is read by the hf backend only"):
+        make_generator("http://127.0.0.1:9/v1", model="m", tokenizer=object())
+    with pytest.raises(ValueError, match=r"batch_size= is read by the hf backend only"):
+        make_generator("vllm:some/model", batch_size=4)

@@ -309,3 +309,44 @@ def test_real_smollm2_logprobs_and_dpo():
     h = (_manual_logp(policy, tok, "Say hi.", "Hi!") - _manual_logp(lm, tok, "Say hi.", "Hi!")) - (
         _manual_logp(policy, tok, "Say hi.", "No.") - _manual_logp(lm, tok, "Say hi.", "No."))
     assert loss.item() == pytest.approx(-_logsig(0.1 * h), abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- declared params
+def test_declared_params_are_exactly_the_keyword_parameters():
+    import inspect
+
+    from alignkit.losses import LENGTH_PARAMS
+
+    for name, spec in PREFERENCE_LOSSES.items():
+        sig = inspect.signature(spec.fn).parameters.values()
+        assert not [p for p in sig if p.kind is inspect.Parameter.VAR_KEYWORD], f"{name} takes **kwargs"
+        keyword_only = {p.name for p in sig if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        expected = set(spec.params) | (set(LENGTH_PARAMS) if spec.uses_lengths else set())
+        assert keyword_only == expected, name
+        assert spec.fn is get_preference_loss(name) and spec.paper
+
+
+@pytest.mark.parametrize("name", sorted(PREFERENCE_LOSSES))
+def test_undeclared_keyword_raises_type_error(name):
+    spec = PREFERENCE_LOSSES[name]
+    extra = next(p for p in ("label_smoothing", "gamma", "loss_type") if p not in spec.params)
+    with pytest.raises(TypeError, match=extra):
+        _call(name, beta=0.1, **{extra: 0.1})
+    if not spec.uses_lengths:
+        with pytest.raises(TypeError, match="chosen_lengths"):
+            _call(name, beta=0.1, chosen_lengths=_t(LC))
+
+
+def test_table_flags_and_kwargs():
+    from alignkit.losses import REFERENCE_FREE, losses_reading
+
+    assert REFERENCE_FREE == {"simpo", "orpo"}
+    assert losses_reading("label_smoothing") == ["cdpo", "robust", "simpo"]
+    assert losses_reading("gamma") == ["simpo"]
+    # TRL 1.16 DPOTrainer loss_types with the same definition (tests/test_train_dpo.py compares the numbers)
+    assert {n: s.trl_loss_type for n, s in PREFERENCE_LOSSES.items() if s.trl_loss_type} == {
+        "dpo": "sigmoid", "robust": "robust", "hinge": "hinge", "ipo": "ipo"}
+    values = {"beta": 0.1, "label_smoothing": 0.2, "gamma": 0.3, "chosen_lengths": 1, "rejected_lengths": 2}
+    assert PREFERENCE_LOSSES["dpo"].kwargs(values) == {"beta": 0.1}
+    assert PREFERENCE_LOSSES["simpo"].kwargs(values) == values
+    assert PREFERENCE_LOSSES["ipo"].kwargs(values) == {"beta": 0.1, "chosen_lengths": 1, "rejected_lengths": 2}

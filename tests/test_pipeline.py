@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import types
 from dataclasses import dataclass, field
 
@@ -45,8 +44,7 @@ def _fake_module(name):
 def fake_stages(monkeypatch):
     CALLS.clear()
     for name in ("sft", "dpo"):
-        monkeypatch.setitem(sys.modules, f"fake_stage_{name}", _fake_module(name))
-        monkeypatch.setitem(STAGES, name, f"fake_stage_{name}")
+        monkeypatch.setitem(STAGES, name, _fake_module(name))
     return CALLS
 
 

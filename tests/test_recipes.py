@@ -69,12 +69,19 @@ def _tiny_overrides(recipe, model: Path, data: dict, out: Path) -> list[str]:
     chain = recipe.is_chain
     for name, stage in recipe.stages.items():
         pre = f"{name}." if chain else ""
-        ov += [f"{pre}model.name_or_path={model}", f"{pre}model.dtype=float32", f"{pre}data.path={data[name]}",
-               f"{pre}data.format=auto", f"{pre}data.eval_split=null", f"{pre}data.val_size=2",
+        if name != "sft":  # SFT reads no data.format (a strict recipe refuses it)
+            ov.append(f"{pre}data.format=auto")
+        if stage.previous is None:  # a chain's later stage starts from the previous model (refuses a name)
+            ov.append(f"{pre}model.name_or_path={model}")
+        ov += [f"{pre}model.dtype=float32", f"{pre}data.path={data[name]}",
+               f"{pre}data.eval_split=null", f"{pre}data.val_size=2",
                f"{pre}data.max_eval_rows=2", f"{pre}data.columns=null",
-               f"{pre}train.max_steps=1", f"{pre}train.max_length=48", f"{pre}train.eval_steps=1",
-               f"{pre}train.save_steps=1", f"{pre}train.report_to=none", f"{pre}train.per_device_train_batch_size=2",
+               f"{pre}train.max_steps=1", f"{pre}train.max_length=48", f"{pre}train.report_to=none",
+               f"{pre}train.per_device_train_batch_size=2",
                f"{pre}train.gradient_accumulation_steps=1", f"{pre}train.per_device_eval_batch_size=2"]
+        for key, strategy in (("eval_steps", "eval_strategy"), ("save_steps", "save_strategy")):
+            if getattr(stage.train, strategy).value == "steps":  # read only then (a strict recipe refuses it)
+                ov.append(f"{pre}train.{key}=1")
         if stage.train.optim.value.startswith("paged"):  # paged optimizers need CUDA
             ov.append(f"{pre}train.optim=adamw_torch")
     return ov
@@ -98,3 +105,28 @@ def test_recipe_runs_one_step_on_tiny_model(path, tmp_path, tiny_chat_model):
         state = json.loads((recipe.stage_dir(name) / "state.json").read_text())
         assert state["result"]["global_step"] == 1
         assert (recipe.stage_dir(name) / "resolved_config.yaml").is_file()
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipe_sets_nothing_ignored(path):
+    """Every shipped recipe (grpo and chains included) passes the strictness check: no key it sets is one
+    the path it selects ignores (load_recipe refuses those; asserted here on its own too)."""
+    from alignkit.config import check_strict, ignored_settings
+
+    recipe = load_recipe(path)  # strict by default
+    shared = _shared(recipe)
+    ignored = {name: ignored_settings(stage) for name, stage in recipe.stages.items()}
+    for name, stage in recipe.stages.items():
+        own = stage.user_keys - shared
+        assert own, name  # the recipe's keys were seen
+        assert not set(ignored[name]) & own, (name, {k: ignored[name][k] for k in set(ignored[name]) & own})
+        check_strict(stage, f"{path.name}: {name}:", own)
+    for key in shared:  # a chain's shared default is read by at least one stage
+        assert any(key not in reasons for reasons in ignored.values()), key
+
+
+def _shared(recipe) -> set[str]:
+    """A chain's top-level model/data/lora keys (defaults for every stage)."""
+    if not recipe.is_chain:
+        return set()
+    return {f"{sec}.{k}" for sec in ("model", "data", "lora") for k in (recipe.raw.get(sec) or {})}

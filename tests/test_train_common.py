@@ -7,15 +7,17 @@ import dataclasses
 import json
 import math
 import random
+import types
 from types import SimpleNamespace
 
 import pytest
+import torch
+from conftest import build_tiny_llama
 from trl import SFTConfig
 
 from alignkit.attention import VARLEN_SDPA
 from alignkit.config import DataArgs, LoraArgs, ModelArgs
-from alignkit.data.check import check_sft
-from alignkit.data.sft_rows import load_sft_rows
+from alignkit.models import load_model
 from alignkit.resources import ROOT as RESOURCES
 from alignkit.train import common
 from alignkit.train.callbacks import GracefulInterruptCallback, MetricsJsonlCallback
@@ -263,11 +265,9 @@ def _jsonl(path, rows):
     return path
 
 
-def _loader(stage_dir, allow_empty=False):
-    def read(path, split):
-        return load_sft_rows(path, split=split, errors="collect", allow_empty=allow_empty)
-
-    return common.checked_loader(read, check_sft, stage_dir)
+def _loader(stage_dir, on_error="raise"):
+    data = types.SimpleNamespace(columns=None, template=None, on_error=on_error)
+    return common.checked_loader(data, "sft", None, None, stage_dir)
 
 
 def test_checked_loader_keeps_the_first_rows_and_saves_the_report(tmp_path):
@@ -286,7 +286,7 @@ def test_checked_loader_refuses_malformed_rows_naming_the_first(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}, {"prompt": "q2"},
                                          {"prompt": "q3", "completion": 3}])
     with pytest.raises(ValueError,
-                       match=rf"2 malformed data rows, first: {path} line 2 field 'prompt': missing"):
+                       match=rf"2 malformed data rows, first: {path} line 2: field 'prompt': missing"):
         _loader(tmp_path / "stage")(path, "train", None, "train")
     assert (tmp_path / "stage" / "data_check_train.md").is_file()  # the full list is there to read
 
@@ -295,7 +295,7 @@ def test_checked_loader_refuses_when_nothing_is_kept(tmp_path):
     empty = _jsonl(tmp_path / "e.jsonl", [{"prompt": "q", "completion": " "},
                                           {"prompt": "", "completion": "a"}])
     with pytest.raises(ValueError, match=r"no rows kept of 2 read \(2 empty text; 0 malformed\)"):
-        _loader(tmp_path / "stage", allow_empty=True)(empty, "train", None, "train")
+        _loader(tmp_path / "stage")(empty, "train", None, "train")
     # duplicates are dropped, one copy kept
     twice = _jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}] * 2)
     assert _loader(tmp_path / "stage")(twice, "train", None, "train") == [{"prompt": "q", "completion": "a"}]
@@ -317,12 +317,41 @@ def test_last_checkpoint_is_the_highest_step(tmp_path):
     assert common.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-40")  # 40 > 12 > 5, not by name
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="checked_loader cuts the kept rows to `limit` but not rows_read/malformed: "
-                          "a bad row after the first max_rows still fails the stage (reported to lead)")
 def test_checked_loader_limit_applies_to_what_is_checked(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"},
                                          {"prompt": "c", "completion": "d"}, {"prompt": "bad"}])
     assert _loader(tmp_path / "stage")(path, "train", 1, "train") == [{"prompt": "a", "completion": "b"}]
     report = json.loads((tmp_path / "stage" / "data_check_train.json").read_text())
     assert report["rows_read"] == report["rows_kept"] + report["rows_dropped"] + len(report["malformed"])
+
+
+def test_checked_loader_on_error_drop_leaves_malformed_rows_out(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}, {"prompt": "q2"},
+                                         {"prompt": "q3", "completion": "c"}])
+    kept = _loader(tmp_path / "stage", on_error="drop")(path, "train", None, "train")
+    assert kept == [{"prompt": "q", "completion": "a"}, {"prompt": "q3", "completion": "c"}]
+    report = json.loads((tmp_path / "stage" / "data_check_train.json").read_text())
+    assert [m["line"] for m in report["malformed"]] == [2]
+
+
+@pytest.mark.slow
+def test_quantized_adapter_is_merged_onto_a_full_precision_copy(tmp_path):
+    """A QLoRA stage hands the next stage a full model: base (float32) + adapter, equal to applying the adapter."""
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = build_tiny_llama(tmp_path / "tiny64", hidden_size=64, intermediate_size=128)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                      init_lora_weights=False)
+    model, tokenizer, _ = load_model(base_dir, quantization="4bit", lora=lora, device="cpu")
+    adapter_dir = tmp_path / "final"
+    model.save_pretrained(adapter_dir)
+    trainer = types.SimpleNamespace(model=model, accelerator=types.SimpleNamespace(unwrap_model=lambda m: m),
+                                    is_world_process_zero=lambda: True)
+    out = common._save_merged(trainer, tokenizer, adapter_dir, tmp_path / "final_merged")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    full = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter_dir)
+    ids = torch.tensor([[5, 9, 2, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, full.eval()(ids).logits, atol=1e-5, rtol=0)

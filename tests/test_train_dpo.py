@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import load_stage
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.train.dpo import AlignkitDPOTrainer, DPOArgs, to_trl_pairs
@@ -94,7 +95,8 @@ def _manual_logps(model, inputs):
 @pytest.mark.parametrize("name", ["dpo", "simpo", "orpo"])
 def test_loss_matches_float64_hand_computation(tmp_path, tiny_model_dir, ref_dir, name):
     beta, gamma = 0.5, 0.3
-    trainer = _trainer(tmp_path, tiny_model_dir, ref_dir, loss=name, beta=beta, simpo_gamma=gamma)
+    extra = {"simpo_gamma": gamma} if name == "simpo" else {}  # other losses refuse an unread simpo_gamma
+    trainer = _trainer(tmp_path, tiny_model_dir, ref_dir, loss=name, beta=beta, **extra)
     loss, grads, inputs = _loss_and_grads(trainer)
     logps, lens = _manual_logps(trainer.model, inputs)
     c, r = logps.chunk(2)
@@ -126,14 +128,11 @@ def _write_pairs(path, n=12):
 
 
 def _recipe(tmp_path, model_dir, data, overrides):
-    from alignkit.config import load_recipe
-
-    path = tmp_path / "dpo.yaml"
-    path.write_text(f"stage: dpo\nmodel: {{name_or_path: {model_dir}}}\ndata: {{path: {data}, val_size: 4}}\n"
-                    "train: {max_steps: 2, per_device_train_batch_size: 2, per_device_eval_batch_size: 4, "
-                    "max_length: 48, logging_steps: 1, report_to: none, gradient_checkpointing: false, "
-                    "save_strategy: 'no', learning_rate: 1.0e-3}\n")
-    return load_recipe(path, [f"output_dir={tmp_path / 'out'}", *overrides]).stages["dpo"]
+    return load_stage(tmp_path, "dpo", f"stage: dpo\nmodel: {{name_or_path: {model_dir}}}\n"
+                      f"data: {{path: {data}, val_size: 4}}\n"
+                      "train: {max_steps: 2, per_device_train_batch_size: 2, per_device_eval_batch_size: 4, "
+                      "max_length: 48, logging_steps: 1, report_to: none, gradient_checkpointing: false, "
+                      "save_strategy: 'no', learning_rate: 1.0e-3}\n", overrides)
 
 
 @pytest.mark.slow
@@ -158,3 +157,34 @@ def test_run_stage(tmp_path, tiny_model_dir, overrides):
     reloaded = AutoModelForCausalLM.from_pretrained(result["model_dir"])  # a full model folder either way
     assert reloaded.config.vocab_size == 50257
     assert (tmp_path / "out" / "data_check_train.md").is_file()
+
+
+def test_trl_loss_type_ipo_trains_ipo(tmp_path, tiny_model_dir):
+    """The issue's probe: ``loss_type: ipo`` with no ``loss`` used to train sigmoid DPO (step-1 loss 0.6931).
+    Policy = reference, so every log-ratio is 0: DPO gives log 2, IPO (h - 1/(2 beta))^2 = 25 at beta 0.1."""
+    by_loss_type = _trainer(tmp_path, tiny_model_dir, tiny_model_dir, loss_type=["ipo"], beta=0.1)
+    assert by_loss_type.args.loss == "ipo"
+    assert _loss_and_grads(by_loss_type)[0].item() == pytest.approx(25.0, rel=1e-6)
+    default = _trainer(tmp_path, tiny_model_dir, tiny_model_dir, beta=0.1)
+    assert default.args.loss == "dpo"
+    assert _loss_and_grads(default)[0].item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_dpo_args_refuse_conflicts_and_unread_values(tmp_path):
+    base = {"output_dir": str(tmp_path), "use_cpu": True, "bf16": False}
+    with pytest.raises(ValueError, match=r"loss='ipo' and loss_type=\['hinge'\] name different losses"):
+        DPOArgs(loss="ipo", loss_type="hinge", **base)
+    with pytest.raises(ValueError, match=r"train\.label_smoothing is read by losses cdpo, robust, simpo and trl"):
+        DPOArgs(loss="dpo", label_smoothing=0.1, **base)
+    assert DPOArgs(loss_type="exo_pair", label_smoothing=0.1, **base).loss == "trl"  # TRL reads it there
+    assert DPOArgs(ld_alpha=0.5, **base).loss == "trl"  # a TRL-only knob: TRL's own loss runs
+
+
+def test_ignored_keys_contract(tmp_path, tiny_model_dir):
+    from alignkit.train import dpo
+
+    stage = _recipe(tmp_path, tiny_model_dir, _write_pairs(tmp_path / "pairs.jsonl"), ["train.loss=simpo"])
+    keys = dpo.ignored_keys(stage)
+    assert all(k.startswith("train.") and msg.startswith(k + " is ") and "\n" not in msg for k, msg in keys.items())
+    assert "train.simpo_gamma" not in keys and "train.label_smoothing" not in keys  # simpo reads both
+    assert {"train.loss_type", "train.use_weighting", "train.precompute_ref_log_probs"} <= keys.keys()

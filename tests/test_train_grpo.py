@@ -248,10 +248,10 @@ def test_ignored_keys_default_alignkit_hf():
                                              "train.vllm_gpu_memory_utilization", "train.bf16",
                                              "train.cliprange", "train.normalize_constant",
                                              "train.arithmetic_max"}
-    assert ignored["train.bf16"] == "read by engine trl; this recipe's engine is alignkit"
-    assert ignored["train.cliprange"] == ("read by engine alignkit with loss_type grpo_clip; this recipe's "
+    assert ignored["train.bf16"] == "train.bf16 is read by engine trl; this recipe's engine is alignkit"
+    assert ignored["train.cliprange"] == ("train.cliprange is read by engine alignkit with loss_type grpo_clip; this recipe's "
                                           "loss_type is reinforce_with_baseline")
-    assert ignored["train.http_model"] == ("read by engine alignkit with rollout_backend http; this recipe's "
+    assert ignored["train.http_model"] == ("train.http_model is read by engine alignkit with rollout_backend http; this recipe's "
                                            "rollout_backend is hf")
     assert "not a recipe key" in ignored["train.resume"] and "top-level resume" in ignored["train.resume"]
     # data: only path / eval_path, for gsm8k; lora off: its settings unread
@@ -269,9 +269,9 @@ def test_ignored_keys_engine_trl():
                                              "train.normalize_constant", "train.val_samples", "train.eval_every",
                                              "train.rollout_table_every", "train.rollout_table_size",
                                              "train.improvement_sigmas", "train.arithmetic_max"}
-    assert ignored["train.eval_every"].startswith("read by engine alignkit (") and ignored[
+    assert ignored["train.eval_every"].startswith("train.eval_every is read by engine alignkit (") and ignored[
         "train.eval_every"].endswith("this recipe's engine is trl")
-    assert ignored["train.http_base_url"] == "read by engine alignkit; this recipe's engine is trl"
+    assert ignored["train.http_base_url"] == "train.http_base_url is read by engine alignkit; this recipe's engine is trl"
     # trl + vllm: the vLLM memory share is read, the validation batch size too
     vllm = grpo.ignored_keys(_stage(engine="trl", rollout_backend="vllm"))
     assert "train.vllm_gpu_memory_utilization" not in vllm and "train.generation_batch_size" not in vllm
@@ -279,7 +279,7 @@ def test_ignored_keys_engine_trl():
 
 def test_ignored_keys_alignkit_backends_and_loss_conditions():
     vllm = grpo.ignored_keys(_stage(rollout_backend="vllm"))
-    assert vllm["train.generation_batch_size"] == ("read by engine alignkit with rollout_backend hf; this "
+    assert vllm["train.generation_batch_size"] == ("train.generation_batch_size is read by engine alignkit with rollout_backend hf; this "
                                                    "recipe's rollout_backend is vllm")
     assert "train.vllm_gpu_memory_utilization" not in vllm and "train.http_model" in vllm
     http = grpo.ignored_keys(_stage(rollout_backend="http", http_base_url="http://h/v1", http_model="m"))
@@ -288,17 +288,17 @@ def test_ignored_keys_alignkit_backends_and_loss_conditions():
     dr = grpo.ignored_keys(_stage(loss_type="grpo_clip", length_normalization="constant",
                                   use_std_normalization=False))
     assert {"train.cliprange", "train.normalize_constant"}.isdisjoint(dr)
-    assert dr["train.advantage_eps"] == ("read by engine alignkit with use_std_normalization True; this "
+    assert dr["train.advantage_eps"] == ("train.advantage_eps is read by engine alignkit with use_std_normalization True; this "
                                          "recipe's use_std_normalization is False")
 
 
 def test_ignored_keys_task_arithmetic_data_paths():
     ignored = grpo.ignored_keys(_stage(task="arithmetic"))
-    assert ignored["data.path"] == "read by task gsm8k; this recipe's task is arithmetic"
+    assert ignored["data.path"] == "data.path is read by task gsm8k; this recipe's task is arithmetic"
     assert "data.eval_path" in ignored and "train.arithmetic_max" not in ignored
     gsm8k = grpo.ignored_keys(_stage(task="gsm8k"))
     assert "data.path" not in gsm8k
-    assert gsm8k["train.arithmetic_max"] == "read by task arithmetic; this recipe's task is gsm8k"
+    assert gsm8k["train.arithmetic_max"] == "train.arithmetic_max is read by task arithmetic; this recipe's task is gsm8k"
 
 
 def test_ignored_keys_cover_every_field_trl_does_not_map():

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import load_stage
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from alignkit.config import load_recipe
 from alignkit.train import reward
 from alignkit.train.callbacks import read_metrics
 
@@ -18,12 +18,11 @@ PAIRS = [{"prompt": f"Q{i}: add {i} and {i}.", "chosen": f" It is {2 * i}.", "re
 def _stage(tmp_path, model_dir, *overrides):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
-    path = tmp_path / "reward.yaml"
-    path.write_text(f"stage: reward\nmodel: {{name_or_path: {model_dir}}}\ndata: {{path: {data}}}\n"
-                    "train: {max_steps: 1, per_device_train_batch_size: 4, max_length: 64, logging_steps: 1, "
-                    "report_to: none, gradient_checkpointing: false, save_strategy: 'no', learning_rate: 0.0, "
-                    "seed: 0}\n")
-    return load_recipe(path, [f"output_dir={tmp_path / 'out'}", *overrides]).stages["reward"]
+    return load_stage(tmp_path, "reward", f"stage: reward\nmodel: {{name_or_path: {model_dir}}}\n"
+                      f"data: {{path: {data}}}\n"
+                      "train: {max_steps: 1, per_device_train_batch_size: 4, max_length: 64, logging_steps: 1, "
+                      "report_to: none, gradient_checkpointing: false, save_strategy: 'no', learning_rate: 0.0, "
+                      "seed: 0}\n", overrides)
 
 
 def test_reward_loss_is_bradley_terry_of_the_model(tmp_path, tiny_model_dir):
@@ -57,3 +56,14 @@ def test_reward_lora_trains_score_head(tmp_path, tiny_model_dir):
     assert (tmp_path / "out" / "final" / "adapter_config.json").is_file()
     merged = AutoModelForSequenceClassification.from_pretrained(result["model_dir"])
     assert merged.config.num_labels == 1
+
+
+def test_reward_reads_the_preference_data_keys(tmp_path, tiny_model_dir):
+    from alignkit.config import RecipeError
+    from alignkit.train import dpo, reward
+
+    assert reward.DATA_KEYS == dpo.DATA_KEYS  # the same loader (dpo.preference_loader)
+    assert _stage(tmp_path, tiny_model_dir, "data.format=prompt_chosen_rejected").data.format == \
+        "prompt_chosen_rejected"
+    with pytest.raises(RecipeError, match=r"data\.packing is read by stages sft; this recipe's stage is reward"):
+        _stage(tmp_path, tiny_model_dir, "data.packing=alignkit")

@@ -133,3 +133,29 @@ def test_padding_free_switches_to_per_document_attention(tmp_path, tiny_model_di
         result = sft.run(stage, out, None)
     assert result["global_step"] == 2
     assert "attention set to sdpa_varlen" in caplog.text
+
+
+def test_sft_refuses_what_its_data_path_ignores(tmp_path, tiny_model_dir):
+    """alignkit packing hands TRL packed input_ids: TRL's data-path knobs and other templates are refused;
+    TRL's packing_strategy needs packing; data.max_length (the check's row filter) is unread when packing."""
+    from alignkit.config import RecipeError
+
+    data = _write_rows(tmp_path / "d.jsonl")
+    packed = ("data.packing=alignkit",)
+    refused = [
+        (packed + ("train.completion_only_loss=true",),
+         r"train\.completion_only_loss is read by TRL's SFT data path; this recipe's data\.packing is alignkit"),
+        (packed + ("train.packing=true",), r"train\.packing is read by TRL's SFT data path"),
+        (packed + ("data.template=chat",), r"data\.template is not applied by data\.packing: alignkit"),
+        (("train.packing_strategy=wrapped",), r"train\.packing_strategy is read with train\.packing"),
+        (("train.packing=true", "data.max_length=64"), r"data\.max_length is read by the data check of unpacked"),
+        (("data.format=hh",), r"data\.format is read by stages dpo, reward; this recipe's stage is sft"),
+    ]
+    for overrides, pattern in refused:
+        with pytest.raises(RecipeError, match=pattern):
+            _stage(tmp_path, tiny_model_dir, data, *overrides)
+    # read where they apply
+    stage, _ = _stage(tmp_path, tiny_model_dir, data, "train.packing=true", "train.packing_strategy=wrapped")
+    assert stage.train.packing_strategy == "wrapped"
+    assert _stage(tmp_path, tiny_model_dir, data, "data.max_length=64")[0].data.max_length == 64
+    assert sft.ignored_keys(stage).keys() == {"data.max_length"}

@@ -5,6 +5,8 @@
     alignkit data check RECIPE.yaml                alignkit.cli.data
     alignkit compare RUN_DIR...                    alignkit.cli.compare
     alignkit merge ADAPTER_DIR OUT_DIR             alignkit.cli.merge
+    alignkit judge ANNOTATIONS.json                alignkit.cli.judge
+    alignkit leaderboard RUN_DIR... --judge SPEC   alignkit.cli.leaderboard
 
 The benchmarks are not part of the installed package: run ``python -m benchmarks.run`` from a source
 checkout (benchmarks/RESULTS.md there has the measured ratios).
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from alignkit.cli import compare, data, merge, train
+from alignkit.cli import compare, data, judge, leaderboard, merge, train
 from alignkit.cli import eval as eval_cli
 
 # name -> (main function, one-line help)
@@ -23,12 +25,14 @@ COMMANDS = {
     "data": (data.main, "inspect data: alignkit data check RECIPE.yaml"),
     "compare": (compare.main, "compare eval runs side by side: alignkit compare RUN_DIR..."),
     "merge": (merge.main, "merge a LoRA adapter into its base: alignkit merge ADAPTER_DIR OUT_DIR"),
+    "judge": (judge.main, "score an alpaca_eval annotations file: alignkit judge ANNOTATIONS.json"),
+    "leaderboard": (leaderboard.main, "rank runs by judged AlpacaEval pairs: alignkit leaderboard RUN_DIR..."),
 }
 
 
 def usage() -> str:
     lines = ["usage: alignkit COMMAND [args...]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -9,7 +9,10 @@ import sys
 import yaml
 
 from alignkit.config import RecipeError, load_recipe
+from alignkit.data.io import DataError
 from alignkit.pipeline import EXIT_INTERRUPTED, run_recipe
+
+EXIT_DATA = 1  # the data is wrong (as `alignkit data check` exits)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,3 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alignkit train: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (DataError, FileNotFoundError) as e:  # bad or missing data: one line naming file, line and field
+        print(f"alignkit train: {e}", file=sys.stderr)
+        return EXIT_DATA

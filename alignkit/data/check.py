@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.data.io import (
+    DataError,
     Malformed,
     empty_field,
     location,
@@ -166,20 +167,22 @@ class DataReport:
     def verdict(self, on_error: str = "raise", report_path: str | None = None) -> DataReport:
         """The one policy check and training share: malformed rows stop the run (``on_error="raise"``) or are
         left out and counted (``"drop"``); rows dropped for a reason (empty text, chosen == rejected,
-        duplicate, over max length) are always left out. Raises ValueError (one line) or returns self."""
+        duplicate, over max length) are always left out. Raises DataError (one line) or returns self."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
         if self.malformed and on_error == "raise":
             full = f" (full list: {report_path})" if report_path else ""
-            raise ValueError(f"{len(self.malformed)} malformed data rows, first: {self.malformed[0]}{full}; "
-                             "fix them, or set data.on_error=drop to leave them out")
+            first = self.malformed[0]
+            raise DataError(f"{len(self.malformed)} malformed data rows, first: {first}{full}; "
+                            "fix them, or set data.on_error=drop to leave them out",
+                            source=first.source, line=first.line, field=first.field)
         return self.raise_if_empty()
 
     def raise_if_empty(self) -> DataReport:
-        """Raise ValueError with the report's counts when no row is kept."""
+        """Raise DataError (a ValueError) with the report's counts when no row is kept."""
         if not self.kept:
             reasons = ", ".join(f"{len(v)} {r}" for r, v in self.dropped.items()) or "none dropped"
-            raise ValueError(f"data check ({self.kind}{', ' + self.source if self.source else ''}): no rows kept "
+            raise DataError(f"data check ({self.kind}{', ' + self.source if self.source else ''}): no rows kept "
                              f"of {self.rows_read} read ({reasons}; {len(self.malformed)} malformed)")
         return self
 

@@ -475,6 +475,30 @@ def problem_to_error(row: Row, problem: RowProblem) -> DataError:
     return DataError(text, source=row.source, line=row.line, field=problem.field)
 
 
+def parsed_rows(path, parse, out: LoadedRows, *, split: str = "train", errors: str = "raise",
+                limit: int | None = None) -> Iterator[tuple[Row, object]]:
+    """``(row, parse(row.data))`` for every usable record of ``path``: the loop the row loaders share.
+
+    Counts each record into ``out.rows_read`` and stops after ``limit`` records; a bad record or a
+    :class:`RowProblem` from ``parse`` raises (``errors="raise"``) or is collected into ``out.malformed``."""
+    for row in read_rows(path, split=split, errors=errors):
+        # 1. count (stop at the limit); 2. collect bad records; 3. parse, collecting or raising its problem
+        if limit is not None and out.rows_read >= limit:
+            break
+        out.rows_read += 1
+        if row.error:
+            out.malformed.append(Malformed(row.source, row.line, None, row.error))
+            continue
+        try:
+            parsed = parse(row.data)
+        except RowProblem as problem:
+            if errors == "raise":
+                raise problem_to_error(row, problem) from None
+            out.malformed.append(Malformed(row.source, row.line, problem.field, problem.message))
+            continue
+        yield row, parsed
+
+
 def apply_columns(data: dict, columns: dict | None, allowed: tuple[str, ...]) -> dict:
     """Copy of ``data`` with ``columns`` ({canonical: source column}) mapped onto the canonical names."""
     if not columns:

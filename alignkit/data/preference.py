@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from alignkit.data.io import (
     DataError,
     LoadedRows,
-    Malformed,
     RowProblem,
     apply_columns,
     check_not_empty,
@@ -36,8 +35,7 @@ from alignkit.data.io import (
     get_text,
     is_messages,
     location,
-    problem_to_error,
-    read_rows,
+    parsed_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -196,21 +194,10 @@ def load_preference_rows(path, *, split: str = "train", format: str = "auto", co
     if multi_turn not in ("drop", "keep"):
         raise ValueError(f"multi_turn must be 'drop' or 'keep', got {multi_turn!r}")
     out, fmt = LoadedRows(format=format), format
-    for row in read_rows(path, split=split, errors=errors):
-        # 1. count the record (stop at the limit); 2. collect bad records; 3. parse (format detected once); 4. keep
-        if limit is not None and out.rows_read >= limit:
-            break
-        out.rows_read += 1
-        if row.error:
-            out.malformed.append(Malformed(row.source, row.line, None, row.error))
-            continue
-        try:
-            row_fmt, parsed = _parse_row(row.data, fmt, columns, multi_turn, allow_empty)
-        except RowProblem as problem:
-            if errors == "raise":
-                raise problem_to_error(row, problem) from None
-            out.malformed.append(Malformed(row.source, row.line, problem.field, problem.message))
-            continue
+    # the format is detected once, from the first usable row (the parser reads ``fmt`` at each call)
+    rows = parsed_rows(path, lambda data: _parse_row(data, fmt, columns, multi_turn, allow_empty), out,
+                       split=split, errors=errors, limit=limit)
+    for row, (row_fmt, parsed) in rows:
         if fmt == "auto":
             fmt = out.format = row_fmt
             logger.info("%s: detected preference format %r from columns %s", row.source, fmt, list(row.data))

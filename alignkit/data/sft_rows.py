@@ -15,15 +15,13 @@ import logging
 
 from alignkit.data.io import (
     LoadedRows,
-    Malformed,
     RowProblem,
     apply_columns,
     check_not_empty,
     each_field,
     get_messages,
     get_text,
-    problem_to_error,
-    read_rows,
+    parsed_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -82,21 +80,9 @@ def load_sft_rows(path, *, split: str = "train", columns: dict | None = None, er
     ``locations``: the ``(source, line)`` of each row, in order).
     """
     out, shapes = LoadedRows(), {}
-    for row in read_rows(path, split=split, errors=errors):
-        # 1. count (stop at the limit); 2. collect bad records; 3. parse and validate; 4. keep with its location
-        if limit is not None and out.rows_read >= limit:
-            break
-        out.rows_read += 1
-        if row.error:
-            out.malformed.append(Malformed(row.source, row.line, None, row.error))
-            continue
-        try:
-            shape, parsed = _parse_row(row.data, columns, allow_empty)
-        except RowProblem as problem:
-            if errors == "raise":
-                raise problem_to_error(row, problem) from None
-            out.malformed.append(Malformed(row.source, row.line, problem.field, problem.message))
-            continue
+    rows = parsed_rows(path, lambda data: _parse_row(data, columns, allow_empty), out, split=split, errors=errors,
+                       limit=limit)
+    for row, (shape, parsed) in rows:
         shapes[shape] = shapes.get(shape, 0) + 1
         out.append(parsed)
         out.locations.append((row.source, row.line))

@@ -20,7 +20,8 @@ from alignkit.generation.openai_http import OpenAIHTTPGenerator
 BACKENDS = ("hf", "vllm", "http")
 HTTP_OPTIONS = ("http_timeout", "http_retries", "concurrency", "http_retry_timeouts", "api_key_env")
 # read only by the bundled-task runner (run_eval's tasks), never by lm-eval (--harness)
-TASKS_ONLY = ("prompt", "judge", "resume", "fresh", "seed", "backend", "base_url", *HTTP_OPTIONS)
+TASKS_ONLY = ("prompt", "judge", "resume", "fresh", "seed", "limit_per_subject", "backend", "base_url",
+              *HTTP_OPTIONS)
 _HTTP = inspect.signature(OpenAIHTTPGenerator.__init__).parameters  # the HTTP options' one home
 
 
@@ -36,6 +37,9 @@ class EvalConfig:
         "help": "Prompt style of the bundled tasks.", "choices": list(STYLES)})
     limit: int | None = field(default=None, metadata={
         "help": "Examples per task (MMLU: a seeded sample; lm-eval: its --limit). None: all."})
+    limit_per_subject: int | None = field(default=None, metadata={
+        "help": "MMLU: the first N examples of each subject, in file order (then --limit samples from those). "
+                "None: all. Other tasks refuse it."})
     seed: int = field(default=0, metadata={"help": "Seed of the bundled tasks' example sampling."})
     output: str = field(default="eval_out", metadata={
         "help": "Output folder (results.json, reports, per-task predictions; lm-eval under harness/)."})
@@ -118,6 +122,8 @@ def problems(cfg: EvalConfig, key: Callable[[str], str] = str) -> list[str]:
         out.append(f"{key('backend')} http needs {key('base_url')} (e.g. http://localhost:8000/v1)")
     if cfg.fresh and cfg.resume:
         out.append(f"{key('fresh')} (start over) and {key('resume')} (continue) contradict each other; give one")
+    if cfg.limit_per_subject is not None and cfg.limit_per_subject < 0:
+        out.append(f"{key('limit_per_subject')} must be >= 0, got {cfg.limit_per_subject}")
     return out + unread(cfg, key)
 
 
@@ -133,6 +139,11 @@ def unread(cfg: EvalConfig, key: Callable[[str], str] = str) -> list[str]:
         if is_set(cfg, "judge") and not judged:
             out.append(f"{key('judge')} is read by the judged tasks ({', '.join(n for n in TASKS if TASKS[n].uses_judge)}); "
                        f"{key('tasks')} {','.join(cfg.tasks)} ignore it")
+        no_subjects = [n for n in cfg.tasks if n in TASKS and not TASKS[n].has_subjects]
+        if is_set(cfg, "limit_per_subject") and no_subjects:
+            out.append(f"{key('limit_per_subject')} is read only by tasks with subjects "
+                       f"({', '.join(n for n in TASKS if TASKS[n].has_subjects)}); "
+                       f"{key('tasks')} {','.join(no_subjects)} ignore it")
         http_judge = isinstance(cfg.judge, str) and cfg.judge.startswith(("http://", "https://"))
         if cfg.backend != "http" and is_set(cfg, "base_url"):
             out.append(f"{key('base_url')} is read only by {key('backend')} http; "

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["canonical_number", "gsm8k_answer", "parse_gsm8k_response", "parse_mmlu_response"]
+__all__ = [
+    "canonical_number",
+    "gsm8k_answer",
+    "lists_options_inline",
+    "parse_gsm8k_response",
+    "parse_mmlu_response",
+    "strip_option_list",
+]
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -21,14 +28,48 @@ _ANSWER_IS = re.compile(
 _LEADING = re.compile(r"^[*(\[]*([A-D])(?:[*)\]]*(?:[.:,)]|$|\s*\n|\s+[-\u2013\u2014]))")
 _PARENTHESISED = re.compile(r"\(([A-D])\)")
 _ECHO_PREFIX = re.compile(r"^(?:the\s+)?(?:correct\s+)?answer\s*(?:is\s*:?|:)\s*", re.IGNORECASE)
+# One line of an option list: "A. Paris", "B) London", "(C) Berlin", "D: Madrid", "- **A.** Paris", "A."
+_OPTION_LINE = re.compile(r"^[\s>*-]*[*(\[]*([A-D])(?:[*)\]]+[.:]?|\**\s*[.:)])\**(?:\s.*)?$")
 
 
 def _normalise_text(text: str) -> str:
     return " ".join(text.strip().strip("*\"'`").rstrip(".").split()).lower()
 
 
+def strip_option_list(text: str) -> tuple[str, bool]:
+    """``(text without its option-list lines, whether it had a list)``.
+
+    A list is two or more lines that each start with an option letter and a separator ("A. Paris",
+    "B) London", "(C) Berlin", "D:"), with at least two distinct letters: the model repeating the
+    options (in full or in part), which is not an answer. One such line ("B. London") is an answer and
+    is kept. Other lines (e.g. a closing "The correct answer is C") are kept, in order.
+    """
+    lines = text.splitlines()
+    marked = {i: m.group(1) for i, line in enumerate(lines) if (m := _OPTION_LINE.match(line))}
+    if len(marked) < 2 or len(set(marked.values())) < 2:
+        return text, False
+    return "\n".join(line for i, line in enumerate(lines) if i not in marked), True
+
+
+def lists_options_inline(text: str, options) -> bool:
+    """True when two or more options appear as "<letter><separator> <option text>" in the text ("A. Paris
+    B. London ..." on one line): the option list repeated, not an answer."""
+    listed = set()
+    for letter, option in zip(LETTERS, options):
+        option = str(option).strip()
+        marker = rf"(?<![A-Za-z0-9])[(\[]?{letter}[.:)\]]+\s*(?i:{re.escape(option)})"
+        if option and re.search(marker, text):
+            listed.add(letter)
+    return len(listed) >= 2
+
+
 def parse_mmlu_response(mmlu_example: dict, model_output: str) -> str | None:
-    """The predicted letter of an MMLU answer, or ``None``. Rules, first match wins:
+    """The predicted letter of an MMLU answer, or ``None``.
+
+    An echoed option list ("A. ...\nB. ...", see :func:`strip_option_list`) is removed first: an output
+    that is only such a list is ``None`` (unparsed), not "A"; a list followed by "The correct answer is C"
+    is "C". The rest is read by these rules, first match wins (after rule 1, options listed on one line,
+    :func:`lists_options_inline`, are ``None`` too):
 
     1. an explicit statement: "The correct answer is B", "Answer: (C)", "answer is option D", "**A**";
     2. the output starts with the letter: "B", "B.", "(B)", "B) Paris", "B: Paris" (not "A virus ...");
@@ -41,10 +82,13 @@ def parse_mmlu_response(mmlu_example: dict, model_output: str) -> str | None:
     is not an option ("The correct answer is 10000 polymerases"), several different "(X)" -- is ``None``.
     ``mmlu_example`` has ``options`` (four strings); other keys (subject, question, answer) are not used.
     """
-    text = model_output.strip()
+    text = strip_option_list(model_output.strip())[0].strip()
     explicit = _ANSWER_IS.search(text)
     if explicit:
         return explicit.group(1)
+    options = mmlu_example.get("options") or []
+    if lists_options_inline(text, options):
+        return None
     distinct = set(_PARENTHESISED.findall(text))
     if len(distinct) > 1:
         return None
@@ -53,7 +97,6 @@ def parse_mmlu_response(mmlu_example: dict, model_output: str) -> str | None:
         return leading.group(1)
     if distinct:
         return distinct.pop()
-    options = mmlu_example.get("options") or []
     answer_text = _normalise_text(_ECHO_PREFIX.sub("", text))
     echoed = [letter for letter, option in zip(LETTERS, options) if _normalise_text(str(option)) == answer_text]
     return echoed[0] if len(echoed) == 1 and answer_text else None

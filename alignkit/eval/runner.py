@@ -266,12 +266,13 @@ def judge_task(task: Task, records: list[dict], judge, out_dir: Path, resume: bo
 
 
 def run_task(task: Task, generator, out_dir: Path, *, limit, seed, style, max_new_tokens, batch_size,
-             judge, settings: dict | None = None, fresh: bool = False, resume=None) -> tuple[dict, dict, list, list]:
+             judge, settings: dict | None = None, fresh: bool = False, resume=None,
+             limit_per_subject=None) -> tuple[dict, dict, list, list]:
     """One task end to end -> (metrics, throughput of the whole run, sample failures, failed examples).
 
     ``settings`` (:func:`output_settings`) are checked against / recorded in run.json; ``fresh``
     moves the earlier files aside. ``resume`` is EvalConfig's (None/True: continue; False: fresh)."""
-    examples = task.load(limit, seed)
+    examples = task.load(limit, seed, limit_per_subject=limit_per_subject)
     fresh = fresh or resume is False
     earlier = prepare_task_dir(out_dir, settings or {}, fresh=fresh)
     log = PredictionLog(out_dir / "predictions.jsonl", resume=True)
@@ -359,7 +360,8 @@ def _run_tasks(cfg: EvalConfig, model) -> dict:
         metrics, thr, samples, failed = run_task(
             get_task(name), generator, out / name, limit=cfg.limit, seed=cfg.seed, style=cfg.prompt,
             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, judge=judge_obj,
-            settings={"task": name, **settings}, fresh=cfg.fresh, resume=cfg.resume)
+            settings={"task": name, **settings}, fresh=cfg.fresh, resume=cfg.resume,
+            limit_per_subject=cfg.limit_per_subject)
         results["metrics"][name], results["throughput"][name], results["samples"][name] = metrics, thr, samples
         if failed:
             results["failed"][name] = {"n": len(failed), "first": failed[0]}

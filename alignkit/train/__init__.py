@@ -20,7 +20,8 @@ Stage-module contract (every ``alignkit/train/<stage>.py`` in :data:`STAGES` kee
       max_rows, max_length, packing, template),
     * ``lora`` (``LoraArgs``: enabled, r, alpha, dropout, target_modules, ...),
     * ``train`` (an ``ARGS_CLASS`` instance; ``output_dir`` is already set to ``stage_dir``),
-    * ``extras`` (dict: any stage-specific section that is not one of the above).
+    * ``extras`` (dict: any stage-specific section that is not one of the above),
+    * ``user_keys`` (frozenset of the dotted keys the user set) and ``previous`` (see ``ignored_keys``).
 
     ``stage_dir`` (``pathlib.Path``) exists and is where every output goes. ``model_path`` is the
     model to start from: the previous stage's output model folder in a chain, else ``None``
@@ -37,28 +38,44 @@ Stage-module contract (every ``alignkit/train/<stage>.py`` in :data:`STAGES` kee
     Writers: ``stage_dir/metrics.jsonl`` (one JSON object per log line) and
     ``stage_dir/curves.png`` (see :mod:`alignkit.train.callbacks`).
 
+``DATA_KEYS`` (optional)
+    ``frozenset`` of the ``data:`` field names the stage reads (``{"path", "split", ...}``). When a
+    module declares it, :func:`alignkit.config.ignored_settings` refuses every other ``data.*`` key
+    the user sets, naming the stages whose ``DATA_KEYS`` hold it. Without it the module's
+    ``ignored_keys`` is the only data rule.
+
+``ignored_keys(stage) -> dict[str, str]`` (optional)
+    ``stage`` is the built :class:`alignkit.config.StageRecipe` (typed sections, ``user_keys``: the
+    dotted keys the user set, ``previous``: the chain's previous training stage or None). Returns
+    ``{dotted_key: message}`` for every key (``"train.label_smoothing"``, ``"data.template"``) that the
+    path this configuration selects does NOT read, whether the user set it or not (the loader keeps
+    those in ``stage.user_keys``; ``StageRecipe.to_dict`` leaves them all out of ``resolved_config.yaml``).
+    The message is one line that names the key, the path that ignores it and the paths that would read
+    it, e.g. ``train.label_smoothing is read by losses cdpo, robust, simpo and trl (...); this recipe's
+    loss is dpo``. It must be cheap and pure (no model, no data, no I/O): it runs while the recipe is
+    loaded, before anything else, and again when the resolved config is written. A key the user set
+    equal to its default still counts as set. Keys the loader forces (output_dir, seed, use_cpu, bf16)
+    are not user keys. The generic rules of :mod:`alignkit.config` (lora off, ``DATA_KEYS``, a chain's
+    later stage and the first stage's model keys) are added to it; the module lists only its own.
+
 The pipeline (:mod:`alignkit.pipeline`) writes ``resolved_config.yaml`` and the ``DONE`` state.
 """
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-# stage name -> module path (each module keeps the contract above)
-STAGES: dict[str, str] = {
-    "sft": "alignkit.train.sft",
-    "dpo": "alignkit.train.dpo",
-    "reward": "alignkit.train.reward",
-    "grpo": "alignkit.train.grpo",
-}
+from alignkit.train import dpo, grpo, reward, sft
+
+# stage name -> stage module (each keeps the contract above)
+STAGES: dict[str, ModuleType] = {"sft": sft, "dpo": dpo, "reward": reward, "grpo": grpo}
 
 
 def get_stage_module(name: str) -> ModuleType:
-    """Import the stage module for ``name``; a clear error lists the valid stage names."""
+    """The stage module for ``name``; a clear error lists the valid stage names."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
-    module = importlib.import_module(STAGES[name])
+    module = STAGES[name]
     for attr in ("ARGS_CLASS", "run"):
         if not hasattr(module, attr):
-            raise TypeError(f"stage module {STAGES[name]} lacks {attr!r} (see alignkit/train/__init__.py)")
+            raise TypeError(f"stage module {module.__name__} lacks {attr!r} (see alignkit/train/__init__.py)")
     return module

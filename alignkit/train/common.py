@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
+from alignkit.data.check import render, resolve_template, run_check
 from alignkit.data.io import write_json_atomic, write_text_atomic
-from alignkit.models import load_model, prepare_kbit
-from alignkit.resources import prompt as bundled_prompt
+from alignkit.models import load_model, merge_adapter, prepare_kbit
 from alignkit.train.callbacks import GracefulInterruptCallback, MetricsJsonlCallback, plot_metrics
 
 logger = logging.getLogger("alignkit.train")
@@ -108,33 +108,28 @@ def load_split(data, load_fn, seed: int) -> tuple[list, list]:
 
 def text_template(template: str | None) -> str | None:
     """The text template for ``data.template``: None for "chat"/None, else a bundled prompt's text
-    (e.g. "alpaca_sft") or the string itself when it has ``{instruction}``/``{prompt}`` slots."""
-    if template in (None, "chat"):
-        return None
-    if "{" in template:
-        return template
-    return bundled_prompt(template)
+    (e.g. "alpaca_sft") or the string itself when it has ``{instruction}``/``{prompt}`` slots
+    (:func:`alignkit.data.check.resolve_template`, which the data check measures with)."""
+    return None if template == "chat" else resolve_template(template)
 
 
 def fill_template(template: str, prompt: str) -> str:
-    """The prompt text of a template up to its response slot (``{response}`` left empty)."""
-    for slot in ("{instruction}", "{prompt}", "{question}"):
-        template = template.replace(slot, "\x00")
-    head = template.split("{response}", 1)[0]
-    return head.replace("\x00", prompt)
+    """The prompt text of a template up to its response slot: :func:`alignkit.data.check.render`, the same
+    rendering the data check measures, so the check and training see one text."""
+    return render(template, prompt)
 
 
-def checked_loader(read, check, stage_dir: Path):
-    """``load_fn`` for :func:`load_split`: ``read(path, split)`` the rows (errors collected), keep the first
-    ``limit``, ``check(rows)`` them (report saved, malformed rows raise) and return the clean rows."""
+def checked_loader(data, kind: str, tokenizer, max_length: int | None, stage_dir: Path):
+    """``load_fn`` for :func:`load_split`: the data check's own loader (:func:`alignkit.data.check.run_check`,
+    ``limit`` read as ``max_rows``), its report saved, then its verdict under ``data.on_error``; returns the
+    kept rows. ``alignkit data check`` runs the same function, so the two agree on every row."""
 
     def load(path, split, limit, name):
-        rows = read(path, split)
-        if limit:
-            del rows[limit:]
-            del rows.locations[limit:]
-        report = check(rows)
+        opts = {"data": path, "split": split, "kind": kind, "format": getattr(data, "format", None),
+                "columns": data.columns, "template": data.template, "max_length": max_length, "max_rows": limit}
+        report = run_check(opts, tokenizer=tokenizer)
         save_data_report(report, stage_dir, f"data_check_{name}")
+        report.verdict(data.on_error, report_path=str(stage_dir / f"data_check_{name}.md"))
         return report.kept
 
     return load
@@ -147,11 +142,6 @@ def save_data_report(report, stage_dir: Path, name: str) -> None:
     write_json_atomic(stage_dir / f"{name}.json", report.to_dict())
     logger.info("data check (%s): %d read, %d kept, %d dropped, %d malformed -> %s", name, report.rows_read,
                 report.rows_kept, report.rows_dropped, len(report.malformed), stage_dir / f"{name}.md")
-    if report.malformed:
-        first = report.malformed[0]
-        raise ValueError(f"{len(report.malformed)} malformed data rows, first: {first.source} line {first.line}"
-                         f" field {first.field!r}: {first.message} (full list: {stage_dir / (name + '.md')})")
-    report.raise_if_empty()
 
 
 def stage_callbacks(stage_dir: Path) -> list:
@@ -196,7 +186,8 @@ def train_and_save(trainer, recipe, stage_dir: Path, tokenizer, source, *, merge
         tokenizer.save_pretrained(str(final))
     if _is_peft(trainer.model):
         result["adapter_dir"] = str(final)
-        result["model_dir"] = _save_merged(trainer, tokenizer, stage_dir / "final_merged") if merge_lora else None
+        result["model_dir"] = (_save_merged(trainer, tokenizer, final, stage_dir / "final_merged")
+                               if merge_lora else None)
     trainer.accelerator.wait_for_everyone()
     # 4. curves and summary
     if trainer.is_world_process_zero():
@@ -213,18 +204,21 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _save_merged(trainer, tokenizer, out: Path) -> str | None:
-    """Merge the LoRA adapter into a copy of the base weights (skipped for 4/8-bit bases)."""
+def _save_merged(trainer, tokenizer, adapter_dir: Path, out: Path) -> str:
+    """A full model folder for the next stage: the LoRA adapter merged into the base weights. A 4/8-bit
+    (QLoRA) base is not merged onto its quantized weights: the saved adapter is merged onto a full-precision
+    (float32) copy of the base instead (:func:`alignkit.models.merge_adapter`), and the log says so."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     base = model.get_base_model()
-    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        logger.warning("quantized base: not merging the adapter (merge onto full-precision weights with "
-                       "`alignkit merge ADAPTER_DIR OUT_DIR`)")
-        return None
+    quantized = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
     if trainer.is_world_process_zero():
-        merged = model.merge_and_unload()
-        merged.save_pretrained(str(out))
-        tokenizer.save_pretrained(str(out))
+        if quantized:
+            merge_adapter(adapter_dir, out, dtype="float32", device="cpu")
+            logger.info("quantized base: the adapter %s is merged onto a full-precision copy of the base -> %s "
+                        "(the next stage starts from it)", adapter_dir, out)
+        else:
+            model.merge_and_unload().save_pretrained(str(out))
+            tokenizer.save_pretrained(str(out))
     return str(out)
 
 

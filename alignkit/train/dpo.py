@@ -4,11 +4,18 @@
 batch into per-sequence log-probs and then a loss: it computes the policy's per-sequence log-probs with
 TRL's fused LM head, gets the reference log-probs from TRL (precomputed columns, or
 ``compute_ref_log_probs``: the explicit reference model, or the policy with its LoRA adapter disabled),
-and hands the tensors to ``alignkit.losses.PREFERENCE_LOSSES[loss]``. ``loss: trl`` keeps TRL's own
-``loss_type``. Logged like TRL: rewards/chosen|rejected|accuracies|margins, logps/chosen|rejected.
+and hands the tensors to ``alignkit.losses.PREFERENCE_LOSSES[loss]`` with exactly the parameters that loss
+declares. ``loss: trl`` keeps TRL's own ``loss_type``. Logged like TRL: rewards/chosen|rejected|accuracies|
+margins, logps/chosen|rejected.
+
+Which loss runs (:func:`resolve_loss`): ``train.loss`` when set; otherwise TRL's ``loss_type`` as TRL users
+write it: mapped onto the alignkit loss with the same definition (sigmoid -> dpo, robust, hinge, ipo) unless
+a TRL-only knob is in use, else TRL's own loss (``trl``). Settings the chosen loss does not read are refused
+(:func:`unread_settings`, :func:`ignored_keys`), never dropped.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +24,27 @@ from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from alignkit import losses as L
+from alignkit.data.preference import PreferencePair, to_trl_dataset
 from alignkit.train import common
 
 logger = logging.getLogger("alignkit.train")
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+#: LossSpec parameter -> the DPOArgs field that holds its value
+LOSS_PARAM_FIELDS = {"beta": "beta", "label_smoothing": "label_smoothing", "gamma": "simpo_gamma"}
+#: TRL loss_type -> the alignkit loss with the same definition (from the loss table)
+TRL_EQUIVALENT = {spec.trl_loss_type: name for name, spec in L.PREFERENCE_LOSSES.items() if spec.trl_loss_type}
+#: DPOConfig fields only TRL's own loss computation reads (bypassed by an alignkit loss)
+TRL_LOSS_FIELDS = ("loss_type", "loss_weights", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef",
+                   "use_weighting", "discopop_tau")
+#: TRL loss_types that read label_smoothing (TRL 1.16 DPOTrainer._compute_loss)
+TRL_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
+#: settings of the reference model, unread by a reference-free loss
+REFERENCE_FIELDS = ("precompute_ref_log_probs", "precompute_ref_batch_size", "sync_ref_model",
+                    "ref_model_mixup_alpha", "ref_model_sync_steps")
+#: the data.* keys this stage reads (common.load_split + preference_loader); others are refused
+DATA_KEYS = frozenset({"path", "split", "format", "columns", "eval_path", "eval_split", "val_size", "max_rows",
+                       "max_eval_rows", "max_length", "template", "on_error"})
 
 
 @dataclass
@@ -32,23 +56,96 @@ class DPOArgs(DPOConfig):
     ``metric_for_best_model: eval_rewards/accuracies`` (and ``greater_is_better: true``).
     """
 
-    loss: str = field(default="dpo", metadata={
+    loss: str | None = field(default=None, metadata={
         "help": "Preference loss from alignkit.losses: dpo (Rafailov et al. 2023), cdpo (conservative, uses "
                 "label_smoothing), robust, hinge, ipo (Azar et al. 2023; beta is tau), simpo (Meng et al. "
                 "2024; reference-free, margin simpo_gamma), orpo (Hong et al. 2024; beta is lambda, adds the "
-                "chosen NLL); or 'trl' for TRL's own loss_type.",
-        "choices": [*L.PREFERENCE_LOSSES, "trl"]})
+                "chosen NLL); or 'trl' for TRL's own loss_type. Unset: from loss_type (sigmoid -> dpo, robust, "
+                "hinge, ipo; other TRL losses or TRL-only knobs -> trl).",
+        "choices": [None, *L.PREFERENCE_LOSSES, "trl"]})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin gamma."})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={
         "help": "Loggers: tensorboard (default), wandb, mlflow (when installed), none, or a list."})
 
     def __post_init__(self):
-        if self.loss != "trl":
-            L.get_preference_loss(self.loss)  # raises listing the valid names
-        super().__post_init__()
+        super().__post_init__()  # TRL turns a loss_type string into a list
+        self.loss = resolve_loss(self)
+        changed = {name: reason for name, reason in unread_settings(self).items()
+                   if getattr(self, name) != _default(name)}
+        if changed:
+            raise ValueError(changed[min(changed)])
 
 
 ARGS_CLASS = DPOArgs
+
+
+def _default(name: str):
+    f = next(f for f in dataclasses.fields(DPOArgs) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _trl_knobs_in_use(args) -> list[str]:
+    """TRL-only loss knobs (other than loss_type) holding a value other than TRL's default."""
+    return [n for n in TRL_LOSS_FIELDS if n != "loss_type" and getattr(args, n) != _default(n)]
+
+
+def resolve_loss(args) -> str:
+    """The loss that runs: ``args.loss`` when set (checked against ``loss_type``), else from ``loss_type``."""
+    types = list(args.loss_type)
+    if args.loss is None:
+        mapped = TRL_EQUIVALENT.get(types[0]) if len(types) == 1 else None
+        return mapped if mapped and not _trl_knobs_in_use(args) else "trl"
+    if args.loss != "trl":
+        spec = L.get_loss_spec(args.loss)  # raises listing the valid names
+        if types not in (_default("loss_type"), [spec.trl_loss_type]):
+            raise ValueError(f"loss={args.loss!r} and loss_type={types} name different losses: set one of them "
+                             f"(loss: trl runs TRL's loss_type)")
+    return args.loss
+
+
+def unread_settings(args) -> dict[str, str]:
+    """``{field: message}`` for every DPOArgs loss setting the resolved ``args.loss`` does not read; the
+    message is one line, ``train.label_smoothing is read by losses ...; this recipe's loss is dpo``."""
+    name, types = args.loss, list(args.loss_type)
+    trl_path = f"trl with loss_type {', '.join(types)}"
+    out = {}
+    if name == "trl":
+        if not set(types) & set(TRL_SMOOTHED):
+            out["label_smoothing"] = _readers("label_smoothing", trl_path)
+        if "discopop" not in types:
+            out["discopop_tau"] = f"read by loss trl with loss_type discopop; this recipe's loss is {trl_path}"
+        if args.f_divergence_type != "alpha_divergence":
+            out["f_alpha_divergence_coef"] = ("read by loss trl with f_divergence_type alpha_divergence; this "
+                                              f"recipe's f_divergence_type is {args.f_divergence_type}")
+        out["simpo_gamma"] = _readers("gamma", trl_path)
+    else:
+        spec = L.get_loss_spec(name)
+        for param, attr in LOSS_PARAM_FIELDS.items():
+            if param not in spec.params:
+                out[attr] = _readers(param, name)
+        for attr in TRL_LOSS_FIELDS:
+            if attr != "loss_type" or types != [spec.trl_loss_type]:  # a loss_type naming this very loss is read
+                out[attr] = (f"read by loss trl; this recipe's loss is {name} (alignkit.losses; set loss: trl "
+                             f"for TRL's loss_type)")
+        if spec.reference_free:
+            for attr in REFERENCE_FIELDS:
+                out[attr] = f"read by reference-based losses; this recipe's loss {name} is reference-free"
+    return {attr: f"train.{attr} is {reason}" for attr, reason in out.items()}
+
+
+def _readers(param: str, current: str) -> str:
+    """``read by losses cdpo, robust, simpo and trl (...); this recipe's loss is dpo`` for one loss parameter."""
+    names = L.losses_reading(param)
+    if param == "label_smoothing":
+        names.append(f"trl (loss_type {', '.join(TRL_SMOOTHED)})")
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"read by {'losses' if len(names) > 1 else 'loss'} {listed}; this recipe's loss is {current}"
+
+
+def ignored_keys(stage) -> dict[str, str]:
+    """Stage-module strictness hook (contract in alignkit/train/__init__.py): the recipe keys the selected
+    loss does not read, ``{"train.label_smoothing": "train.label_smoothing is read by ...; ..."}``."""
+    return {f"train.{name}": message for name, message in unread_settings(stage.train).items()}
 
 
 class AlignkitDPOTrainer(DPOTrainer):
@@ -64,24 +161,29 @@ class AlignkitDPOTrainer(DPOTrainer):
         completion_mask = inputs["completion_mask"]  # (2B, T), batch is [chosen; rejected]
         # 1. policy per-token log-probs of the completion tokens (TRL's fused head: no (2B, T, V) logits)
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        if self.aux_loss_enabled:  # MoE: TRL's router load-balancing loss, as TRL's own _compute_loss adds it
+            model_kwargs["output_router_logits"] = True
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)  # (2B, T)
         outputs = model(**model_kwargs, labels=labels, use_cache=False, fused_lm_head=True)
         per_token = outputs.log_probs[:, -(completion_mask.size(1) - 1):]  # (2B, T-1), 0 where label -100
         chosen_logps, rejected_logps = per_token.sum(dim=1).chunk(2)  # (B,), (B,)
         chosen_len, rejected_len = completion_mask.sum(dim=1).chunk(2)  # (B,), (B,) completion tokens
         # 2. reference log-probs (skipped for reference-free losses)
+        spec = L.get_loss_spec(name)
         ref_chosen = ref_rejected = None
-        if name not in L.REFERENCE_FREE:
+        if not spec.reference_free:
             if self.precompute_ref_logps:
                 ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             else:
                 ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
         # 3. the loss from the table (+ the chosen NLL for ORPO)
-        losses, chosen_rewards, rejected_rewards = L.get_preference_loss(name)(
-            chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta=self.beta,
-            label_smoothing=self.args.label_smoothing, gamma=self.args.simpo_gamma,
-            chosen_lengths=chosen_len, rejected_lengths=rejected_len)
+        values = {param: getattr(self.args, attr) for param, attr in LOSS_PARAM_FIELDS.items()}
+        values.update(beta=self.beta, chosen_lengths=chosen_len, rejected_lengths=rejected_len)
+        losses, chosen_rewards, rejected_rewards = spec.fn(chosen_logps, rejected_logps, ref_chosen, ref_rejected,
+                                                           **spec.kwargs(values))
         loss = losses.mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
         if name == "orpo":
             nll = -chosen_logps.sum() / chosen_len.sum().clamp(min=1)
             loss = loss + nll
@@ -105,8 +207,6 @@ class AlignkitDPOTrainer(DPOTrainer):
 
 def to_trl_pairs(pairs: list, template: str | None):
     """Preference pairs -> a TRL dataset, with ``data.template`` applied ("chat": user/assistant messages)."""
-    from alignkit.data.preference import PreferencePair, to_trl_dataset
-
     text = common.text_template(template)
     out = []
     for p in pairs:
@@ -123,18 +223,8 @@ def to_trl_pairs(pairs: list, template: str | None):
 
 def preference_loader(recipe, tokenizer, stage_dir: Path):
     """``load_fn`` for :func:`common.load_split`: read, check (report saved), keep the clean pairs."""
-    from alignkit.data.check import check_preference
-    from alignkit.data.preference import load_preference_rows
-
-    d = recipe.data
-    max_length = d.max_length or getattr(recipe.train, "max_length", None)
-    template = d.template  # the check takes "chat", a bundled prompt name or a template string as is
-
-    return common.checked_loader(
-        lambda path, split: load_preference_rows(path, split=split, format=d.format, columns=d.columns,
-                                                 errors="collect"),
-        lambda pairs: check_preference(pairs, tokenizer=tokenizer, max_length=max_length, template=template),
-        stage_dir)
+    max_length = recipe.data.max_length or getattr(recipe.train, "max_length", None)
+    return common.checked_loader(recipe.data, "preference", tokenizer, max_length, stage_dir)
 
 
 def run(recipe, stage_dir, model_path=None) -> dict:

@@ -112,6 +112,7 @@ class GRPOArgs(GRPOConfig):
 
 
 ARGS_CLASS = GRPOArgs
+DATA_KEYS = frozenset({"path", "eval_path"})  # the data.* fields GRPO reads (task gsm8k: question/answer JSONL)
 
 # Loop fields the stage sets itself (GRPOArgs.loop_config): a recipe that sets one is refused.
 DERIVED = {
@@ -191,7 +192,7 @@ def ignored_keys(stage) -> dict[str, str]:
     if not stage.lora.enabled:
         out.update({f"lora.{f.name}": "read with lora.enabled true; this recipe's lora.enabled is false"
                     for f in fields(stage.lora) if f.name != "enabled"})
-    return out
+    return {key: f"{key} is {why}" for key, why in out.items()}  # the contract: one line starting "<key> is "
 
 
 def _on_policy(args: GRPOConfig) -> bool:

@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import set_seed
+from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 
 from alignkit.train import common
-from alignkit.train.dpo import preference_loader, to_trl_pairs
+from alignkit.train.dpo import DATA_KEYS, preference_loader, to_trl_pairs
+
+__all__ = ["ARGS_CLASS", "DATA_KEYS", "RewardArgs", "run"]  # DATA_KEYS: the same preference data path as DPO
 
 
 @dataclass
@@ -27,8 +29,6 @@ ARGS_CLASS = RewardArgs
 
 def run(recipe, stage_dir, model_path=None) -> dict:
     """Train a scalar reward model on preference pairs; returns the stage result."""
-    from transformers import AutoModelForSequenceClassification
-
     stage_dir = Path(stage_dir)
     set_seed(recipe.seed)
     # 1. a one-output classifier on the base model (the score head is new: trained in full under LoRA)

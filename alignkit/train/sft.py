@@ -7,12 +7,25 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
+import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
+from alignkit.data import PackedSFTDataset
 from alignkit.train import common
 
 logger = logging.getLogger("alignkit.train")
+
+#: the data.* keys this stage reads (common.load_split + _loader + build_datasets); others are refused
+DATA_KEYS = frozenset({"path", "split", "columns", "eval_path", "eval_split", "val_size", "max_rows",
+                       "max_eval_rows", "max_length", "packing", "template", "on_error"})
+#: SFTConfig fields of TRL's own data path (formatting, tokenization, packing, loss masks), unread when
+#: data.packing=alignkit hands TRL already packed input_ids
+TRL_DATA_FIELDS = ("packing", "packing_strategy", "eval_packing", "completion_only_loss", "assistant_only_loss",
+                   "dataset_text_field", "eos_token")
+#: the template alignkit packing applies (PackedSFTDataset)
+PACKING_TEMPLATE = "alpaca_sft"
 
 
 @dataclass
@@ -29,6 +42,28 @@ class SFTArgs(SFTConfig):
 
 
 ARGS_CLASS = SFTArgs
+
+
+def ignored_keys(stage) -> dict[str, str]:
+    """Stage-module strictness hook (contract in alignkit/train/__init__.py): the keys this SFT
+    configuration does not read, ``{dotted_key: one-line reason}``."""
+    data, args = stage.data, stage.train
+    out = {}
+    if data.packing == "alignkit":
+        why = "this recipe's data.packing is alignkit (PackedSFTDataset: packed input_ids, loss on every token)"
+        for name in TRL_DATA_FIELDS:
+            out[f"train.{name}"] = f"train.{name} is read by TRL's SFT data path; {why}"
+        if data.template != PACKING_TEMPLATE:
+            out["data.template"] = (f"data.template is not applied by data.packing: alignkit (PackedSFTDataset "
+                                    f"formats rows with {PACKING_TEMPLATE}); set data.template: {PACKING_TEMPLATE}"
+                                    f" or leave it out")
+    elif not (args.packing or args.eval_packing):
+        out["train.packing_strategy"] = ("train.packing_strategy is read with train.packing (or eval_packing): "
+                                         "true; this recipe does not pack")
+    if data.packing == "alignkit" or args.packing:
+        out["data.max_length"] = ("data.max_length is read by the data check of unpacked SFT (it drops long "
+                                  "rows); this recipe packs (rows are concatenated and cut to train.max_length)")
+    return out
 
 
 def to_trl_rows(rows: list[dict], template: str | None) -> list[dict]:
@@ -59,18 +94,10 @@ def to_trl_rows(rows: list[dict], template: str | None) -> list[dict]:
 
 
 def _loader(recipe, tokenizer, stage_dir: Path):
-    from alignkit.data.check import check_sft
-    from alignkit.data.sft_rows import load_sft_rows
-
     packed = recipe.data.packing == "alignkit" or recipe.train.packing
     # packed rows are concatenated then cut, so a long row is not dropped
     max_length = None if packed else recipe.data.max_length or recipe.train.max_length
-    template = recipe.data.template  # the check takes "chat", a bundled prompt name or a template string as is
-
-    return common.checked_loader(
-        lambda path, split: load_sft_rows(path, split=split, columns=recipe.data.columns, errors="collect"),
-        lambda rows: check_sft(rows, tokenizer=tokenizer, max_length=max_length, template=template),
-        stage_dir)
+    return common.checked_loader(recipe.data, "sft", tokenizer, max_length, stage_dir)
 
 
 def packed_dataset(rows: list[dict], tokenizer, seq_length: int, path: Path, seed: int):
@@ -79,11 +106,6 @@ def packed_dataset(rows: list[dict], tokenizer, seq_length: int, path: Path, see
     Each packed item (``input_ids`` + next-token ``labels``, both ``(m,)``) becomes one sequence of
     ``m + 1`` tokens, so the HF model's internal shift scores exactly the packed labels; loss on all tokens.
     """
-    import datasets
-    import torch
-
-    from alignkit.data import PackedSFTDataset
-
     with path.open("w") as fh:
         for row in rows:
             if not isinstance(row.get("prompt"), str):
@@ -99,8 +121,6 @@ def packed_dataset(rows: list[dict], tokenizer, seq_length: int, path: Path, see
 
 def build_datasets(recipe, tokenizer, stage_dir: Path):
     """(train, eval or None) HF datasets after the data check."""
-    import datasets
-
     train_rows, val_rows = common.load_split(recipe.data, _loader(recipe, tokenizer, stage_dir), recipe.seed)
     if recipe.data.packing == "alignkit":
         seq = recipe.train.max_length or 512

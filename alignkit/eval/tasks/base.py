@@ -95,6 +95,33 @@ def seeded_subset(examples: list[dict], limit: int | None, seed: int) -> list[di
     return [examples[i] for i in keep]
 
 
+def first_n_per_subject(examples: list[dict], n: int | None) -> list[dict]:
+    """The first ``n`` examples of each ``subject`` in their order (``None``: all), order kept."""
+    if n is None:
+        return examples
+    if n < 0:
+        raise ValueError(f"limit_per_subject must be >= 0, got {n}")
+    seen: dict[str, int] = {}
+    kept = []
+    for ex in examples:
+        seen[ex["subject"]] = seen.get(ex["subject"], 0) + 1
+        if seen[ex["subject"]] <= n:
+            kept.append(ex)
+    return kept
+
+
+def refuse_limit_per_subject(task: Task, limit_per_subject: int | None) -> None:
+    """ValueError when ``limit_per_subject`` is set for a task without subjects (it would be ignored)."""
+    if limit_per_subject is not None and not task.has_subjects:
+        readers = ", ".join(sorted(c.name for c in _subclasses(Task) if c.has_subjects and c.name))
+        raise ValueError(f"limit_per_subject is read only by tasks with subjects ({readers}); "
+                         f"task {task.name!r} ignores it")
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
 class Task:
     """Base class. Subclasses set ``spec`` (name and token cap are read from it) and implement
     ``_load_all`` and ``aggregate``; tasks without a grader implement ``score``; judged tasks ``judge``."""
@@ -104,6 +131,7 @@ class Task:
     max_new_tokens: ClassVar[int] = 256  # = spec.max_new_tokens
     needs_judge: ClassVar[bool] = False  # the headline metric needs a judge model (alpaca_eval, sst)
     uses_judge: ClassVar[bool] = False  # judge() is called when a judge is given
+    has_subjects: ClassVar[bool] = False  # examples have a "subject" and load() reads limit_per_subject (MMLU)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -117,8 +145,10 @@ class Task:
     def _load_all(self) -> list[dict]:
         raise NotImplementedError
 
-    def load(self, limit: int | None = None, seed: int = 0) -> list[dict]:
-        """Examples (dicts with a unique string ``id``); ``limit`` keeps the first N."""
+    def load(self, limit: int | None = None, seed: int = 0, limit_per_subject: int | None = None) -> list[dict]:
+        """Examples (dicts with a unique string ``id``); ``limit`` keeps the first N.
+        ``limit_per_subject`` is refused: only tasks with ``has_subjects`` read it."""
+        refuse_limit_per_subject(self, limit_per_subject)
         return first_n(self._load_all(), limit)
 
     # -- prompt and sampling ------------------------------------------------------------------

@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from alignkit.eval.parsers import parse_mmlu_response
-from alignkit.eval.tasks.base import Task, accuracy_summary, seeded_subset
+from alignkit.eval.tasks.base import Task, accuracy_summary, first_n_per_subject, seeded_subset
 from alignkit.eval.tasks.graders import exact
 from alignkit.eval.tasks.spec import TaskSpec
 
@@ -59,6 +59,7 @@ SPEC = TaskSpec(
 
 class MMLU(Task):
     spec = SPEC
+    has_subjects = True
 
     def __init__(self, data_path=None, split: str = "test"):
         """``data_path``: the folder with ``<split>/<subject>_<split>.csv`` files, or one such CSV."""
@@ -74,9 +75,10 @@ class MMLU(Task):
             raise FileNotFoundError(f"no MMLU files *_{self.split}.csv in {folder}")
         return [ex for path in files for ex in read_mmlu_csv(path, self.split)]
 
-    def load(self, limit=None, seed=0) -> list[dict]:
-        """A seeded sample across all subjects when ``limit`` is set (not the first subject only)."""
-        return seeded_subset(self._load_all(), limit, seed)
+    def load(self, limit=None, seed=0, limit_per_subject=None) -> list[dict]:
+        """``limit_per_subject``: the first N examples of each subject, in file order; then ``limit``: a
+        seeded sample of those across all subjects (not the first subject only). Both None: all."""
+        return seeded_subset(first_n_per_subject(self._load_all(), limit_per_subject), limit, seed)
 
     def prompt_fields(self, example: dict) -> dict:
         a, b, c, d = example["options"]
