@@ -376,6 +376,11 @@ def test_ctrl_c_in_process_saves_and_prints_one_line(tmp_path, capsys):
                        + shlex.join(["alignkit", "eval", *args]))
     assert len(_lines(tmp_path / "gsm8k" / "predictions.jsonl")) == 2
     assert json.loads((tmp_path / "gsm8k" / "run.json").read_text())["segments"][0]["examples"] == 2
+    saved = {r["prompt"] for r in _lines(tmp_path / "gsm8k" / "predictions.jsonl")}
+    with FakeOpenAIServer() as srv2:  # the printed command, against a server that answers
+        assert cli.main([srv2.base_url if a == srv.base_url else a for a in args]) == 0
+        assert len(srv2.seen) == 6 and not saved & set(_prompts(srv2))  # the 2 saved are not sent again
+    assert len(_lines(tmp_path / "gsm8k" / "predictions.jsonl")) == 8
 
 
 @pytest.mark.slow  # an `alignkit eval` process: ~15 s of imports on a loaded 2-core box
