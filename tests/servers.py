@@ -1,5 +1,6 @@
 """Test helpers for HTTP generation: a real ``transformers serve`` process and a small fake
-OpenAI-compatible server for fault injection.
+OpenAI-compatible server for fault injection (slow answers and hangs, 4xx/5xx, redirects, malformed
+or truncated bodies, dropped connections, a server that dies mid-batch, a required API key).
 
 Import from any test file as ``from servers import transformers_serve, FakeOpenAIServer`` (pytest
 puts tests/ on sys.path, as for ``from conftest import ...``). Both stop themselves: the real server
@@ -102,13 +103,22 @@ def _stop_group(proc: subprocess.Popen) -> None:
 # ---------------------------------------------------------------------- fake server
 @dataclass
 class Action:
-    """What the fake server does for one request: wait ``delay`` s, then answer ``status`` with
-    ``body`` (a dict is sent as JSON, a str as is; None means the default echo answer)."""
+    """What the fake server does for one request: wait ``delay`` s (cut short when the server stops),
+    then answer ``status`` with ``body`` (a dict is sent as JSON, a str as is; None means the default
+    echo answer).
+
+    ``truncate``: announce the full Content-Length but send only half the body, then close (the
+    client sees ``ChunkedEncodingError``). ``drop``: close the connection without answering.
+    ``die``: the server dies here: this request and every later one (also those in flight) get
+    their connection closed without an answer, and the port stops accepting."""
 
     status: int = 200
     body: dict | str | None = None
     headers: dict = field(default_factory=dict)
     delay: float = 0.0
+    truncate: bool = False
+    drop: bool = False
+    die: bool = False
 
 
 @dataclass
@@ -116,6 +126,7 @@ class Seen:
     path: str
     body: dict
     at: float  # time.monotonic() on arrival
+    headers: dict = field(default_factory=dict)
 
 
 class FakeOpenAIServer:
@@ -127,9 +138,14 @@ class FakeOpenAIServer:
     Records every request (``.seen``) and the most requests in flight at once (``.max_in_flight``).
     """
 
-    def __init__(self, script=(), *, default_delay: float = 0.0, lifetime: float = 60.0) -> None:
+    def __init__(self, script=(), *, default_delay: float = 0.0, lifetime: float = 60.0,
+                 api_key: str | None = None, delay_for=None) -> None:
         self.script = list(script)
+        self.delay_for = delay_for  # body -> extra seconds (a delay tied to a prompt, not to arrival order)
         self.default_delay = default_delay
+        self.api_key = api_key  # when set: 401 unless "Authorization: Bearer <api_key>"
+        self.dead = threading.Event()
+        self._stopping = threading.Event()
         self.seen: list[Seen] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -153,15 +169,28 @@ class FakeOpenAIServer:
 
     def stop(self) -> None:
         self._lifetime.cancel()
+        self._stopping.set()  # hanging handlers return now
         if self._thread.is_alive():
             self._httpd.shutdown()
         self._httpd.server_close()
 
-    def _next_action(self, path: str, body: dict) -> Action:
+    def die(self) -> None:
+        """Stop accepting and answer nothing more (as if the process were killed)."""
+        self.dead.set()
+        threading.Thread(target=self.stop, daemon=True).start()
+
+    def posts_after(self, t: float) -> int:
+        """Requests that arrived after ``time.monotonic()`` value ``t``."""
         with self._lock:
-            self.seen.append(Seen(path, body, time.monotonic()))
+            return sum(s.at > t for s in self.seen)
+
+    def _next_action(self, path: str, body: dict, headers: dict) -> Action:
+        with self._lock:
+            self.seen.append(Seen(path, body, time.monotonic(), headers))
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            if self.api_key is not None and headers.get("Authorization") != f"Bearer {self.api_key}":
+                return Action(status=401, body={"error": {"message": "invalid or missing API key"}})
             return self.script.pop(0) if self.script else Action(delay=self.default_delay)
 
     def _done(self) -> None:
@@ -178,9 +207,15 @@ class FakeOpenAIServer:
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 body = json.loads(raw or b"{}")
-                action = server._next_action(self.path, body)
+                action = server._next_action(self.path, body, dict(self.headers))
                 try:
-                    time.sleep(action.delay)
+                    if action.die:
+                        server.die()
+                    extra = server.delay_for(body) if server.delay_for else 0.0
+                    server._stopping.wait(action.delay + extra)
+                    if action.drop or server.dead.is_set():
+                        self.close_connection = True
+                        return
                     payload = action.body if action.body is not None else _echo(self.path, body)
                     data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
                     self.send_response(action.status)
@@ -188,7 +223,8 @@ class FakeOpenAIServer:
                         self.send_header(k, v)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    self.wfile.write(data[: len(data) // 2] if action.truncate else data)
+                    self.close_connection = self.close_connection or action.truncate
                 finally:
                     server._done()
 

@@ -13,8 +13,8 @@ from alignkit import pipeline, resources
 from alignkit.cli import compare as compare_cli
 from alignkit.config import RecipeError, load_recipe
 from alignkit.eval.config import EvalConfig
-from alignkit.eval.report import PredictionLog
-from alignkit.eval.runner import run_eval
+from alignkit.eval.report import PredictionLog, throughput_of
+from alignkit.eval.runner import SettingsChanged, changed_settings, output_settings, run_eval
 from alignkit.generation.base import Completion
 
 ALL_TASKS = ["mmlu", "gsm8k", "alpaca_eval", "sst", "over_refusal"]
@@ -167,11 +167,74 @@ def test_resume_after_crash_keeps_finished_examples(tmp_path):
     results = run_eval(again, ["gsm8k"], str(tmp_path), limit=5, batch_size=1, resume=True)
     assert again.calls == 3 and len(again.prompts) == 3  # only the unfinished examples
     assert [r["id"] for r in read_jsonl(pred)] == ["0", "1", "2", "3", "4"]
-    assert results["throughput"]["gsm8k"]["examples"] == 3
+    # throughput covers the whole run: 2 examples before the crash + 3 after, one segment each
+    thr = results["throughput"]["gsm8k"]
+    assert thr["examples"] == 5 and [s["examples"] for s in thr["segments"]] == [2, 3]
+    assert thr["wall_s"] == pytest.approx(sum(s["wall_s"] for s in thr["segments"]))
     assert results["metrics"]["gsm8k"]["n"] == 5 and results["metrics"]["gsm8k"]["correct"] == 1  # gold 18 first
+    again2 = Scripted(reply)
+    run_eval(again2, ["gsm8k"], str(tmp_path), limit=5, batch_size=1)  # the default continues: nothing to do
+    assert again2.calls == 0
     fresh = Scripted(reply)
-    run_eval(fresh, ["gsm8k"], str(tmp_path), limit=5, batch_size=1)  # no resume: starts over
+    run_eval(fresh, ["gsm8k"], str(tmp_path), limit=5, batch_size=1, fresh=True)  # starts over
     assert fresh.calls == 5
+    assert [r["id"] for r in read_jsonl(pred.with_name("predictions.jsonl.prev"))] == ["0", "1", "2", "3", "4"]
+
+
+def test_changed_selection_is_refused_and_fresh_moves_files_aside(tmp_path):
+    reply = lambda p: "so the answer is 18"
+    run_eval(Scripted(reply), ["gsm8k", "mmlu"], str(tmp_path), limit=3, batch_size=2)
+    before = (tmp_path / "gsm8k" / "predictions.jsonl").read_text()
+    for changed, key in (({"limit": 4}, "limit: 3 -> 4"), ({"seed": 1}, "seed: 0 -> 1"),
+                         ({"max_new_tokens": 5}, "max_new_tokens: None -> 5"), ({"prompt": "alpaca"}, "prompt:")):
+        gen = Scripted(reply)
+        with pytest.raises(SettingsChanged, match=re.escape(key)):
+            run_eval(gen, ["gsm8k", "mmlu"], str(tmp_path), batch_size=2, **{"limit": 3, **changed})
+        assert gen.calls == 0  # refused before anything was generated
+    with pytest.raises(SettingsChanged, match="model: 'scripted' -> 'other'"):
+        run_eval(Scripted(reply, name="other"), ["gsm8k"], str(tmp_path), limit=3)
+    assert (tmp_path / "gsm8k" / "predictions.jsonl").read_text() == before
+    for _ in range(2):  # .prev, then .prev2: an earlier .prev is never overwritten
+        again = Scripted(reply)
+        run_eval(again, ["gsm8k"], str(tmp_path), limit=4, fresh=True)
+        assert len(again.prompts) == 4
+    assert (tmp_path / "gsm8k" / "predictions.jsonl.prev").read_text() == before
+    assert len(read_jsonl(tmp_path / "gsm8k" / "predictions.jsonl.prev2")) == 4
+    assert (tmp_path / "gsm8k" / "run.json.prev").exists() and (tmp_path / "mmlu" / "predictions.jsonl").exists()
+    resumed = Scripted(reply)
+    run_eval(resumed, ["gsm8k"], str(tmp_path), limit=4, resume=False)  # resume false = fresh
+    assert resumed.calls == 1 and (tmp_path / "gsm8k" / "predictions.jsonl.prev3").exists()
+
+
+def test_a_retrained_model_folder_is_not_continued(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    cfg = EvalConfig(tasks=["gsm8k"])
+    first = output_settings(cfg, str(folder))
+    assert first["model"] == str(folder) and first["model_files"].startswith("1 files, 10 bytes")
+    (folder / "model.safetensors").write_bytes(b"y" * 12)
+    assert changed_settings(first, output_settings(cfg, str(folder))) == [
+        f"model_files: {first['model_files']!r} -> {output_settings(cfg, str(folder))['model_files']!r}"]
+    assert output_settings(cfg, "HuggingFaceTB/SmolLM2-135M-Instruct")["model_files"] is None  # a hub name
+
+
+def test_prediction_log_never_deletes(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"id": "a"}) + "\n")
+    PredictionLog(path, resume=False).append({"id": "b"})
+    assert [r["id"] for r in read_jsonl(path)] == ["b"]
+    assert [r["id"] for r in read_jsonl(tmp_path / "p.jsonl.prev")] == ["a"]
+    assert PredictionLog(path).done_ids() == {"b"}  # the default continues
+
+
+def test_throughput_of_sums_segments():
+    segs = [{"started_at": "t0", "examples": 2, "wall_s": 1.0, "generated_tokens": 10},
+            {"started_at": "t1", "examples": 6, "wall_s": 3.0, "generated_tokens": 30}]
+    t = throughput_of(segs)
+    assert (t["examples"], t["wall_s"], t["examples_per_s"], t["generated_tokens"], t["tokens_per_s"]) == (
+        8, 4.0, 2.0, 40, 10.0)
+    assert t["segments"] == segs and throughput_of([])["examples_per_s"] == 0.0
 
 
 def test_torn_last_line_is_dropped(tmp_path):
@@ -201,7 +264,7 @@ def test_chain_eval_stage_passes_every_setting_to_run_eval_config(tmp_path, monk
 
     monkeypatch.setattr(pipeline, "run_eval_config", fake)
     recipe = _eval_recipe(tmp_path, "{tasks: [gsm8k, sst], judge: self, resume: true, backend: http, "
-                                    "base_url: 'http://h:1/v1', timeout: 5, max_retries: 1, api_key_env: K, "
+                                    "base_url: 'http://h:1/v1', http_timeout: 5, http_retries: 1, api_key_env: K, "
                                     "limit: 3, harness: [alignkit_gsm8k], max_new_tokens: 9, prompt: chat}")
     metrics = pipeline.score("final-model", recipe.eval, tmp_path / "after", "base", 7)
     assert metrics == {"gsm8k/accuracy": 0.5, "gsm8k/n": 2, "gsm8k/parsed_rate": 1.0,
@@ -211,9 +274,9 @@ def test_chain_eval_stage_passes_every_setting_to_run_eval_config(tmp_path, monk
     assert (cfg.model, cfg.output, cfg.seed) == ("final-model", str(tmp_path / "after"), 7)
     assert (cfg.tasks, cfg.harness, cfg.judge, cfg.resume, cfg.backend, cfg.base_url) == (
         ["gsm8k", "sst"], ["alignkit_gsm8k"], "self", True, "http", "http://h:1/v1")
-    assert (cfg.timeout, cfg.max_retries, cfg.api_key_env, cfg.limit, cfg.max_new_tokens, cfg.prompt) == (
+    assert (cfg.http_timeout, cfg.http_retries, cfg.api_key_env, cfg.limit, cfg.max_new_tokens, cfg.prompt) == (
         5.0, 1, "K", 3, 9, "chat")
-    assert (cfg.max_concurrency, cfg.batch_size, cfg.device) == (8, 8, None)  # EvalConfig's defaults
+    assert (cfg.concurrency, cfg.batch_size, cfg.device) == (8, 8, None)  # EvalConfig's defaults
 
 
 @pytest.mark.parametrize(("section", "message"), [
@@ -224,7 +287,7 @@ def test_chain_eval_stage_passes_every_setting_to_run_eval_config(tmp_path, monk
                                         "without tasks ignores it")),
     ("{harness: [alignkit_gsm8k], resume: true}", ("eval: resume is read only by the bundled-task runner (tasks); "
                                                   "harness (lm-eval) ignores it")),
-    ("{tasks: [gsm8k], timeout: 5}", "eval: timeout is read by backend http and an http(s) judge; backend hf"),
+    ("{tasks: [gsm8k], http_timeout: 5}", "eval: http_timeout is read by backend http and an http(s) judge; backend hf"),
     ("{tasks: [gsm8k], backend: http}", "eval: backend http needs base_url"),
     ("{quickstart: true, limit: 5}", "eval: limit is read by the eval tasks and harness; this eval has neither"),
     ("{tasks: [gsm8k], quickstart_pairs: 8}", "eval: quickstart_pairs is read only with quickstart: true"),

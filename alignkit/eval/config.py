@@ -18,9 +18,10 @@ from alignkit.eval.tasks import STYLES, TASKS, get_task_class, parse_task_list
 from alignkit.generation.openai_http import OpenAIHTTPGenerator
 
 BACKENDS = ("hf", "vllm", "http")
-HTTP_OPTIONS = ("timeout", "max_retries", "max_concurrency", "api_key_env")
+HTTP_OPTIONS = ("http_timeout", "http_retries", "concurrency", "http_retry_timeouts", "api_key_env")
 # read only by the bundled-task runner (run_eval's tasks), never by lm-eval (--harness)
-TASKS_ONLY = ("prompt", "judge", "resume", "seed", "limit_per_subject", "backend", "base_url", *HTTP_OPTIONS)
+TASKS_ONLY = ("prompt", "judge", "resume", "fresh", "seed", "limit_per_subject", "backend", "base_url",
+              *HTTP_OPTIONS)
 _HTTP = inspect.signature(OpenAIHTTPGenerator.__init__).parameters  # the HTTP options' one home
 
 
@@ -54,17 +55,26 @@ class EvalConfig:
     max_new_tokens: int | None = field(default=None, metadata={
         "help": "Token cap overriding every task's own (lm-eval: its max_gen_toks for generating tasks). "
                 "None: each task's default."})
-    resume: bool = field(default=False, metadata={
-        "help": "Skip examples already in <output>/<task>/predictions.jsonl (and keep their verdicts)."})
+    resume: bool | None = field(default=None, metadata={
+        "help": "Continue: skip the examples already in <output>/<task>/predictions.jsonl and keep their "
+                "verdicts. This is the default (the flag is accepted and changes nothing); false: start over "
+                "as with fresh."})
+    fresh: bool = field(default=False, metadata={
+        "help": "Start over: move each task's old predictions/judgments aside to *.prev (never deleted) "
+                "instead of continuing them; also the way to change settings that change the outputs."})
     harness: list[str] = field(default_factory=list, metadata={
         "help": "lm-eval tasks, comma-separated, e.g. mmlu,gsm8k,hellaswag,alignkit_gsm8k."})
     device: str | None = field(default=None, metadata={
         "help": "Device of backend hf and of lm-eval. None: cuda if available, else cpu."})
-    timeout: float = field(default=_HTTP["timeout"].default, metadata={
+    http_timeout: float = field(default=_HTTP["timeout"].default, metadata={
         "help": "HTTP backend/judge: seconds per request (connect and read)."})
-    max_retries: int = field(default=_HTTP["max_retries"].default, metadata={
-        "help": "HTTP backend/judge: retries after the first attempt (429, 5xx, timeouts)."})
-    max_concurrency: int = field(default=_HTTP["max_concurrency"].default, metadata={
+    http_retries: int = field(default=_HTTP["max_retries"].default, metadata={
+        "help": "HTTP backend/judge: retries after the first attempt of a transient failure (connection "
+                "reset, truncated body, 429, 5xx), with exponential backoff and jitter."})
+    http_retry_timeouts: bool = field(default=_HTTP["retry_timeouts"].default, metadata={
+        "help": "HTTP backend/judge: also re-send a request whose answer timed out (off: the server may "
+                "still be working on it)."})
+    concurrency: int = field(default=_HTTP["max_concurrency"].default, metadata={
         "help": "HTTP backend/judge: requests in flight at most."})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={
         "help": "HTTP backend/judge: NAME of the environment variable holding the API key (sent as a "
@@ -78,8 +88,8 @@ class EvalConfig:
 
     def http_kwargs(self) -> dict:
         """OpenAIHTTPGenerator options (the API key read from ``api_key_env`` now, not kept)."""
-        return {"timeout": self.timeout, "max_retries": self.max_retries, "max_concurrency": self.max_concurrency,
-                "api_key": os.environ.get(self.api_key_env) or None}
+        return {"timeout": self.http_timeout, "max_retries": self.http_retries, "max_concurrency": self.concurrency,
+                "retry_timeouts": self.http_retry_timeouts, "api_key": os.environ.get(self.api_key_env) or None}
 
 
 def default(f: dataclasses.Field):
@@ -110,6 +120,8 @@ def problems(cfg: EvalConfig, key: Callable[[str], str] = str) -> list[str]:
         out.append(f"unknown {key('backend')} {cfg.backend!r}; valid: {', '.join(BACKENDS)}")
     if cfg.tasks and cfg.backend == "http" and not cfg.base_url:
         out.append(f"{key('backend')} http needs {key('base_url')} (e.g. http://localhost:8000/v1)")
+    if cfg.fresh and cfg.resume:
+        out.append(f"{key('fresh')} (start over) and {key('resume')} (continue) contradict each other; give one")
     if cfg.limit_per_subject is not None and cfg.limit_per_subject < 0:
         out.append(f"{key('limit_per_subject')} must be >= 0, got {cfg.limit_per_subject}")
     return out + unread(cfg, key)

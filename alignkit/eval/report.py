@@ -1,8 +1,9 @@
 """Every writer of eval results: incremental predictions, atomic final files, reports, `compare`.
 
 * :class:`PredictionLog` appends one JSON line per scored example and flushes it, so a crash at
-  example 700 of 805 keeps the 699 finished lines; a torn last line is ignored on read and
-  ``--resume`` skips the ids already there.
+  example 700 of 805 keeps the 699 finished lines; a torn last line is ignored on read and a rerun
+  skips the ids already there. It never deletes: ``resume=False`` moves an old file aside (``.prev``).
+* :func:`throughput_of`: the throughput of a whole run from its timed segments (one per invocation).
 * final files go through :mod:`alignkit.data.io`'s atomic writer (tmp file + fsync + ``os.replace``).
 * :func:`write_reports`: ``results.json``, ``report.md`` and ``report.html`` of one run.
 * :func:`write_comparison` (what ``alignkit compare RUN_DIR...`` writes): a side-by-side table
@@ -48,11 +49,14 @@ EXTRA = {"alpaca_eval": ["lc_win_rate"]}
 class PredictionLog:
     """Append-only JSONL of per-example records (each has a unique ``id``)."""
 
-    def __init__(self, path: str | Path, *, resume: bool = False):
+    def __init__(self, path: str | Path, *, resume: bool = True):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not resume and self.path.exists():
-            self.path.unlink()
+            k = 1
+            while self.path.with_name(f"{self.path.name}.prev{k if k > 1 else ''}").exists():
+                k += 1
+            self.path.rename(self.path.with_name(f"{self.path.name}.prev{k if k > 1 else ''}"))
 
     def read(self) -> list[dict]:
         """Records written so far; a torn (unparseable) last line from a crash is dropped and the file
@@ -74,6 +78,17 @@ class PredictionLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
+
+
+def throughput_of(segments: list[dict]) -> dict:
+    """Whole-run throughput from timed segments ``{started_at, examples, wall_s, generated_tokens}``
+    (one per invocation that generated something); the segments are listed under ``segments``."""
+    examples = sum(s["examples"] for s in segments)
+    wall = sum(s["wall_s"] for s in segments)
+    tokens = sum(s["generated_tokens"] for s in segments)
+    return {"examples": examples, "wall_s": wall, "examples_per_s": examples / wall if wall else 0.0,
+            "generated_tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0,
+            "segments": [dict(s) for s in segments]}
 
 
 # ----------------------------------------------------------------------------- one run

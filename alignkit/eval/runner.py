@@ -4,31 +4,59 @@
 
 Layout of ``output_dir``::
 
-    results.json  report.md  report.html          # written atomically at the end
+    results.json  report.md  report.html          # written atomically after each task
     <task>/predictions.jsonl                      # one line per example, appended as it finishes
+    <task>/run.json                               # the settings that change outputs + timed segments
+    <task>/failures.jsonl                         # examples whose generation failed (id, error)
     <task>/judgments.jsonl                        # judged tasks: verdicts per example
     <task>/alpaca_eval_outputs.json | sst_outputs.jsonl   # task-specific outputs
     harness/                                      # lm-eval: results.json, samples_<task>.jsonl
+
+Finished work is never deleted. A rerun continues (examples in predictions.jsonl are skipped) when
+the settings recorded in run.json match; otherwise it refuses (:class:`SettingsChanged`) unless
+``fresh``, which moves the old files aside to ``*.prev`` (``*.prev2``, ... when taken). A generator
+that takes ``on_result`` (the HTTP backend) hands over each example as its request finishes: it is
+saved at once, and a failed request fails only its example (:class:`EvalIncomplete` at the end).
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import inspect
+import json
 import logging
 import time
 from importlib import metadata
 from pathlib import Path
 
-from alignkit.data.io import write_jsonl_atomic
+from alignkit.data.io import write_json_atomic, write_jsonl_atomic
 from alignkit.eval.config import EvalConfig, default, problems
 from alignkit.eval.harness import run_harness
 from alignkit.eval.judge import Judge
-from alignkit.eval.report import HEADLINE, PredictionLog, write_reports
+from alignkit.eval.report import HEADLINE, PredictionLog, throughput_of, write_reports
 from alignkit.eval.tasks import Task, clean_output, get_task, parse_task_list
+from alignkit.generation.base import accepts_on_result
 from alignkit.generation.factory import make_generator
+from alignkit.generation.openai_http import GenerationHTTPError, redact_url
 from alignkit.models import load_model
 
 logger = logging.getLogger(__name__)
+
+RUN_FILES = ("predictions.jsonl", "judgments.jsonl", "failures.jsonl", "run.json")  # moved aside together
+OUTPUT_SETTINGS = ("backend", "prompt", "max_new_tokens", "limit", "seed", "limit_per_subject")
+
+
+class SettingsChanged(ValueError):
+    """A rerun whose output-changing settings differ from those recorded next to the predictions."""
+
+
+class EvalIncomplete(RuntimeError):
+    """Some examples failed (recorded in <task>/failures.jsonl); every other one is saved and scored.
+    ``results`` is the results.json content written, ``failed`` the count per task."""
+
+    def __init__(self, message: str, results: dict, failed: dict[str, int]) -> None:
+        super().__init__(message)
+        self.results, self.failed = results, failed
 
 
 def _versions() -> dict:
@@ -59,7 +87,7 @@ def build_generator(model, cfg: EvalConfig):
         if not cfg.base_url:
             raise ValueError("backend 'http' needs base_url (e.g. http://localhost:8000/v1)")
         generator = make_generator(cfg.base_url, model=str(model), **cfg.http_kwargs())
-        return generator, {"requested": str(model), "kind": "http", "base_url": cfg.base_url}
+        return generator, {"requested": str(model), "kind": "http", "base_url": redact_url(cfg.base_url)}
     raise ValueError(f"unknown backend {cfg.backend!r}; valid backends: hf, vllm, http")
 
 
@@ -76,13 +104,76 @@ def build_judge(judge, generator, http_kwargs: dict | None = None):
     return Judge(make_generator(spec, **(http_kwargs or {}) if spec.startswith(("http://", "https://")) else {}))
 
 
-def _generate(generator, task: Task, examples: list[dict], style: str, max_new_tokens):
-    prompts = [task.format_prompt(e, style) for e in examples]
-    params = task.sampling_params(style, max_new_tokens)
-    fn = generator.chat if style == "chat" else generator.generate
-    return prompts, fn(prompts, params)
+# ----------------------------------------------------------------------------- settings and segments
+def output_settings(cfg: EvalConfig, model) -> dict:
+    """The settings that change a task's outputs, recorded in <task>/run.json and compared on rerun."""
+    identity = model.name if _is_generator(model) else str(model)
+    out = {"model": identity, "model_files": _model_files(model)}
+    return out | {k: getattr(cfg, k) for k in OUTPUT_SETTINGS if hasattr(cfg, k)}
 
 
+def _model_files(model) -> str | None:
+    """A local model's files in brief (count, bytes, newest mtime): a retrained folder differs."""
+    if _is_generator(model) or not Path(str(model)).expanduser().exists():
+        return None
+    path = Path(str(model)).expanduser()
+    files = [path] if path.is_file() else [f for f in path.iterdir() if f.is_file()]
+    stats = [f.stat() for f in files]
+    return (f"{len(stats)} files, {sum(s.st_size for s in stats)} bytes, "
+            f"newest mtime_ns {max((s.st_mtime_ns for s in stats), default=0)}")
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    """``["max_new_tokens: 4 -> 8", ...]`` for every key whose value differs."""
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def move_aside(task_dir: Path) -> str | None:
+    """Rename the task's RUN_FILES to ``NAME.prev`` (or ``.prev2``, ... when taken); returns the suffix."""
+    present = [task_dir / n for n in RUN_FILES if (task_dir / n).exists()]
+    if not present:
+        return None
+    k = 1
+    while any((task_dir / f"{n}.prev{k if k > 1 else ''}").exists() for n in RUN_FILES):
+        k += 1
+    suffix = f".prev{k if k > 1 else ''}"
+    for path in present:
+        path.rename(path.with_name(path.name + suffix))
+    logger.info("%s: fresh start; earlier files moved aside to *%s", task_dir, suffix)
+    return suffix
+
+
+def prepare_task_dir(task_dir: Path, settings: dict, *, fresh: bool) -> list[dict]:
+    """Fresh: move earlier files aside. Else check the recorded settings (SettingsChanged when they
+    differ) and return the earlier timed segments. Writes run.json with ``settings``."""
+    run_file, segments = task_dir / "run.json", []
+    if fresh:
+        move_aside(task_dir)
+    else:
+        check_settings(task_dir, settings)
+        if run_file.exists():
+            recorded = _read_json(run_file)
+            segments = recorded.get("segments", []) if recorded.get("settings") == settings else []
+        elif (task_dir / "predictions.jsonl").exists():
+            logger.warning("%s: predictions without run.json (an older alignkit): continuing them unchecked",
+                           task_dir)
+    task_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_file, {"settings": settings, "segments": segments})
+    return segments
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); move it away or use --fresh") from None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- one task
 def _record(task: Task, example: dict, prompt, completion, style: str) -> dict:
     output = clean_output(completion.text, style)
     score = task.score(example, output)
@@ -91,67 +182,128 @@ def _record(task: Task, example: dict, prompt, completion, style: str) -> dict:
             "finish_reason": completion.finish_reason, "num_tokens": completion.num_tokens}
 
 
+def _generate_batch(generator, task: Task, batch: list[dict], style: str, max_new_tokens, save) -> list:
+    """Generate ``batch``, calling ``save(example, prompt, completion)`` for each completion (as each
+    request finishes when the backend takes ``on_result``); returns [(example, error)] of failures."""
+    prompts = [task.format_prompt(e, style) for e in batch]
+    params = task.sampling_params(style, max_new_tokens)
+    fn = generator.chat if style == "chat" else generator.generate
+    failed = []
+    if accepts_on_result(fn):
+        def on_result(i, result):
+            if isinstance(result, Exception):
+                failed.append((batch[i], result))
+            else:
+                save(batch[i], prompts[i], result)
+
+        fn(prompts, params, on_result=on_result)
+    else:
+        for example, prompt, completion in zip(batch, prompts, fn(prompts, params)):
+            save(example, prompt, completion)
+    return failed
+
+
 def generate_task(generator, task: Task, examples: list[dict], log: PredictionLog, *, style: str,
-                  max_new_tokens, batch_size: int) -> dict:
-    """Generate + score the examples not yet in ``log``, appending each record; returns throughput."""
+                  max_new_tokens, batch_size: int, on_progress=None) -> tuple[dict, list[dict]]:
+    """Generate + score the examples not yet in ``log``, appending each record as it exists.
+
+    Returns (this segment {started_at, examples, wall_s, generated_tokens}, failures [{id, error}]);
+    ``on_progress(segment, failures)`` is called after each batch and once more on the way out (also
+    on Ctrl-C or a crash). A batch of which no request succeeded stops the task (its first error is
+    raised): the server is down or refuses every request."""
     done = log.done_ids()
     todo = [e for e in examples if e["id"] not in done]
     if done:
         logger.info("[%s] resume: %d done, %d to go", task.name, len(examples) - len(todo), len(todo))
-    start, tokens = time.perf_counter(), 0
-    for i in range(0, len(todo), batch_size):
-        # 1. generate one batch
-        batch = todo[i : i + batch_size]
-        prompts, completions = _generate(generator, task, batch, style, max_new_tokens)
-        # 2. score and append each record as soon as it exists
-        for example, prompt, completion in zip(batch, prompts, completions):
-            log.append(_record(task, example, prompt, completion, style))
-            tokens += completion.num_tokens
-        # 3. progress
-        elapsed = time.perf_counter() - start
-        logger.info("[%s] %d/%d examples  %.2f ex/s  %.1f tok/s", task.name, len(done) + i + len(batch),
-                    len(examples), (i + len(batch)) / elapsed, tokens / elapsed)
-    wall = time.perf_counter() - start
-    return {"examples": len(todo), "wall_s": wall, "examples_per_s": len(todo) / wall if wall else 0.0,
-            "generated_tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0}
+    segment = {"started_at": _now(), "examples": 0, "wall_s": 0.0, "generated_tokens": 0}
+    failures: list[dict] = []
+    start = time.perf_counter()
+
+    def save(example, prompt, completion):
+        log.append(_record(task, example, prompt, completion, style))
+        segment["examples"] += 1
+        segment["generated_tokens"] += completion.num_tokens
+
+    def progress():
+        segment["wall_s"] = time.perf_counter() - start
+        if on_progress is not None:
+            on_progress(segment, failures)
+
+    try:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            failed = _generate_batch(generator, task, batch, style, max_new_tokens, save)
+            failures += [{"id": e["id"], "error": str(err)} for e, err in failed]
+            if failed and len(failed) == len(batch):  # nothing came back: stop here, with the first error
+                example, err = failed[0]
+                if isinstance(err, GenerationHTTPError):
+                    raise GenerationHTTPError(f"[{task.name}] example {example['id']}: {err}", url=err.url,
+                                              index=err.index) from err
+                raise err
+            progress()
+            logger.info("[%s] %d/%d examples  %.2f ex/s  %.1f tok/s", task.name, len(done) + segment["examples"],
+                        len(examples), segment["examples"] / segment["wall_s"],
+                        segment["generated_tokens"] / segment["wall_s"])
+    finally:
+        progress()
+    return segment, failures
 
 
-def judge_task(task: Task, records: list[dict], judge, out_dir: Path, resume: bool) -> None:
-    """Judge records without a verdict (earlier verdicts kept on resume); write judgments.jsonl."""
+def judge_task(task: Task, records: list[dict], judge, out_dir: Path, resume: bool = True) -> None:
+    """Judge records without a verdict (earlier verdicts of the same judge on the same output kept);
+    write judgments.jsonl."""
     path = out_dir / "judgments.jsonl"
     old = {r["id"]: r for r in PredictionLog(path, resume=True).read()} if resume else {}
     for r in records:
-        if r["id"] in old and old[r["id"]].get("output") == r["output"]:
-            r["judge"] = old[r["id"]]["judge"]
+        prev = old.get(r["id"])
+        if prev and prev.get("output") == r["output"] and prev.get("judged_by", judge.name) == judge.name:
+            r["judge"] = prev["judge"]
     todo = [r for r in records if "judge" not in r]
     logger.info("[%s] judging %d outputs with %s", task.name, len(todo), judge.name)
     task.judge(todo, judge)
-    write_jsonl_atomic(path, [{"id": r["id"], "output": r["output"], "judge": r["judge"]} for r in records])
+    write_jsonl_atomic(path, [{"id": r["id"], "output": r["output"], "judge": r["judge"], "judged_by": judge.name}
+                              for r in records])
 
 
 def run_task(task: Task, generator, out_dir: Path, *, limit, seed, style, max_new_tokens, batch_size,
-             resume, judge, limit_per_subject=None) -> tuple[dict, dict, list[dict]]:
-    """One task end to end -> (metrics, throughput, sample failures)."""
+             judge, settings: dict | None = None, fresh: bool = False, resume=None,
+             limit_per_subject=None) -> tuple[dict, dict, list, list]:
+    """One task end to end -> (metrics, throughput of the whole run, sample failures, failed examples).
+
+    ``settings`` (:func:`output_settings`) are checked against / recorded in run.json; ``fresh``
+    moves the earlier files aside. ``resume`` is EvalConfig's (None/True: continue; False: fresh)."""
     examples = task.load(limit, seed, limit_per_subject=limit_per_subject)
-    log = PredictionLog(out_dir / "predictions.jsonl", resume=resume)
-    throughput = generate_task(generator, task, examples, log, style=style, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size)
+    fresh = fresh or resume is False
+    earlier = prepare_task_dir(out_dir, settings or {}, fresh=fresh)
+    log = PredictionLog(out_dir / "predictions.jsonl", resume=True)
+
+    def on_progress(segment, failures):
+        segments = earlier + ([dict(segment)] if segment["examples"] else [])
+        write_json_atomic(out_dir / "run.json", {"settings": settings or {}, "segments": segments})
+        if failures or (out_dir / "failures.jsonl").exists():
+            write_jsonl_atomic(out_dir / "failures.jsonl", failures)
+
+    segment, failed = generate_task(generator, task, examples, log, style=style, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, on_progress=on_progress)
     by_id = {r["id"]: r for r in log.read()}
-    records = [by_id[e["id"]] for e in examples]  # example order; stale ids of other limits dropped
+    records = [by_id[e["id"]] for e in examples if e["id"] in by_id]  # example order; failed ones absent
     if judge is not None and task.uses_judge:
-        judge_task(task, records, judge, out_dir, resume)
+        judge_task(task, records, judge, out_dir)
     elif task.needs_judge:
         logger.warning("[%s] no judge given: generation only, no judged metric", task.name)
     task.write_outputs(records, out_dir, generator.name)
-    return task.aggregate(records), throughput, task.sample_failures(records, n=3)
+    segments = earlier + ([segment] if segment["examples"] else [])
+    return task.aggregate(records), throughput_of(segments), task.sample_failures(records, n=3), failed
 
 
 def run_eval(model, tasks, output_dir, **settings) -> dict:
     """Evaluate ``model`` (a path/name loaded with ``backend``, or a Generator) on ``tasks``.
 
     ``settings``: any other :class:`~alignkit.eval.config.EvalConfig` field (limit, prompt, backend,
-    judge (also a Judge or Generator), max_new_tokens, batch_size, resume, seed, base_url, HTTP
-    options, harness, device), with EvalConfig's defaults. Returns :func:`run_eval_config`'s dict.
+    judge (also a Judge or Generator), max_new_tokens, batch_size, fresh, seed, base_url, HTTP
+    options, harness, device), with EvalConfig's defaults. Returns :func:`run_eval_config`'s dict;
+    raises :class:`SettingsChanged` (earlier predictions made with other settings, nothing done) or
+    :class:`EvalIncomplete` (after writing the results, when some examples failed).
     """
     return run_eval_config(EvalConfig(tasks=tasks, output=str(output_dir), **settings), model=model)
 
@@ -177,31 +329,62 @@ def run_eval_config(cfg: EvalConfig, model=None) -> dict:
         errors.append("no tasks and no harness tasks given")
     if errors:
         raise ValueError("; ".join(errors))
-    results = _run_tasks(cfg, model) if cfg.tasks else {}
+    incomplete = None
+    try:
+        results = _run_tasks(cfg, model) if cfg.tasks else {}
+    except EvalIncomplete as err:  # the harness still runs; the failure is raised at the end
+        incomplete, results = err, err.results
     if cfg.harness:
         results["harness"] = _run_harness(cfg, model)
+    if incomplete is not None:
+        raise incomplete
     return results
 
 
 def _run_tasks(cfg: EvalConfig, model) -> dict:
     """The bundled tasks: generate/score/judge each, writing the run's files after each task."""
     names, out = parse_task_list(cfg.tasks), Path(cfg.output)
+    settings = output_settings(cfg, model)
+    if not cfg.fresh and cfg.resume is not False:  # refuse a mismatch before loading anything
+        for name in names:
+            check_settings(out / name, {"task": name, **settings})
     generator, source = build_generator(model, cfg)
     judge_obj = build_judge(cfg.judge, generator, cfg.http_kwargs())
     recorded = {f.name: getattr(cfg, f.name) for f in _SETTINGS if f.name != "judge"}  # never the API key
-    results = {"metrics": {}, "throughput": {}, "samples": {}, "model_source": source,
-               "generator": generator.name, "judge": judge_obj.name if judge_obj else None,
+    recorded["base_url"] = redact_url(cfg.base_url) if cfg.base_url else cfg.base_url
+    results = {"metrics": {}, "throughput": {}, "samples": {}, "failed": {}, "model_source": source,
+               "generator": generator.name, "judge": redact_url(judge_obj.name) if judge_obj else None,
                "config": {**recorded, "tasks": names}, "versions": _versions()}
     for name in names:
         # 1. generate/score/judge one task; 2. write the run's files so far (atomic)
-        metrics, thr, samples = run_task(get_task(name), generator, out / name, limit=cfg.limit, seed=cfg.seed,
-                                         style=cfg.prompt, max_new_tokens=cfg.max_new_tokens,
-                                         batch_size=cfg.batch_size, resume=cfg.resume, judge=judge_obj,
-                                         limit_per_subject=cfg.limit_per_subject)
+        metrics, thr, samples, failed = run_task(
+            get_task(name), generator, out / name, limit=cfg.limit, seed=cfg.seed, style=cfg.prompt,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, judge=judge_obj,
+            settings={"task": name, **settings}, fresh=cfg.fresh, resume=cfg.resume,
+            limit_per_subject=cfg.limit_per_subject)
         results["metrics"][name], results["throughput"][name], results["samples"][name] = metrics, thr, samples
+        if failed:
+            results["failed"][name] = {"n": len(failed), "first": failed[0]}
         write_reports(out, results)
     logger.info("eval done: %s", summary_line(results))
+    if results["failed"]:
+        counts = {k: v["n"] for k, v in results["failed"].items()}
+        first = next(iter(results["failed"].values()))["first"]
+        raise EvalIncomplete(f"{sum(counts.values())} example(s) failed ("
+                             + ", ".join(f"{k} {n}" for k, n in counts.items())
+                             + f"; see <task>/failures.jsonl); first: {first['error']}", results, counts)
     return results
+
+
+def check_settings(task_dir: Path, settings: dict) -> None:
+    """SettingsChanged when ``task_dir`` holds predictions made with other output-changing settings."""
+    run_file = task_dir / "run.json"
+    if run_file.exists() and (task_dir / "predictions.jsonl").exists():
+        diff = changed_settings(_read_json(run_file).get("settings", {}), settings)
+        if diff:
+            raise SettingsChanged(
+                f"{task_dir}: its predictions were made with other settings ({'; '.join(diff)}); rerun with "
+                "--fresh (fresh: true) to start over (the old files are moved to *.prev), or give another output")
 
 
 def _run_harness(cfg: EvalConfig, model) -> dict:

@@ -9,12 +9,18 @@ Contract (every backend keeps it, tests in tests/test_generation_*.py check it):
   template (HF/vLLM) or calls ``/v1/chat/completions`` (HTTP). One Completion per conversation.
 * ``text`` never contains the stop string that ended it (as vLLM and the OpenAI API do);
   ``finish_reason`` is ``"stop"`` (EOS or stop string) or ``"length"``.
+* A backend MAY accept a keyword ``on_result`` (an :data:`OnResult`) in ``generate``/``chat``: it is
+  then called in the calling thread with ``(index, Completion)`` as soon as each request finishes, or
+  ``(index, exception)`` for a request that failed for good (that example only; the call goes on and
+  returns None at that index). The HTTP backend does; eval's runner uses it to save each example
+  at once (:func:`accepts_on_result` tells whether a method takes it).
 * ``update_weights(model)`` makes later generations use the weights of ``model`` (a no-op where
   the backend shares the module, a state-dict load for vLLM, unsupported over HTTP).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -72,6 +78,17 @@ class Generator(Protocol):
     def chat(self, conversations: Sequence[list[dict]], params: SamplingParams) -> list[Completion]: ...
 
     def update_weights(self, model) -> None: ...
+
+
+OnResult = Callable[[int, "Completion | Exception"], None]
+
+
+def accepts_on_result(method) -> bool:
+    """True when a ``generate``/``chat`` method takes the optional ``on_result`` keyword."""
+    try:
+        return "on_result" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
