@@ -10,6 +10,7 @@ from alignkit.eval.tasks.base import STYLES, Task, clean_output, wrap_prompt
 from alignkit.eval.tasks.gsm8k import GSM8K
 from alignkit.eval.tasks.mmlu import MMLU
 from alignkit.eval.tasks.over_refusal import OverRefusal
+from alignkit.eval.tasks.safety import Safety
 from alignkit.eval.tasks.spec import TaskSpec
 from alignkit.eval.tasks.sst import SimpleSafetyTests
 
@@ -19,6 +20,7 @@ TASKS: dict[str, type[Task]] = {
     "alpaca_eval": AlpacaEval,
     "sst": SimpleSafetyTests,
     "over_refusal": OverRefusal,
+    "safety": Safety,
 }
 SPECS: dict[str, TaskSpec] = {name: cls.spec for name, cls in TASKS.items()}
 
@@ -54,6 +56,7 @@ __all__ = [
     "TASKS",
     "AlpacaEval",
     "OverRefusal",
+    "Safety",
     "SimpleSafetyTests",
     "Task",
     "TaskSpec",
