@@ -34,7 +34,7 @@ def continue_command(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # flags anywhere
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         recipe = load_recipe(args.recipe, args.overrides)
