@@ -27,7 +27,7 @@ from alignkit.data.io import write_text_atomic
 from alignkit.eval.runner import run_eval_config
 from alignkit.models import DEFAULT_MODEL
 from alignkit.train import get_stage_module
-from alignkit.train.common import last_checkpoint
+from alignkit.train.common import resume_checkpoint
 from alignkit.train.quickstart import evaluate, materialize_data
 
 logger = logging.getLogger("alignkit.pipeline")
@@ -224,7 +224,7 @@ def resumable(stage_dir: Path) -> bool:
     """A step folder holding something to continue from: a complete TRL checkpoint of its attempt, or
     the GRPO loop's ``checkpoints/`` folder."""
     loop = Path(stage_dir) / "checkpoints"
-    return last_checkpoint(stage_dir) is not None or (loop.is_dir() and any(loop.iterdir()))
+    return resume_checkpoint(stage_dir) is not None or (loop.is_dir() and any(loop.iterdir()))
 
 
 def _has_files(path: Path) -> bool:

@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers.trainer_utils import get_last_checkpoint
 
 from alignkit.cli import train as cli_train
 from alignkit.train import common
@@ -192,12 +193,11 @@ def test_stale_checkpoint_of_an_earlier_attempt_is_ignored(tmp_path):
     _checkpoint(tmp_path, 8, old)  # the earlier attempt got further
     new = common.start_attempt(tmp_path)
     assert new != old and common.current_attempt(tmp_path) == new
-    assert common.last_checkpoint(tmp_path) is None
+    assert common.resume_checkpoint(tmp_path) is None
     _checkpoint(tmp_path, 3, new)
-    assert common.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")  # not checkpoint-8
-    from transformers.trainer_utils import get_last_checkpoint
-
+    assert common.resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")  # not checkpoint-8
     assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-8")  # what "highest wins" picks
+    assert common.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")  # the listing, never resumed from
 
 
 def test_incomplete_checkpoint_is_ignored_and_removed(tmp_path):
@@ -207,7 +207,7 @@ def test_incomplete_checkpoint_is_ignored_and_removed(tmp_path):
     _checkpoint(tmp_path, 6, attempt, state=False)  # marker but no trainer_state.json
     bad = _checkpoint(tmp_path, 8, None)
     (bad / CHECKPOINT_MARKER).write_text('{"attempt": "')  # torn marker
-    assert common.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert common.resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
     assert common.drop_unusable_checkpoints(tmp_path, attempt) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["attempt.json", "checkpoint-2"]
 
@@ -216,7 +216,7 @@ def test_marker_names_its_step(tmp_path):
     attempt = common.start_attempt(tmp_path)
     folder = _checkpoint(tmp_path, 4, attempt)
     (folder / CHECKPOINT_MARKER).write_text(json.dumps({"attempt": attempt, "step": 2}))  # copied folder
-    assert common.last_checkpoint(tmp_path) is None
+    assert common.resume_checkpoint(tmp_path) is None
 
 
 def test_metrics_cut_back_to_the_checkpoint_step(tmp_path):

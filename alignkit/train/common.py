@@ -163,10 +163,9 @@ def save_data_report(report, stage_dir: Path, name: str) -> None:
 
 
 def stage_callbacks(stage_dir: Path, *, interrupt_boundary: int = 1) -> list:
-    """The callbacks every stage uses: metrics.jsonl writer, the Ctrl-C checkpoint saver and the checkpoint
-    completion marker (its attempt is set by :func:`train_and_save` / :func:`resume_training`)."""
-    return [MetricsJsonlCallback(stage_dir / "metrics.jsonl"), GracefulInterruptCallback(interrupt_boundary),
-            CheckpointMarkerCallback()]
+    """The callbacks every stage uses: metrics.jsonl writer and the Ctrl-C checkpoint saver
+    (:func:`resume_training` adds the checkpoint completion marker with the attempt's id)."""
+    return [MetricsJsonlCallback(stage_dir / "metrics.jsonl"), GracefulInterruptCallback(interrupt_boundary)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,13 +211,20 @@ def checkpoint_dirs(stage_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))
 
 
-def last_checkpoint(stage_dir: Path, attempt: str | None = None) -> str | None:
+def resume_checkpoint(stage_dir: Path, attempt: str | None = None) -> str | None:
     """The newest complete checkpoint of ``attempt`` (default: the attempt recorded in ``stage_dir``), or
-    None. Unlike transformers' ``get_last_checkpoint`` (highest number wins), a half-written save or a
-    checkpoint left by an earlier attempt is never returned."""
+    None: what a rerun continues from. Unlike transformers' ``get_last_checkpoint`` (highest number wins),
+    a half-written save or a checkpoint left by an earlier attempt is never returned."""
     attempt = attempt if attempt is not None else current_attempt(stage_dir)
     complete = [p for p in checkpoint_dirs(stage_dir) if checkpoint_complete(p, attempt)]
     return str(complete[-1]) if complete else None
+
+
+def last_checkpoint(stage_dir: Path) -> str | None:
+    """The highest-numbered ``checkpoint-N`` folder, complete or not, of any attempt (a listing, as
+    transformers' ``get_last_checkpoint``). Never resume from it: use :func:`resume_checkpoint`."""
+    folders = checkpoint_dirs(stage_dir)
+    return str(folders[-1]) if folders else None
 
 
 def drop_unusable_checkpoints(stage_dir: Path, attempt: str) -> list[str]:
@@ -268,7 +274,7 @@ def resume_training(trainer, recipe, stage_dir: Path) -> tuple[object, dict]:
         start_attempt(stage_dir)
     trainer.accelerator.wait_for_everyone()
     attempt = current_attempt(stage_dir)
-    resume_from = last_checkpoint(stage_dir, attempt)
+    resume_from = resume_checkpoint(stage_dir, attempt)
     if main:
         drop_unusable_checkpoints(stage_dir, attempt)
         truncate_metrics(stage_dir / "metrics.jsonl", int(resume_from.rsplit("-", 1)[1]) if resume_from else 0)
@@ -281,7 +287,7 @@ def resume_training(trainer, recipe, stage_dir: Path) -> tuple[object, dict]:
         output = trainer.train(resume_from_checkpoint=resume_from)
     info = {"resumed_from": resume_from}
     if interrupt.requested:
-        checkpoint = last_checkpoint(stage_dir, attempt)
+        checkpoint = resume_checkpoint(stage_dir, attempt)
         logger.warning("interrupted at step %d: checkpoint saved in %s", trainer.state.global_step, checkpoint)
         info.update(interrupted=True, checkpoint=checkpoint)
     return output, info
