@@ -249,7 +249,7 @@ class StageRecipe:
     lora: LoraArgs
     train: Any
     seed: int = 0
-    resume: bool = False
+    resume: bool = True
     extras: dict = field(default_factory=dict)
     user_keys: frozenset[str] = frozenset()
     previous: str | None = None
@@ -277,7 +277,7 @@ class Recipe:
     eval: EvalArgs | None
     output_dir: Path
     seed: int = 0
-    resume: bool = False
+    resume: bool = True
     raw: dict = field(default_factory=dict)
 
     @property
@@ -583,7 +583,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
         if key not in valid_top:
             raise unknown_key_error(f"{src}: top level", str(key), valid_top)
     seed = coerce(raw.get("seed", 0), int, f"{src}: seed")
-    resume = coerce(raw.get("resume", False), bool, f"{src}: resume")
+    resume = coerce(raw.get("resume", True), bool, f"{src}: resume")  # docs/resume.md
     chain = len(steps) > 1 or steps == ["eval"]
     out_dir = raw.get("output_dir") or (raw.get("train") or {}).get("output_dir") or f"runs/{Path(src).stem}"
     recipe = Recipe(path=src, steps=steps, stages={}, eval=None, output_dir=Path(str(out_dir)),
@@ -778,7 +778,13 @@ def _plain(obj):
 def save_resolved_config(stage: StageRecipe, path: str | Path, model_source: dict | None = None,
                          recipe_path: str | None = None) -> None:
     """Write the fully resolved stage config (and the model actually loaded) as YAML."""
+    doc = resolved_config_doc(stage, model_source, recipe_path)
+    write_text_atomic(path, yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+
+
+def resolved_config_doc(stage: StageRecipe, model_source: dict | None = None, recipe_path: str | None = None) -> dict:
+    """The YAML-safe document :func:`save_resolved_config` writes (what a rerun compares against)."""
     doc = {"recipe": recipe_path, **stage.to_dict()}
     if model_source is not None:
-        doc["model_source"] = _plain(model_source)
-    write_text_atomic(path, yaml.safe_dump(_plain(doc), sort_keys=False, allow_unicode=True))
+        doc["model_source"] = model_source
+    return _plain(doc)

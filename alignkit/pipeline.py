@@ -1,25 +1,33 @@
 """Stage chains: run one stage or a chain of stages (what ``alignkit train RECIPE.yaml`` runs).
 
 Each step's directory gets ``resolved_config.yaml`` (with the ModelSource actually loaded) and, once
-finished, ``state.json`` + ``DONE`` written atomically. Rerunning a chain skips finished steps and
-restarts at the first unfinished one; ``resume=true`` also continues that step from its last
-checkpoint. The ``eval`` step scores the starting model (before) and the chain's final model
+finished, ``state.json`` + ``DONE`` written atomically. Rerunning the same command skips finished steps
+and continues the first unfinished one from its newest complete checkpoint (docs/resume.md); a step
+recorded with another config refuses with the diff unless ``--restart`` (old folder kept as ``.prev``). The ``eval`` step scores the starting model (before) and the chain's final model
 (after) with :func:`alignkit.eval.runner.run_eval_config` (and the quickstart metrics when asked), prints a
 before/after table and checks the recipe's claims (exit code 1 when one fails).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import os
+import shlex
+import shutil
+import sys
 import time
 from pathlib import Path
 
-from alignkit.config import EvalArgs, Recipe, save_resolved_config
+import yaml
+
+from alignkit.config import EvalArgs, Recipe, resolved_config_doc, save_resolved_config
 from alignkit.data.io import write_text_atomic
 from alignkit.eval.runner import run_eval_config
 from alignkit.models import DEFAULT_MODEL
 from alignkit.train import get_stage_module
+from alignkit.train.common import resume_checkpoint
 from alignkit.train.quickstart import evaluate, materialize_data
 
 logger = logging.getLogger("alignkit.pipeline")
@@ -50,9 +58,18 @@ def is_done(stage_dir: Path) -> bool:
     return (Path(stage_dir) / "DONE").exists() and state is not None and state.get("status") == "done"
 
 
-def run_recipe(recipe: Recipe) -> int:
-    """Run every step of ``recipe`` in order; returns the process exit code."""
+class StageConfigChanged(RuntimeError):
+    """A rerun whose resolved config differs from the one recorded in a step's folder (exit code 2)."""
+
+
+def run_recipe(recipe: Recipe, *, restart: bool = False, command: str | None = None) -> int:
+    """Run every step of ``recipe`` in order; returns the process exit code.
+
+    Folders are checked first (:func:`prepare_folders`): a step recorded with another config refuses
+    (:class:`StageConfigChanged`) unless ``restart``. ``command`` is what the interrupt message tells
+    the user to run to continue (default ``alignkit train RECIPE``)."""
     recipe.output_dir.mkdir(parents=True, exist_ok=True)
+    prepare_folders(recipe, restart=restart)
     model_path: str | None = None
     results: dict[str, dict] = {}
     for step in recipe.steps:
@@ -61,21 +78,17 @@ def run_recipe(recipe: Recipe) -> int:
         stage_dir.mkdir(parents=True, exist_ok=True)
         if is_done(stage_dir):
             result = read_state(stage_dir)["result"]
-            logger.info("step %s already done (%s): skipping", step, stage_dir)
+            logger.info("step %s already done with the same config (%s): skipping (--restart trains it again)",
+                        step, stage_dir)
         elif step == "eval":
+            if is_main_process():
+                write_text_atomic(stage_dir / CONFIG_FILE, yaml.safe_dump(eval_config_doc(recipe), sort_keys=False))
             result = run_eval_step(recipe, model_path, stage_dir)
         else:
             # 2. a training stage: resolve built-in data, save the resolved config, run, record
-            stage = recipe.stages[step]
-            materialize_data(stage.data, recipe.output_dir / "data", seed=recipe.seed)
-            config_path = stage_dir / "resolved_config.yaml"
-            if is_main_process():
-                save_resolved_config(stage, config_path, recipe_path=recipe.path)
-            logger.info("step %s: %s -> %s", step, model_path or stage.model.name_or_path, stage_dir)
-            result = get_stage_module(step).run(stage, stage_dir, model_path)
-            if is_main_process():
-                save_resolved_config(stage, config_path, result.get("model_source"), recipe_path=recipe.path)
+            result = run_stage(recipe, step, stage_dir, model_path)
             if result.get("interrupted"):
+                _report_interrupt(recipe, step, result, command)
                 return EXIT_INTERRUPTED
         if not is_done(stage_dir):
             mark_done(stage_dir, result)
@@ -89,6 +102,146 @@ def run_recipe(recipe: Recipe) -> int:
             return 1
     _print_summary(recipe, results)
     return 0
+
+
+def run_stage(recipe: Recipe, step: str, stage_dir: Path, model_path: str | None) -> dict:
+    """One training stage: built-in data written, resolved config saved (before and after), run."""
+    stage = recipe.stages[step]
+    materialize_data(stage.data, recipe.output_dir / "data", seed=recipe.seed)
+    config_path = stage_dir / CONFIG_FILE
+    if is_main_process():
+        save_resolved_config(stage, config_path, recipe_path=recipe.path)
+    logger.info("step %s: %s -> %s", step, model_path or stage.model.name_or_path, stage_dir)
+    result = get_stage_module(step).run(stage, stage_dir, model_path)
+    if is_main_process():
+        save_resolved_config(stage, config_path, result.get("model_source"), recipe_path=recipe.path)
+    return result
+
+
+def _report_interrupt(recipe: Recipe, step: str, result: dict, command: str | None) -> None:
+    if not is_main_process():
+        return
+    command = command or f"alignkit train {shlex.quote(str(recipe.path))}"
+    print(f"alignkit train: {step} interrupted at step {result.get('global_step')}; checkpoint "
+          f"{result.get('checkpoint')}\ncontinue with: {command}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# folders: recorded config, restart, resume=false
+# ------------------------------------------------------------------------------------------------
+CONFIG_FILE = "resolved_config.yaml"
+UNCOMPARED = ("recipe", "model_source", "resume")  # where the recipe file lives / what was loaded / resume
+
+
+def step_config(recipe: Recipe, step: str) -> dict:
+    """The config a step would record now (its resolved_config.yaml less :data:`UNCOMPARED`)."""
+    if step == "eval":
+        doc = eval_config_doc(recipe)
+    else:
+        probe = copy.deepcopy(recipe.stages[step])
+        materialize_data(probe.data, recipe.output_dir / "data", seed=recipe.seed)
+        doc = resolved_config_doc(probe, recipe_path=recipe.path)
+    return {k: v for k, v in yaml.safe_load(yaml.safe_dump(doc)).items() if k not in UNCOMPARED}
+
+
+def eval_config_doc(recipe: Recipe) -> dict:
+    """The eval step's recorded config: its EvalArgs and the chain's seed."""
+    return json.loads(json.dumps({"eval": dataclasses.asdict(recipe.eval), "seed": recipe.seed}, default=str))
+
+
+def recorded_config(stage_dir: Path) -> dict | None:
+    """The config recorded in ``stage_dir`` (None when the step never started there)."""
+    path = Path(stage_dir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    doc = yaml.safe_load(path.read_text()) or {}
+    return {k: v for k, v in doc.items() if k not in UNCOMPARED}
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """One line per changed key, dotted: ``train.learning_rate: 0.001 -> 0.0002``."""
+    lines = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines.extend(config_diff(a, b, f"{name}."))
+        elif a != b:
+            lines.append(f"{name}: {_show(a)} -> {_show(b)}")
+    return lines
+
+
+_ABSENT = object()
+
+
+def _show(value) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value, default=str)
+
+
+def prepare_folders(recipe: Recipe, *, restart: bool = False) -> list[str]:
+    """Before anything runs: refuse steps recorded with another config, else move aside what starts over.
+
+    Starting over moves a step's folder to ``<folder>.prev`` (an older .prev is replaced), and every
+    later step's too (their input changes). A changed step refuses when it is finished or holds a
+    checkpoint (:func:`resumable`); one stopped before its first checkpoint has nothing to lose and starts
+    over. From which step: the first changed one (the first step with ``restart`` when none changed);
+    with ``resume: false``, at the latest the first unfinished step that holds files. Returns the steps
+    moved aside."""
+    changed, refused = {}, {}
+    for step in recipe.steps:
+        old = recorded_config(recipe.stage_dir(step))
+        diff = config_diff(old, step_config(recipe, step)) if old is not None else []
+        if diff:
+            changed[step] = diff
+            if is_done(recipe.stage_dir(step)) or resumable(recipe.stage_dir(step)):
+                refused[step] = diff
+    if refused and not restart:
+        raise StageConfigChanged(_changed_message(recipe, refused))
+    first = next((i for i, s in enumerate(recipe.steps) if s in changed), None)  # nothing to lose there
+    if restart and first is None:
+        first = 0
+    elif not recipe.resume:
+        unfinished = next((i for i, s in enumerate(recipe.steps)
+                           if not is_done(recipe.stage_dir(s)) and _has_files(recipe.stage_dir(s))), None)
+        first = min(i for i in (first, unfinished) if i is not None) if unfinished is not None else first
+    moved = [s for s in recipe.steps[first:] if move_aside(recipe.stage_dir(s))] if first is not None else []
+    return moved
+
+
+def _changed_message(recipe: Recipe, changed: dict[str, list[str]]) -> str:
+    lines = []
+    for step, diff in changed.items():
+        where = recipe.stage_dir(step)
+        lines.append(f"{where} was run with another config ({len(diff)} key(s) changed, recorded -> now):")
+        lines.extend(f"  {line}" for line in diff)
+    first = recipe.stage_dir(next(iter(changed)))
+    lines.append(f"rerun with --restart to start over (the old folder is kept as {first}.prev), "
+                 f"or give a new output_dir")
+    return "\n".join(lines)
+
+
+def resumable(stage_dir: Path) -> bool:
+    """A step folder holding something to continue from: a complete TRL checkpoint of its attempt, or
+    the GRPO loop's ``checkpoints/`` folder."""
+    loop = Path(stage_dir) / "checkpoints"
+    return resume_checkpoint(stage_dir) is not None or (loop.is_dir() and any(loop.iterdir()))
+
+
+def _has_files(path: Path) -> bool:
+    return Path(path).is_dir() and any(Path(path).iterdir())
+
+
+def move_aside(stage_dir: Path) -> bool:
+    """Move ``stage_dir`` to ``<stage_dir>.prev`` (replacing an older one); False when there was nothing."""
+    stage_dir = Path(stage_dir)
+    if not _has_files(stage_dir) or not is_main_process():
+        return False
+    prev = stage_dir.with_name(stage_dir.name + ".prev")
+    if prev.exists():
+        shutil.rmtree(prev)
+    stage_dir.rename(prev)
+    logger.warning("starting %s over: the previous run is kept in %s", stage_dir, prev)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""alignkit train (alignkit.cli.train): exit codes and --print-config."""
+"""alignkit train (alignkit.cli.train): exit codes, --print-config, --restart and the continue command."""
 from __future__ import annotations
 
 from alignkit.cli import train
+from alignkit.pipeline import StageConfigChanged
 
 
 def test_main_reports_bad_recipe_with_exit_2(tmp_path, capsys):
@@ -32,3 +33,25 @@ def test_bad_data_is_one_line_not_a_traceback(tmp_path, tiny_model_dir, capsys):
     ours = [line for line in err.splitlines() if line.startswith("alignkit train:")]
     assert "Traceback" not in err and len(ours) == 1  # (transformers' own progress bars may precede it)
     assert f"{data} line 2: fields chosen, rejected:" in ours[0] and "got int" in ours[0] and "got list" in ours[0]
+
+
+def test_restart_is_passed_on_and_the_continue_command_leaves_it_out(tmp_path, monkeypatch):
+    path = tmp_path / "r.yaml"
+    path.write_text("stage: sft\ndata: {path: a.jsonl}\n")
+    seen = {}
+    monkeypatch.setattr(train, "run_recipe", lambda recipe, **kw: seen.update(kw) or 0)
+    assert train.main([str(path), "--restart", "train.learning_rate=3e-4", "seed=1"]) == 0
+    assert seen == {"restart": True, "command": f"alignkit train {path} train.learning_rate=3e-4 seed=1"}
+    assert train.main([str(path)]) == 0 and seen["restart"] is False
+
+
+def test_changed_config_exits_2_with_the_diff(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text("stage: sft\ndata: {path: a.jsonl}\n")
+
+    def refuse(recipe, **kw):
+        raise StageConfigChanged("out was run with another config\n  train.seed: 0 -> 7")
+
+    monkeypatch.setattr(train, "run_recipe", refuse)
+    assert train.main([str(path)]) == 2
+    assert capsys.readouterr().err == "alignkit train: out was run with another config\n  train.seed: 0 -> 7\n"

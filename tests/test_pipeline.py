@@ -1,4 +1,5 @@
-"""Pipeline: chains, restart at the first unfinished stage, eval before/after table and checks, CLI codes."""
+"""Pipeline: chains, restart at the first unfinished stage, recorded-config refusal, --restart/.prev, resume=false,
+interrupt message, eval before/after table and checks."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,8 @@ import pytest
 
 from alignkit import pipeline
 from alignkit.config import load_recipe
-from alignkit.train import STAGES
+from alignkit.train import STAGES, common
+from alignkit.train.callbacks import CHECKPOINT_MARKER
 
 
 @dataclass
@@ -108,3 +110,97 @@ def test_eval_step_scores_base_and_final_and_fails_checks(tmp_path, fake_stages,
     assert code == 1  # the claim failed
     assert "| gsm8k_format_rate | 0.500 | 0.250 | -0.250 |" in capsys.readouterr().out
     assert (tmp_path / "run" / "2_eval" / "before_after.md").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# rerun with another config: refuse with the diff, --restart keeps .prev, resume=false starts over
+# ------------------------------------------------------------------------------------------------
+def _single(tmp_path, *extra):
+    path = tmp_path / "one.yaml"
+    path.write_text("stage: sft\nmodel: {name_or_path: base-model}\ndata: {path: a.jsonl}\n")
+    return load_recipe(path, [f"output_dir={tmp_path / 'run'}", *extra])
+
+
+def test_finished_stage_with_the_same_config_is_skipped(tmp_path, fake_stages, caplog):
+    assert pipeline.run_recipe(_single(tmp_path)) == 0 and fake_stages == [("sft", None)]
+    fake_stages.clear()
+    caplog.set_level("INFO", logger="alignkit.pipeline")
+    assert pipeline.run_recipe(_single(tmp_path, "resume=false")) == 0  # resume is not compared
+    assert fake_stages == []
+    assert "step sft already done with the same config" in caplog.text
+
+
+def test_changed_config_refuses_with_one_line_per_key(tmp_path, fake_stages):
+    assert pipeline.run_recipe(_single(tmp_path)) == 0
+    fake_stages.clear()
+    with pytest.raises(pipeline.StageConfigChanged) as info:
+        pipeline.run_recipe(_single(tmp_path, "train.seed=7", "data.path=b.jsonl"))
+    run = tmp_path / "run"
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{run} was run with another config (2 key(s) changed, recorded -> now):"
+    assert lines[1:3] == ['  data.path: "a.jsonl" -> "b.jsonl"', "  train.seed: 0 -> 7"]
+    assert lines[3] == (f"rerun with --restart to start over (the old folder is kept as {run}.prev), "
+                        f"or give a new output_dir")
+    assert fake_stages == [] and (run / "DONE").exists()  # nothing ran, nothing moved
+
+
+def test_restart_keeps_the_old_folder_as_prev_replacing_an_older_one(tmp_path, fake_stages):
+    run = tmp_path / "run"
+    assert pipeline.run_recipe(_single(tmp_path)) == 0
+    (run / "first.txt").write_text("1")
+    assert pipeline.run_recipe(_single(tmp_path, "train.seed=7"), restart=True) == 0
+    assert (run / "DONE").exists() and (run.with_name("run.prev") / "first.txt").read_text() == "1"
+    (run / "second.txt").write_text("2")
+    assert pipeline.run_recipe(_single(tmp_path, "train.seed=7"), restart=True) == 0  # same config: over again
+    prev = run.with_name("run.prev")
+    assert (prev / "second.txt").exists() and not (prev / "first.txt").exists()
+    assert fake_stages == [("sft", None)] * 3
+
+
+def test_chain_restart_starts_at_the_first_changed_stage(tmp_path, fake_stages):
+    assert pipeline.run_recipe(_chain(tmp_path)) == 0
+    fake_stages.clear()
+    with pytest.raises(pipeline.StageConfigChanged, match="2_dpo was run with another config"):
+        pipeline.run_recipe(_chain(tmp_path, "dpo.train.seed=3"))
+    assert pipeline.run_recipe(_chain(tmp_path, "dpo.train.seed=3"), restart=True) == 0
+    run = tmp_path / "run"
+    assert fake_stages == [("dpo", str(run / "1_sft" / "model"))]  # sft kept
+    assert (run / "2_dpo.prev" / "DONE").exists() and not (run / "1_sft.prev").exists()
+
+
+def test_unfinished_stage_without_a_checkpoint_takes_the_new_config(tmp_path, fake_stages):
+    with pytest.raises(RuntimeError, match="sft failed"):
+        pipeline.run_recipe(_single(tmp_path, "train.fail=true"))
+    assert pipeline.run_recipe(_single(tmp_path)) == 0  # nothing to lose: starts over, old folder kept
+    assert (tmp_path / "run.prev" / "resolved_config.yaml").exists()
+
+
+def test_unfinished_stage_with_a_checkpoint_refuses_a_new_config(tmp_path, fake_stages):
+    code = pipeline.run_recipe(_single(tmp_path, "train.interrupt=true"))
+    assert code == pipeline.EXIT_INTERRUPTED
+    attempt = common.start_attempt(tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / CHECKPOINT_MARKER).write_text(json.dumps({"attempt": attempt, "step": 2}))
+    with pytest.raises(pipeline.StageConfigChanged, match="train.interrupt: true -> false"):
+        pipeline.run_recipe(_single(tmp_path))
+
+
+def test_resume_false_starts_an_interrupted_stage_over(tmp_path, fake_stages):
+    assert pipeline.run_recipe(_single(tmp_path, "train.interrupt=true")) == pipeline.EXIT_INTERRUPTED
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert pipeline.run_recipe(_single(tmp_path, "train.interrupt=true", "resume=false")) == 130
+    assert (tmp_path / "run.prev" / "metrics.jsonl").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_interrupt_message_names_checkpoint_and_command(tmp_path, monkeypatch, capsys):
+    mod = _fake_module("sft")
+    monkeypatch.setitem(STAGES, "sft", mod)
+    monkeypatch.setattr(mod, "run", lambda recipe, d, m: {"interrupted": True, "global_step": 4,
+                                                          "checkpoint": str(d / "checkpoint-4")})
+    code = pipeline.run_recipe(_single(tmp_path), command="alignkit train one.yaml output_dir=run")
+    assert code == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"alignkit train: sft interrupted at step 4; checkpoint {tmp_path / 'run' / 'checkpoint-4'}",
+                   "continue with: alignkit train one.yaml output_dir=run"]

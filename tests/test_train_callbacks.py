@@ -1,5 +1,6 @@
-"""alignkit.train.callbacks: metrics.jsonl writer and reader (torn tail), the Ctrl-C checkpoint callback, and
-the curves PNG, driven with transformers' own TrainerState / TrainerControl."""
+"""alignkit.train.callbacks: metrics.jsonl writer and reader (torn tail), the Ctrl-C checkpoint callback (and its
+rollout boundary), the checkpoint completion marker, and the curves PNG, driven with transformers' own
+TrainerState / TrainerControl."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import signal
 import struct
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from transformers import TrainerControl, TrainerState
 
 from alignkit.data.io import DataError
 from alignkit.train.callbacks import (
+    CHECKPOINT_MARKER,
+    CheckpointMarkerCallback,
     GracefulInterruptCallback,
     MetricsJsonlCallback,
     plot_metrics,
@@ -115,6 +119,36 @@ def test_interrupt_request_saves_and_stops_at_the_step_end():
     assert returned is control and (control.should_save, control.should_training_stop) == (True, True)
     with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
         cb.request()
+
+
+def test_interrupt_waits_for_the_boundary_step():
+    cb, control = GracefulInterruptCallback(boundary=3), TrainerControl()
+    cb.request()
+    for step in (4, 5):  # mid rollout batch: keep going
+        cb.on_step_end(None, TrainerState(global_step=step), control)
+        assert (control.should_save, control.should_training_stop) == (False, False)
+    cb.on_step_end(None, TrainerState(global_step=6), control)
+    assert (control.should_save, control.should_training_stop) == (True, True)
+
+
+# ------------------------------------------------------------------------------------------- checkpoint marker
+def test_marker_written_after_the_save_names_attempt_and_step(tmp_path):
+    args = types.SimpleNamespace(output_dir=str(tmp_path))
+    (tmp_path / "checkpoint-4").mkdir()
+    cb = CheckpointMarkerCallback("abc")
+    cb.on_save(args, TrainerState(global_step=4), TrainerControl())
+    marker = json.loads((tmp_path / "checkpoint-4" / CHECKPOINT_MARKER).read_text())
+    assert (marker["attempt"], marker["step"]) == ("abc", 4)
+
+
+def test_no_marker_without_attempt_folder_or_off_the_main_process(tmp_path):
+    args = types.SimpleNamespace(output_dir=str(tmp_path))
+    (tmp_path / "checkpoint-2").mkdir()
+    CheckpointMarkerCallback(None).on_save(args, TrainerState(global_step=2), TrainerControl())
+    CheckpointMarkerCallback("abc").on_save(args, TrainerState(global_step=2, is_world_process_zero=False),
+                                            TrainerControl())
+    CheckpointMarkerCallback("abc").on_save(args, TrainerState(global_step=3), TrainerControl())  # no folder
+    assert not (tmp_path / "checkpoint-2" / CHECKPOINT_MARKER).exists() and not (tmp_path / "checkpoint-3").exists()
 
 
 def test_installed_handles_a_real_sigint_and_restores_the_handler():

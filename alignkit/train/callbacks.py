@@ -1,4 +1,4 @@
-"""Trainer callbacks (metrics.jsonl, Ctrl-C checkpoint) and the curves PNG."""
+"""Trainer callbacks (metrics.jsonl, Ctrl-C checkpoint, checkpoint completion marker) and the curves PNG."""
 from __future__ import annotations
 
 import contextlib
@@ -7,11 +7,12 @@ import logging
 import math
 import signal
 import threading
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from alignkit.data.io import read_jsonl, save_figure_atomic
+from alignkit.data.io import read_jsonl, save_figure_atomic, write_json_atomic
 
 logger = logging.getLogger("alignkit.train")
 
@@ -36,14 +37,17 @@ class MetricsJsonlCallback(TrainerCallback):
 
 class GracefulInterruptCallback(TrainerCallback):
     """First Ctrl-C: finish the current step, save a full checkpoint (weights, optimizer, scheduler,
-    RNG, trainer state) and stop, so ``resume=true`` continues from it. A second Ctrl-C aborts at once.
+    RNG, trainer state) and stop, so rerunning the same command continues from it. A second Ctrl-C aborts
+    at once. ``boundary``: stop only at a step divisible by it (GRPO with TRL: the end of a rollout batch,
+    where a checkpoint resumes exactly).
 
     ``installed()`` swaps in the SIGINT handler for the duration of ``trainer.train`` (main thread only);
     ``request()`` is what the handler calls (tests call it directly).
     """
 
-    def __init__(self):
+    def __init__(self, boundary: int = 1):
         self.requested = False
+        self.boundary = max(1, int(boundary))  # stop only at a global step divisible by this (GRPO rollouts)
 
     def request(self, *_args) -> None:
         if self.requested:
@@ -63,9 +67,32 @@ class GracefulInterruptCallback(TrainerCallback):
             signal.signal(signal.SIGINT, previous)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        if self.requested and state.global_step % self.boundary == 0:
             control.should_save = True
             control.should_training_stop = True
+        return control
+
+
+CHECKPOINT_MARKER = "alignkit_checkpoint.json"
+
+
+class CheckpointMarkerCallback(TrainerCallback):
+    """Write ``checkpoint-N/alignkit_checkpoint.json`` ({"attempt", "step"}) once the Trainer has saved
+    everything of checkpoint N (``on_save`` runs after ``_save_checkpoint``: weights, optimizer, scheduler,
+    RNG, trainer_state.json). Only a checkpoint with this marker, naming the current attempt, is resumed
+    from: a save killed halfway, or a checkpoint of an earlier attempt, never is.
+
+    ``attempt`` is set by :func:`alignkit.train.common.train_and_save` before training starts."""
+
+    def __init__(self, attempt: str | None = None):
+        self.attempt = attempt
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.attempt is not None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_json_atomic(folder / CHECKPOINT_MARKER,
+                                  {"attempt": self.attempt, "step": state.global_step, "written": time.time()})
         return control
 
 

@@ -1,20 +1,32 @@
 """Pieces every TRL stage shares: model loading, LoRA config, data split + check, train-and-save.
 
 Stages get runtime objects (a :class:`alignkit.config.StageRecipe`-like object with ``model``,
-``data``, ``lora``, ``train``, ``seed``, ``resume``); nothing here reads YAML.
+``data``, ``lora``, ``train``, ``seed``, ``resume``); nothing here reads YAML. Resume (attempts, complete
+checkpoints, metrics cut back to the checkpoint): :func:`resume_training`, described in docs/resume.md.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
+import re
+import shutil
 import time
+import uuid
 from pathlib import Path
 
 from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
 from alignkit.data.check import render, resolve_template, run_check
-from alignkit.data.io import write_json_atomic, write_text_atomic
+from alignkit.data.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from alignkit.models import load_model, merge_adapter, prepare_kbit
-from alignkit.train.callbacks import GracefulInterruptCallback, MetricsJsonlCallback, plot_metrics
+from alignkit.train.callbacks import (
+    CHECKPOINT_MARKER,
+    CheckpointMarkerCallback,
+    GracefulInterruptCallback,
+    MetricsJsonlCallback,
+    plot_metrics,
+    read_metrics,
+)
 
 logger = logging.getLogger("alignkit.train")
 
@@ -145,37 +157,152 @@ def save_data_report(report, stage_dir: Path, name: str) -> None:
                 report.rows_kept, report.rows_dropped, len(report.malformed), stage_dir / f"{name}.md")
 
 
-def stage_callbacks(stage_dir: Path) -> list:
-    """The callbacks every stage uses: metrics.jsonl writer and the Ctrl-C checkpoint saver."""
-    return [MetricsJsonlCallback(stage_dir / "metrics.jsonl"), GracefulInterruptCallback()]
+def stage_callbacks(stage_dir: Path, *, interrupt_boundary: int = 1) -> list:
+    """The callbacks every stage uses: metrics.jsonl writer and the Ctrl-C checkpoint saver
+    (:func:`resume_training` adds the checkpoint completion marker with the attempt's id)."""
+    return [MetricsJsonlCallback(stage_dir / "metrics.jsonl"), GracefulInterruptCallback(interrupt_boundary)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Attempts and checkpoints
+# ------------------------------------------------------------------------------------------------
+ATTEMPT_FILE = "attempt.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def current_attempt(stage_dir: Path) -> str | None:
+    """The id of the attempt recorded in ``stage_dir/attempt.json`` (None: no attempt started here)."""
+    path = Path(stage_dir) / ATTEMPT_FILE
+    return json.loads(path.read_text()).get("attempt") if path.exists() else None
+
+
+def start_attempt(stage_dir: Path) -> str:
+    """Record a new attempt in ``stage_dir/attempt.json`` (atomic) and return its id."""
+    attempt = uuid.uuid4().hex[:12]
+    write_json_atomic(Path(stage_dir) / ATTEMPT_FILE, {"attempt": attempt, "started": time.time()})
+    return attempt
+
+
+def checkpoint_complete(folder: Path, attempt: str | None) -> bool:
+    """A checkpoint counts only when its marker (written last, see ``CheckpointMarkerCallback``) names
+    ``attempt`` and its step, and the Trainer's ``trainer_state.json`` is there."""
+    folder = Path(folder)
+    marker = folder / CHECKPOINT_MARKER
+    match = _CHECKPOINT_RE.match(folder.name)
+    if attempt is None or match is None or not marker.is_file() or not (folder / "trainer_state.json").is_file():
+        return False
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("attempt") == attempt and info.get("step") == int(match.group(1))
+
+
+def checkpoint_dirs(stage_dir: Path) -> list[Path]:
+    """``stage_dir/checkpoint-N`` folders, oldest step first."""
+    stage_dir = Path(stage_dir)
+    found = [p for p in stage_dir.iterdir() if p.is_dir() and _CHECKPOINT_RE.match(p.name)] if stage_dir.is_dir() \
+        else []
+    return sorted(found, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def resume_checkpoint(stage_dir: Path, attempt: str | None = None) -> str | None:
+    """The newest complete checkpoint of ``attempt`` (default: the attempt recorded in ``stage_dir``), or
+    None: what a rerun continues from. Unlike transformers' ``get_last_checkpoint`` (highest number wins),
+    a half-written save or a checkpoint left by an earlier attempt is never returned."""
+    attempt = attempt if attempt is not None else current_attempt(stage_dir)
+    complete = [p for p in checkpoint_dirs(stage_dir) if checkpoint_complete(p, attempt)]
+    return str(complete[-1]) if complete else None
 
 
 def last_checkpoint(stage_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The highest-numbered ``checkpoint-N`` folder, complete or not, of any attempt (a listing, as
+    transformers' ``get_last_checkpoint``). Never resume from it: use :func:`resume_checkpoint`."""
+    folders = checkpoint_dirs(stage_dir)
+    return str(folders[-1]) if folders else None
 
-    return get_last_checkpoint(str(stage_dir)) if Path(stage_dir).is_dir() else None
+
+def drop_unusable_checkpoints(stage_dir: Path, attempt: str) -> list[str]:
+    """Delete the checkpoint folders that are not complete checkpoints of ``attempt`` (cut short by a kill,
+    or left by another attempt), so the Trainer never writes into or rotates them; returns their names."""
+    dropped = []
+    for folder in checkpoint_dirs(stage_dir):
+        if not checkpoint_complete(folder, attempt):
+            shutil.rmtree(folder, ignore_errors=True)
+            dropped.append(folder.name)
+    if dropped:
+        logger.warning("removed checkpoint folder(s) that are not complete saves of this attempt: %s",
+                       ", ".join(dropped))
+    return dropped
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` logged up to ``step`` (the checkpoint resumed from; 0: none), less
+    an earlier segment's end-of-training summary, so a resumed run logs every step once. Returns rows kept."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step and "train_runtime" not in r]
+    write_jsonl_atomic(path, rows)
+    return len(rows)
+
+
+def _callback(trainer, cls):
+    found = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, cls)]
+    if found:
+        return found[0]
+    trainer.add_callback(cls())
+    return _callback(trainer, cls)
+
+
+def resume_training(trainer, recipe, stage_dir: Path) -> tuple[object, dict]:
+    """Run ``trainer.train``, continuing the current attempt from its newest complete checkpoint.
+
+    ``recipe.resume`` False (or no attempt recorded in ``stage_dir``) starts a new attempt at step 1.
+    Before training: unusable checkpoint folders are removed and metrics.jsonl is cut back to the
+    checkpoint's step. A first Ctrl-C saves a checkpoint at the end of the step and stops. Returns
+    ``(train_output, info)``; ``info`` has ``resumed_from`` and, after a Ctrl-C, ``interrupted`` + the
+    ``checkpoint`` written."""
+    stage_dir = Path(stage_dir)
+    main = trainer.is_world_process_zero()
+    if main and (not getattr(recipe, "resume", True) or current_attempt(stage_dir) is None):
+        start_attempt(stage_dir)
+    trainer.accelerator.wait_for_everyone()
+    attempt = current_attempt(stage_dir)
+    resume_from = resume_checkpoint(stage_dir, attempt)
+    if main:
+        drop_unusable_checkpoints(stage_dir, attempt)
+        truncate_metrics(stage_dir / "metrics.jsonl", int(resume_from.rsplit("-", 1)[1]) if resume_from else 0)
+    trainer.accelerator.wait_for_everyone()
+    if resume_from:
+        logger.info("resuming %s from %s (attempt %s)", recipe.stage, resume_from, attempt)
+    _callback(trainer, CheckpointMarkerCallback).attempt = attempt
+    interrupt = _callback(trainer, GracefulInterruptCallback)
+    with interrupt.installed():
+        output = trainer.train(resume_from_checkpoint=resume_from)
+    info = {"resumed_from": resume_from}
+    if interrupt.requested:
+        checkpoint = resume_checkpoint(stage_dir, attempt)
+        logger.warning("interrupted at step %d: checkpoint saved in %s", trainer.state.global_step, checkpoint)
+        info.update(interrupted=True, checkpoint=checkpoint)
+    return output, info
 
 
 def train_and_save(trainer, recipe, stage_dir: Path, tokenizer, source, *, merge_lora: bool = True) -> dict:
-    """Train (resuming when asked), then save model/adapter + tokenizer, metrics and the curves PNG.
+    """Train (continuing the current attempt from its newest complete checkpoint, see
+    :func:`resume_training`), then save model/adapter + tokenizer, metrics and the curves PNG.
 
     Returns the stage result dict of the stage-module contract (see alignkit/train/__init__.py).
     """
     stage_dir = Path(stage_dir)
-    resume_from = last_checkpoint(stage_dir) if recipe.resume else None
-    if recipe.resume and resume_from is None:
-        logger.warning("resume=true but no checkpoint in %s: starting from scratch", stage_dir)
-    interrupt = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulInterruptCallback))
     start = time.time()
     # 1. train, a first Ctrl-C saves a checkpoint at the end of the current step and stops
-    with interrupt.installed():
-        output = trainer.train(resume_from_checkpoint=resume_from)
+    output, info = resume_training(trainer, recipe, stage_dir)
     result = {"metrics": dict(output.metrics), "model_source": source.to_dict(), "model_dir": None,
-              "global_step": trainer.state.global_step, "train_seconds": round(time.time() - start, 1)}
-    if interrupt.requested:
-        logger.warning("interrupted at step %d: checkpoint saved in %s; rerun with resume=true",
-                       trainer.state.global_step, last_checkpoint(stage_dir))
-        return {**result, "interrupted": True}
+              "global_step": trainer.state.global_step, "train_seconds": round(time.time() - start, 1),
+              "resumed_from": info["resumed_from"]}
+    if info.get("interrupted"):
+        return {**result, "interrupted": True, "checkpoint": info["checkpoint"]}
     # 2. final validation metrics
     if trainer.eval_dataset is not None:
         result["metrics"].update(trainer.evaluate())

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from transformers.trainer_utils import get_last_checkpoint
 
 from alignkit import resources
 from alignkit.eval.tasks.base import read_jsonl
@@ -35,8 +34,8 @@ from alignkit.generation.factory import make_generator
 from alignkit.models import load_model
 from alignkit.rl.loop import GRPOConfig, GRPOLoop
 from alignkit.rl.rewards import RewardPreset, get_reward
-from alignkit.train.callbacks import MetricsJsonlCallback, plot_metrics
-from alignkit.train.common import load_for_training, lora_config
+from alignkit.train.callbacks import plot_metrics
+from alignkit.train.common import load_for_training, lora_config, resume_training, stage_callbacks
 
 logger = logging.getLogger("alignkit.train.grpo")
 
@@ -451,6 +450,11 @@ def trl_reward_funcs(preset: RewardPreset, stop: list[str]) -> list:
     return [make("reward"), make("format_reward"), make("answer_reward")]
 
 
+def steps_per_rollout(args: GRPOArgs) -> int:
+    """TRL optimizer steps per GRPO step (one rollout batch): where a TRL checkpoint resumes exactly."""
+    return (args.rollout_batch_size // args.train_batch_size) * args.epochs_per_rollout_batch
+
+
 def trl_config(args: GRPOArgs, stage_dir: Path):
     """TRL's ``GRPOConfig`` from ours (same meaning, TRL's names; see TRL_NAMES). Step counts are TRL
     optimizer steps: ``steps_per_grpo_step`` of them per GRPO step (rollout batch)."""
@@ -458,7 +462,7 @@ def trl_config(args: GRPOArgs, stage_dir: Path):
 
     trl_check(args)
     micro = args.train_batch_size // args.gradient_accumulation_steps
-    per_step = (args.rollout_batch_size // args.train_batch_size) * args.epochs_per_rollout_batch
+    per_step = steps_per_rollout(args)
     opt_steps = args.n_grpo_steps * per_step
     min_tokens = "min_tokens" if args.rollout_backend == "vllm" else "min_new_tokens"  # vLLM / transformers
     return TRLGRPOConfig(
@@ -490,8 +494,9 @@ def greedy_val(model, tokenizer, prompts, answers, preset: RewardPreset, stop, m
 
 
 def run_trl(recipe, stage_dir: Path, model_path=None) -> dict:
-    """``engine: trl``: TRL's GRPOTrainer (its vLLM integration as is) with our rewards and data; the
-    recipe's top-level ``resume`` continues from the newest ``checkpoint-N`` in the stage folder."""
+    """``engine: trl``: TRL's GRPOTrainer (its vLLM integration as is) with our rewards and data; a rerun
+    continues the current attempt from its newest complete checkpoint (:func:`common.resume_training`;
+    a Ctrl-C stops at the end of the rollout batch, where the checkpoint resumes exactly)."""
     from datasets import Dataset
     from trl import GRPOTrainer
 
@@ -511,12 +516,15 @@ def run_trl(recipe, stage_dir: Path, model_path=None) -> dict:
                           train_dataset=Dataset.from_list([{"prompt": p, "answer": a}
                                                            for p, a in zip(train_p, train_a)]),
                           processing_class=tokenizer, peft_config=lora_config(recipe.lora),
-                          callbacks=[MetricsJsonlCallback(stage_dir / "metrics.jsonl")])
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(stage_dir)) if recipe.resume else None)
+                          callbacks=stage_callbacks(stage_dir, interrupt_boundary=steps_per_rollout(args)))
+    _, info = resume_training(trainer, recipe, stage_dir)
+    if info.get("interrupted"):
+        return {"model_source": source.to_dict(), "model_dir": None, "global_step": trainer.state.global_step,
+                **info}
     after = greedy_val(trainer.model, tokenizer, val_p, val_a, **val_kw)
     last = {k: v for k, v in (trainer.state.log_history or [{}])[-1].items() if isinstance(v, (int, float))}
-    result = {"model_source": source.to_dict(), **_summary({"val_before": before, "val_after": after,
-                                                             "last_step": last})}
+    result = {"model_source": source.to_dict(), "resumed_from": info["resumed_from"],
+              **_summary({"val_before": before, "val_after": after, "last_step": last})}
     if trainer.accelerator.is_main_process:
         result.update(_save(trainer.accelerator.unwrap_model(trainer.model), tokenizer, stage_dir,
                             bool(recipe.lora.enabled)))
