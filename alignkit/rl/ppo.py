@@ -99,6 +99,15 @@ class PPOLoop(GRPOLoop):
         value = self.acc.unwrap_model(self.value_model) if self.acc is not None else self.value_model
         return {"trainable.pt": self._unwrapped(), "value.pt": value}
 
+    def _response_text(self, completion) -> str:
+        """As the shared loop, plus the EOS token on a response that ended on EOS (no stop strings set), so
+        that the policy is trained to end (and the missing-EOS penalty has something to move)."""
+        text = super()._response_text(completion)
+        eos = self.tokenizer.eos_token or ""
+        if completion.finish_reason == "stop" and not self.s.stop and not text.endswith(eos):
+            text += eos
+        return text
+
     # ------------------------------------------------------------------ the estimator
     def _sequence_advantages(self, scores, completions) -> tuple[torch.Tensor, torch.Tensor]:
         """(penalised sequence scores, raw rewards): the scores enter the per-token reward at the last token."""
