@@ -112,7 +112,6 @@ def test_reward_that_prefers_a_token_makes_the_policy_emit_it_more(peaked_model_
     loop = PPOLoop(policy, tok, gen, prefers_target, [PROMPT], [""], opt, _settings(), value_model=value)
     history = loop.train()
     after = _next_token_probs(policy, tok)
-    print("p(target)", float(before[target]), "->", float(after[target]), history["last_step"]["reward"])
     assert float(after[target]) > 2 * float(before[target]), (float(before[target]), float(after[target]))
     last = history["last_step"]
     for key in ("reward", "kl_ref", "value_loss", "policy_loss", "explained_variance", "clip_fraction",
