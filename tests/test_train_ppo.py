@@ -246,9 +246,15 @@ def test_stage_run_with_a_reward_model_folder(tmp_path, tiny_model_dir):
         lines[0])
     ckpt = tmp_path / "run" / "checkpoints" / "step-2"
     assert {"trainable.pt", "value.pt", "optimizer.pt", "rng.pt", "state.json"} <= {p.name for p in ckpt.iterdir()}
-    # the value model started from the reward model's weights (InstructGPT): its body, not the policy's head
-    value0 = torch.load(tmp_path / "run" / "checkpoints" / "step-2" / "value.pt")
-    assert "score.weight" in value0
+    # the value model starts from the reward model's weights (InstructGPT), score head included
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    value = ppo.value_model(stage.train, stage, str(rm), None, tok, "cpu")
+    rm_weights = AutoModelForSequenceClassification.from_pretrained(rm).state_dict()
+    assert all(torch.equal(v, rm_weights[k]) for k, v in value.state_dict().items())
+    trained = torch.load(ckpt / "value.pt")
+    assert not torch.equal(trained["score.weight"], rm_weights["score.weight"])  # and is trained
 
 
 def _tiny_overrides(model_dir, out) -> list[str]:
@@ -289,12 +295,12 @@ def test_rlhf_chain_runs_on_the_tiny_model(tmp_path, tiny_model_dir):
     pref.write_text("".join(json.dumps({"prompt": f"Add {i} and {i}.", "chosen": f" {2 * i}.",
                                         "rejected": " no"}) + "\n" for i in range(8)))
     ov = [f"output_dir={tmp_path / 'run'}", "stages=[sft,reward,ppo]", f"model.name_or_path={tiny_model_dir}",
-          "model.dtype=float32", "lora.enabled=false",
+          "model.dtype=float32",
           f"sft.data.path={sft}", "sft.data.template=null", "sft.train.max_steps=1", "sft.train.report_to=none",
           "sft.train.per_device_train_batch_size=2", "sft.train.gradient_accumulation_steps=1",
           f"reward.data.path={pref}", "reward.data.template=null", "reward.data.val_size=2",
           "reward.train.max_steps=1", "reward.train.report_to=none", "reward.train.per_device_train_batch_size=2",
-          "reward.train.gradient_accumulation_steps=1", "reward.train.eval_steps=1",
+          "reward.train.gradient_accumulation_steps=1",
           f"ppo.data.path={pref}", *[f"ppo.{o}" for o in _tiny_overrides(tiny_model_dir, "")[3:]]]
     recipe = load_recipe(ROOT / "recipes" / "rlhf.yaml", ov)
     assert pipeline.run_recipe(recipe) == 0

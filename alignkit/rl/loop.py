@@ -1,4 +1,5 @@
-"""The GRPO loop (Shao et al. 2024, DeepSeekMath; CS336 A5 ``grpo_train_loop``) as a component.
+"""The RL loop (GRPO: Shao et al. 2024, DeepSeekMath; CS336 A5 ``grpo_train_loop``) as a component; PPO
+(:mod:`alignkit.rl.ppo`) is this loop with the GAE estimator in place of the group-normalised one.
 
 It takes runtime objects (policy, tokenizer, a :class:`~alignkit.generation.base.Generator`, a
 reward function ``(response, ground_truth) -> {"reward", "format_reward", "answer_reward"}``,
@@ -658,5 +659,6 @@ def _set_rng_state(state: dict) -> None:
 
 def _short(metrics: dict) -> str:
     keys = ("loss", "grad_norm", "reward", "format_reward", "answer_reward", "token_entropy", "clip_fraction",
-            "response_length", "val_reward", "val_sampled_reward", "time_generation_s", "time_train_s")
+            "kl_ref", "value_loss", "explained_variance", "response_length", "val_reward", "val_sampled_reward",
+            "time_generation_s", "time_train_s")
     return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
