@@ -119,6 +119,28 @@ def test_reward_that_prefers_a_token_makes_the_policy_emit_it_more(peaked_model_
         assert key in last and last[key] is not None, key
 
 
+def _ppo_run(model_dir, out, steps, resume=False):
+    policy, value, tok = _models(model_dir)
+    gen = make_generator("hf:policy", model=policy, tokenizer=tok, batch_size=16)
+    opt = torch.optim.Adam([*policy.parameters(), *value.parameters()], lr=3e-3)
+    s = _settings(n_grpo_steps=steps, save_every=1, output_dir=str(out), resume=resume, rollout_batch_size=8,
+                  train_batch_size=8)
+    PPOLoop(policy, tok, gen, lambda r, t: {"reward": float(len(r) % 2)}, [PROMPT], [""], opt, s,
+            value_model=value).train()
+    return policy, value
+
+
+def test_ppo_resume_restores_policy_value_and_optimizer_exactly(peaked_model_dir, tmp_path):
+    full_policy, full_value = _ppo_run(peaked_model_dir, tmp_path / "full", 3)
+    _ppo_run(peaked_model_dir, tmp_path / "run", 2)  # interrupted after step 2 (its checkpoint is the newest)
+    policy, value = _ppo_run(peaked_model_dir, tmp_path / "run", 3, resume=True)
+    for a, b in [*zip(full_policy.parameters(), policy.parameters()), *zip(full_value.parameters(),
+                                                                           value.parameters())]:
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 3]
+
+
 def test_first_epoch_is_on_policy_and_kl_to_an_equal_reference_is_zero(peaked_model_dir):
     policy, value, tok = _models(peaked_model_dir)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
