@@ -1,4 +1,4 @@
-"""alignkit.rl.core against hand numbers, float64 re-implementations and invariants."""
+"""alignkit.rl.core (GRPO and PPO maths) against hand numbers, float64 re-implementations and invariants."""
 from __future__ import annotations
 
 import math
@@ -10,14 +10,22 @@ import torch
 from alignkit.rl import (
     approx_kl_k3,
     compute_entropy,
+    compute_gae,
     compute_group_normalized_rewards,
     compute_grpo_clip_loss,
     compute_naive_policy_gradient_loss,
     compute_policy_gradient_loss,
+    compute_ppo_policy_loss,
+    compute_value_loss,
+    explained_variance,
     get_response_log_probs,
+    get_token_values,
     grpo_microbatch_train_step,
+    kl_penalized_rewards,
     masked_mean,
     masked_normalize,
+    masked_whiten,
+    ppo_microbatch_train_step,
     sft_microbatch_train_step,
     tokenize_prompt_and_output,
 )
@@ -257,3 +265,151 @@ def test_approx_kl_k3_expectation_is_exact_kl():
     assert (pi * k3).sum().item() == pytest.approx(kl)
     assert (k3 >= 0).all()
     assert approx_kl_k3(pi.log(), pi.log()).abs().max().item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- PPO maths
+
+
+def test_gae_matches_the_recursion_written_out_in_float64():
+    # one row: prompt position 0, response positions 1..3, padding at 4; rewards and values known
+    r = [0.0, 0.1, -0.2, 1.5, 9.0]  # 9.0 at the pad position must be ignored
+    v = [7.0, 0.5, 0.3, -0.4, 5.0]  # 7.0 (prompt) and 5.0 (pad) must be ignored
+    mask = torch.tensor([[False, True, True, True, False]])
+    gamma, lam = 0.9, 0.8
+    # by hand, from the end of the response (V after the last token = 0):
+    d3 = r[3] + gamma * 0.0 - v[3]
+    d2 = r[2] + gamma * v[3] - v[2]
+    d1 = r[1] + gamma * v[2] - v[1]
+    a3 = d3
+    a2 = d2 + gamma * lam * a3
+    a1 = d1 + gamma * lam * a2
+    adv, ret = compute_gae(torch.tensor([r], dtype=torch.float64), torch.tensor([v], dtype=torch.float64), mask,
+                           gamma, lam)
+    assert adv[0].tolist() == pytest.approx([0.0, a1, a2, a3, 0.0], abs=1e-12)
+    assert ret[0].tolist() == pytest.approx([0.0, a1 + v[1], a2 + v[2], a3 + v[3], 0.0], abs=1e-12)
+
+
+def test_gae_lambda_one_is_monte_carlo_return_minus_value():
+    torch.manual_seed(0)
+    r, v = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    gamma = 0.95
+    adv, ret = compute_gae(r, v, mask, gamma, 1.0)
+    for b in range(3):
+        idx = [t for t in range(6) if mask[b, t]]
+        for k, t in enumerate(idx):
+            g = sum(gamma ** j * float(r[b, u]) for j, u in enumerate(idx[k:]))
+            assert float(ret[b, t]) == pytest.approx(g, abs=1e-10)
+            assert float(adv[b, t]) == pytest.approx(g - float(v[b, t]), abs=1e-10)
+
+
+def test_kl_penalty_per_token_and_score_on_the_last_token():
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-0.1, -0.2, -0.3, -0.4]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, -9.0], [-0.3, -0.2, -0.1, -0.4]])
+    mask = torch.tensor([[False, True, True, False], [True, True, True, True]])
+    scores = torch.tensor([[2.0], [-1.0]])
+    rewards, kl = kl_penalized_rewards(scores, logp, ref, mask, kl_coef=0.1)
+    expected_kl = [[0.0, -1.0, 0.0, 0.0], [0.2, 0.0, -0.2, 0.0]]  # logp - ref where masked
+    torch.testing.assert_close(kl, torch.tensor(expected_kl))
+    expected = [[0.0, 0.1, 0.0 + 2.0, 0.0], [-0.02, 0.0, 0.02, 0.0 - 1.0]]  # -0.1 * kl, + score at the last
+    torch.testing.assert_close(rewards, torch.tensor(expected))
+    no_ref, zeros = kl_penalized_rewards(scores, logp, None, mask, kl_coef=0.1)
+    assert zeros.abs().sum() == 0 and no_ref[0, 2] == 2.0 and no_ref[1, 3] == -1.0
+
+
+def test_masked_whiten_invariants():
+    torch.manual_seed(1)
+    x = torch.randn(4, 7) * 3 + 5
+    mask = torch.rand(4, 7) > 0.3
+    w = masked_whiten(x, mask)
+    assert float(w[mask].mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(w[mask].var(unbiased=True)) == pytest.approx(1.0, abs=1e-4)
+    assert torch.all(w[~mask] == 0)
+    # affine invariance: whiten(a x + b) == whiten(x) for a > 0
+    torch.testing.assert_close(masked_whiten(2.5 * x - 4, mask), w, atol=1e-5, rtol=0)
+    # order preserved, mean kept without shift
+    assert torch.equal(torch.argsort(w[mask]), torch.argsort(x[mask]))
+    kept = masked_whiten(x, mask, shift_mean=False)
+    assert float(kept[mask].mean()) == pytest.approx(float(x[mask].mean()), abs=1e-4)
+
+
+def _f64_policy_loss(a, logp, old, eps):
+    ratio = math.exp(logp - old)
+    return max(-a * ratio, -a * min(max(ratio, 1 - eps), 1 + eps))
+
+
+def test_ppo_policy_loss_against_formula_with_clipped_cases():
+    eps = 0.2
+    # (advantage, logp, old): inside the range, ratio above 1+eps with A>0 (clipped), below 1-eps with A<0
+    # (clipped), above 1+eps with A<0 (unclipped: pessimistic), below 1-eps with A>0 (unclipped)
+    cases = [(1.0, -1.0, -1.05), (2.0, -0.5, -1.0), (-1.5, -2.0, -1.0), (-1.0, -0.5, -1.0), (0.7, -2.0, -1.0)]
+    a = torch.tensor([[c[0] for c in cases]])
+    logp, old = torch.tensor([[c[1] for c in cases]]), torch.tensor([[c[2] for c in cases]])
+    loss, meta = compute_ppo_policy_loss(a, logp, old, eps)
+    assert loss[0].tolist() == pytest.approx([_f64_policy_loss(*c, eps) for c in cases], abs=1e-6)
+    assert meta["clipped"][0].tolist() == [False, True, True, False, False]
+
+
+def test_value_loss_against_formula_with_clipped_cases():
+    eps = 0.2
+    # (value, old value, return): inside the range; moved past +eps away from the return (the unclipped
+    # error is larger); moved past +eps toward the return (the clipped error is larger: taken); moved past
+    # -eps toward the return (clipped taken)
+    cases = [(1.1, 1.0, 2.0), (1.5, 1.0, 0.0), (1.5, 1.0, 2.0), (0.2, 1.0, 0.0)]
+    v, old, ret = (torch.tensor([[c[i] for c in cases]]) for i in range(3))
+    loss, meta = compute_value_loss(v, old, ret, eps)
+    expected, clipped = [], []
+    for val, o, r in cases:
+        vc = o + min(max(val - o, -eps), eps)
+        expected.append(0.5 * max((val - r) ** 2, (vc - r) ** 2))
+        clipped.append((vc - r) ** 2 > (val - r) ** 2)
+    assert loss[0].tolist() == pytest.approx(expected, abs=1e-6)
+    assert meta["clipped"][0].tolist() == clipped == [False, False, True, True]
+
+
+def test_ppo_microbatch_step_value_and_gradients():
+    torch.manual_seed(2)
+    logp = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    old, old_v, ret, adv = (torch.randn(2, 4, dtype=torch.float64) for _ in range(4))
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    loss, meta = ppo_microbatch_train_step(logp, values, mask, 2, advantages=adv, old_log_probs=old,
+                                           old_values=old_v, returns=ret, cliprange=0.2, cliprange_value=0.3,
+                                           vf_coef=0.5)
+    # reference: token means over the micro-batch, written out
+    idx = [(b, t) for b in range(2) for t in range(4) if mask[b, t]]
+    lp, vv = logp.detach(), values.detach()
+    pg = sum(_f64_policy_loss(float(adv[b, t]), float(lp[b, t]), float(old[b, t]), 0.2) for b, t in idx) / len(idx)
+    vf = 0.0
+    for b, t in idx:
+        vc = float(old_v[b, t]) + min(max(float(vv[b, t] - old_v[b, t]), -0.3), 0.3)
+        vf += 0.5 * max((float(vv[b, t]) - float(ret[b, t])) ** 2, (vc - float(ret[b, t])) ** 2)
+    vf /= len(idx)
+    assert float(loss) == pytest.approx((pg + 0.5 * vf) / 2, abs=1e-10)
+    assert float(meta["policy_loss"]) == pytest.approx(pg, abs=1e-10)
+    assert float(meta["value_loss"]) == pytest.approx(vf, abs=1e-10)
+    assert torch.all(logp.grad[~mask] == 0) and torch.all(values.grad[~mask] == 0)
+
+
+def test_explained_variance_by_hand():
+    ret = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    mask = torch.ones(4, dtype=torch.bool)
+    assert explained_variance(ret, ret, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full((4,), 2.5), ret, mask) == pytest.approx(0.0)
+    v = torch.tensor([1.5, 2.0, 2.5, 4.0])  # residuals .5 0 -.5 0: var .125; var(ret) 1.25
+    assert explained_variance(v, ret, mask) == pytest.approx(1 - 0.125 / 1.25)
+
+
+def test_token_values_are_the_score_head_at_every_position(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    values = get_token_values(model, ids)
+    assert values.shape == (2, 4)
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state  # (2, 4, H)
+        expected = model.score(hidden).squeeze(-1)
+        pooled = model(ids).logits[:, 0]  # HF pools the last position here (no pad id in the rows)
+    torch.testing.assert_close(values, expected)
+    torch.testing.assert_close(values[:, -1], pooled)

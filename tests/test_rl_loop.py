@@ -288,3 +288,51 @@ def test_collective_calls_do_not_depend_on_timings(tiny_model, gpt2_tokenizer, m
     # rewards, format, answer, lengths (4 values each) + generated tokens + trained tokens (1 each)
     assert calls == [4, 4, 4, 4, 1, 1]
     assert (metrics["log_prob_tokens_per_s"] is None) == (tick < 1e-3)
+
+
+def _adam_loop(model, tok, settings, **kw):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return GRPOLoop(model, tok, ScriptedGenerator(tok), r1_zero_reward, PROMPTS, ANSWERS, opt, settings, **kw)
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_model, gpt2_tokenizer, tmp_path):
+    """Stop after step 2 of 4 (the kill), leave a half-written checkpoint behind, resume in a fresh model and
+    optimizer: weights equal the uninterrupted run's (Adam state and RNG restored), every step logged once."""
+    kw = {"n_grpo_steps": 4, "save_every": 1, "loss_type": "grpo_clip", "epochs_per_rollout_batch": 2}
+    full = copy.deepcopy(tiny_model)
+    _adam_loop(full, gpt2_tokenizer, _settings(tmp_path / "full", **kw)).train()
+    # the interrupted run: 2 steps, then a torn save of step 3 and a metrics line of step 3 (killed)
+    run = tmp_path / "run"
+    part = copy.deepcopy(tiny_model)
+    _adam_loop(part, gpt2_tokenizer, _settings(run, **{**kw, "n_grpo_steps": 2})).train()
+    torn = run / "checkpoints" / ".step-3.tmp"
+    torn.mkdir()
+    (torn / "trainable.pt").write_bytes(b"torn")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.0}\n{"step": 3, "lo')
+    torch.manual_seed(123)  # a different global RNG state: the checkpoint's must be restored
+    resumed = copy.deepcopy(tiny_model)
+    loop = _adam_loop(resumed, gpt2_tokenizer, _settings(run, **{**kw, "resume": True}))
+    loop.train()
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-7, rtol=0)
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4, 4]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")) == [
+        f"step-{i}" for i in range(1, 5)]
+
+
+def test_resume_refuses_changed_settings_and_fresh_runs_keep_old_checkpoints_aside(tiny_model, gpt2_tokenizer,
+                                                                                  tmp_path):
+    _adam_loop(copy.deepcopy(tiny_model), gpt2_tokenizer, _settings(tmp_path, save_every=1)).train()
+    with pytest.raises(ValueError, match=r"settings changed since this checkpoint \(cliprange: 0.2 -> 0.3\)"):
+        _adam_loop(copy.deepcopy(tiny_model), gpt2_tokenizer,
+                   _settings(tmp_path, resume=True, cliprange=0.3)).train()
+    # n_grpo_steps may grow: the run continues from step 1 to 2
+    more = _adam_loop(copy.deepcopy(tiny_model), gpt2_tokenizer, _settings(tmp_path, resume=True, n_grpo_steps=2))
+    more.train()
+    assert more.step == 2
+    fresh = _adam_loop(copy.deepcopy(tiny_model), gpt2_tokenizer, _settings(tmp_path))
+    fresh.train()
+    assert (tmp_path / "checkpoints.prev" / "step-2" / "state.json").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1"]

@@ -387,3 +387,85 @@ def test_rollout_generators_come_from_the_factory(tiny_model, gpt2_tokenizer, ca
     assert isinstance(http, OpenAIHTTPGenerator) and http.model == "served"
     assert http.base_url == "http://127.0.0.1:1/v1" and "weights are not updated" in caplog.text
     assert grpo.make_generator is factory_mod.make_generator and not hasattr(grpo, "main")  # no twin, no main()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kill and resume (issue 14): rerunning the same command continues exactly from the newest checkpoint
+# ----------------------------------------------------------------------------------------------------------
+KILL_STEPS = 8
+
+
+def _kill_resume_recipe(tmp_path, model_dir) -> Path:
+    (tmp_path / "kill_rewards.py").write_text(
+        "def parity(response, ground_truth):\n"
+        "    r = float(len(response) % 2)\n"
+        "    return {'reward': r, 'format_reward': 1.0, 'answer_reward': r}\n")
+    raw = {"stage": "grpo", "output_dir": str(tmp_path / "unused"), "seed": 0, "resume": True,
+           "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+           "train": {"task": "arithmetic", "reward": "kill_rewards:parity", "n_grpo_steps": KILL_STEPS,
+                     "rollout_batch_size": 8, "group_size": 2, "train_batch_size": 4,
+                     "gradient_accumulation_steps": 2, "epochs_per_rollout_batch": 2, "loss_type": "grpo_clip",
+                     "max_new_tokens": 8, "min_new_tokens": 1, "n_val": 2, "n_train": 32, "use_cpu": True,
+                     "learning_rate": 1e-3, "save_every": 1, "rollout_table_every": 1, "rollout_table_size": 1}}
+    path = tmp_path / "kill.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_continues_exactly(tmp_path, tiny_model_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    recipe = _kill_resume_recipe(tmp_path, tiny_model_dir)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]), OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="")
+
+    def cmd(out):
+        return [sys.executable, "-m", "alignkit", "train", str(recipe), f"output_dir={out}"]
+
+    # 1. the uninterrupted run (in this process: the same pipeline, without a second interpreter start-up)
+    from alignkit import pipeline
+
+    full = tmp_path / "full"
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert pipeline.run_recipe(load_recipe(recipe, [f"output_dir={full}"])) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+    # 2. the same run, SIGKILLed once a checkpoint exists, then the same command again
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step-2" / "state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before a checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    steps_at_kill = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")]
+    assert not (run / "DONE").exists() and max(steps_at_kill) < KILL_STEPS
+    again = subprocess.run(cmd(run), check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr
+    # 3. final weights equal the uninterrupted run's; every step logged once, with the same loss
+    a, b = load_file(full / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+    m_full, m_run = _metrics(full), _metrics(run)
+    assert [m["step"] for m in m_run] == [m["step"] for m in m_full] == [0, *range(1, KILL_STEPS + 1), KILL_STEPS]
+    for x, y in zip(m_full, m_run):
+        for key in ("loss", "reward", "grad_norm", "val_reward"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], abs=1e-6), (x["step"], key)
+    rollout_steps = [json.loads(x)["step"] for x in (run / "rollouts.rank0.jsonl").read_text().splitlines()]
+    assert rollout_steps == list(range(1, KILL_STEPS + 1))  # one table row per step, none twice

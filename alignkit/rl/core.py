@@ -1,5 +1,7 @@
-"""From-scratch GRPO / SFT building blocks (CS336 A5 style): tokenization, log-probs, masked reductions,
-group-normalised rewards, policy-gradient losses and microbatch train steps.
+"""From-scratch GRPO / PPO / SFT building blocks (CS336 A5 style): tokenization, log-probs, masked reductions,
+group-normalised rewards, policy-gradient losses and microbatch train steps; for PPO (Schulman et al. 2017;
+Ouyang et al. 2022, InstructGPT) per-token values, the per-token KL-penalised reward, GAE (Schulman et al.
+2016), whitening, the clipped value loss and explained variance.
 
 Everything here takes tensors and plain callables; nothing reads configs or owns an optimizer.
 GRPO is Shao et al. 2024 (DeepSeekMath, Eqs. 3-4); Dr. GRPO is Liu et al. 2025 ("Understanding R1-Zero-like
@@ -17,14 +19,22 @@ __all__ = [
     "POLICY_GRADIENT_LOSSES",
     "approx_kl_k3",
     "compute_entropy",
+    "compute_gae",
     "compute_group_normalized_rewards",
     "compute_grpo_clip_loss",
     "compute_naive_policy_gradient_loss",
     "compute_policy_gradient_loss",
+    "compute_ppo_policy_loss",
+    "compute_value_loss",
+    "explained_variance",
     "get_response_log_probs",
+    "get_token_values",
     "grpo_microbatch_train_step",
+    "kl_penalized_rewards",
     "masked_mean",
     "masked_normalize",
+    "masked_whiten",
+    "ppo_microbatch_train_step",
     "sft_microbatch_train_step",
     "tokenize_prompt_and_output",
 ]
@@ -320,3 +330,146 @@ def grpo_microbatch_train_step(
     if "clipped" in metadata:
         metadata["clip_fraction"] = masked_mean(metadata["clipped"].float(), response_mask)
     return loss.detach(), metadata
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PPO: values, per-token rewards, GAE, whitening, clipped losses
+# ----------------------------------------------------------------------------------------------------------
+def _value_head(model):
+    """The per-token scoring head of a ``*ForSequenceClassification`` model (PEFT-wrapped or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(base, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise TypeError(f"{type(base).__name__} has no score/classifier head: a value model must be a "
+                    "sequence-classification model with one label")
+
+
+def get_token_values(value_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     ) -> torch.Tensor:
+    """``(B, T)`` values: the value model's head applied at every position (before the model pools the
+    last token), read with a forward hook. ``values[:, t]`` is the value of the state ``input_ids[:, :t+1]``,
+    aligned with :func:`get_response_log_probs`' ``log_probs[:, t]``."""
+    captured: list[torch.Tensor] = []
+    handle = _value_head(value_model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        value_model(input_ids, **kwargs)
+    finally:
+        handle.remove()
+    out = captured[-1]  # (B, T, 1)
+    if out.shape[:2] != input_ids.shape or out.shape[-1] != 1:
+        raise ValueError(f"value head output {tuple(out.shape)}: expected (B, T, 1) for input "
+                         f"{tuple(input_ids.shape)} (num_labels must be 1)")
+    return out.squeeze(-1).float()
+
+
+def kl_penalized_rewards(scores: torch.Tensor, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None,
+                         response_mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """InstructGPT's per-token reward: ``r_t = -kl_coef * (logp_t - logp_ref_t)`` on every response token,
+    plus the sequence score on the last response token. Returns ``(rewards (B, T), kl (B, T))`` with zeros
+    outside the mask (``kl`` is the k1 estimate ``logp - logp_ref``; zeros without a reference)."""
+    _same_shape("kl_penalized_rewards", log_probs=log_probs, ref_log_probs=ref_log_probs, response_mask=response_mask)
+    mask = response_mask.bool()
+    kl = torch.zeros_like(log_probs) if ref_log_probs is None else (log_probs - ref_log_probs)
+    kl = torch.where(mask, kl, torch.zeros_like(kl))
+    rewards = -kl_coef * kl
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # (B, T)
+    last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=-1).values  # (B,)
+    if (last < 0).any():
+        raise ValueError("kl_penalized_rewards: a row has no response token")
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards[rows, last] += scores.reshape(-1).to(rewards.dtype)
+    return rewards, kl
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over each row's response span:
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` (``V`` after the last response token is 0: the episode ends),
+    ``A_t = delta_t + gamma * lam * A_{t+1}``; returns ``R_t = A_t + V_t``. ``(B, T)`` each, zero outside the
+    mask (the response tokens of a row must be contiguous, as :func:`tokenize_prompt_and_output` makes them)."""
+    _same_shape("compute_gae", rewards=rewards, values=values, response_mask=response_mask)
+    mask = response_mask.to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    next_adv = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        # a position outside the response resets the recursion (the next row state is terminal)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = (delta + gamma * lam * next_adv) * mask[:, t]
+        next_adv, next_value = advantages[:, t], values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + 1e-8)`` over the masked entries (unbiased var); zeros outside the mask.
+    ``shift_mean=False`` only rescales (the mean is added back)."""
+    _same_shape("masked_whiten", values=values, mask=mask)
+    m = mask.bool()
+    x = values[m]
+    if x.numel() < 2:
+        raise ValueError("masked_whiten: needs at least two masked entries")
+    mean, var = x.mean(), x.var(unbiased=True)
+    out = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m, out, torch.zeros_like(out))
+
+
+def compute_ppo_policy_loss(advantages: torch.Tensor, log_probs: torch.Tensor, old_log_probs: torch.Tensor,
+                            cliprange: float) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate with per-token advantages ``(B, T)``: ``max(-A r, -A clip(r, 1-eps, 1+eps))``,
+    ``r = exp(logp - logp_old)``. Metadata: ``clipped`` (bool: the clipped term was taken) and ``ratio``."""
+    _same_shape("compute_ppo_policy_loss", advantages=advantages, log_probs=log_probs, old_log_probs=old_log_probs)
+    ratio = torch.exp(log_probs - old_log_probs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    return torch.maximum(unclipped, clipped), {"clipped": (clipped > unclipped).detach(), "ratio": ratio.detach()}
+
+
+def compute_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       cliprange_value: float) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped value loss per token: ``0.5 * max((V - R)^2, (V_clip - R)^2)`` with
+    ``V_clip = V_old + clip(V - V_old, -eps_v, eps_v)``. Metadata: ``clipped`` (the clipped term was larger)."""
+    _same_shape("compute_value_loss", values=values, old_values=old_values, returns=returns)
+    v_clip = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (v_clip - returns) ** 2
+    return 0.5 * torch.maximum(loss_unclipped, loss_clipped), {"clipped": (loss_clipped > loss_unclipped).detach()}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """``1 - Var(R - V) / Var(R)`` over the masked entries (1: perfect value, <= 0: no better than a constant);
+    NaN when the returns do not vary."""
+    m = mask.bool()
+    r, v = returns[m].double(), values[m].double()
+    var_r = r.var(unbiased=False)
+    return float("nan") if var_r == 0 else float(1 - (r - v).var(unbiased=False) / var_r)
+
+
+def ppo_microbatch_train_step(log_probs: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,
+                              gradient_accumulation_steps: int, *, advantages: torch.Tensor,
+                              old_log_probs: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                              cliprange: float, cliprange_value: float, vf_coef: float,
+                              ) -> tuple[torch.Tensor, dict]:
+    """PPO loss of one micro-batch, ``(masked_mean(policy loss) + vf_coef * masked_mean(value loss)) /
+    gradient_accumulation_steps`` (token means over the micro-batch); calls ``backward()``."""
+    _same_shape("ppo_microbatch_train_step", log_probs=log_probs, values=values, response_mask=response_mask,
+                advantages=advantages, old_log_probs=old_log_probs, old_values=old_values, returns=returns)
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"ppo_microbatch_train_step: gradient_accumulation_steps must be >= 1, "
+                         f"got {gradient_accumulation_steps}")
+    pg, pg_meta = compute_ppo_policy_loss(advantages, log_probs, old_log_probs, cliprange)
+    vf, vf_meta = compute_value_loss(values, old_values, returns, cliprange_value)
+    pg_loss, vf_loss = masked_mean(pg, response_mask), masked_mean(vf, response_mask)
+    loss = (pg_loss + vf_coef * vf_loss) / gradient_accumulation_steps
+    loss.backward()
+    with torch.no_grad():
+        approx_kl = masked_mean(0.5 * (log_probs - old_log_probs) ** 2, response_mask)
+    return loss.detach(), {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
+                           "clip_fraction": masked_mean(pg_meta["clipped"].float(), response_mask),
+                           "value_clip_fraction": masked_mean(vf_meta["clipped"].float(), response_mask),
+                           "approx_kl": approx_kl, "ratio": pg_meta["ratio"]}

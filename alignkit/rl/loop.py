@@ -1,4 +1,5 @@
-"""The GRPO loop (Shao et al. 2024, DeepSeekMath; CS336 A5 ``grpo_train_loop``) as a component.
+"""The RL loop (GRPO: Shao et al. 2024, DeepSeekMath; CS336 A5 ``grpo_train_loop``) as a component; PPO
+(:mod:`alignkit.rl.ppo`) is this loop with the GAE estimator in place of the group-normalised one.
 
 It takes runtime objects (policy, tokenizer, a :class:`~alignkit.generation.base.Generator`, a
 reward function ``(response, ground_truth) -> {"reward", "format_reward", "answer_reward"}``,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit.data.io import write_json_atomic, write_text_atomic
 from alignkit.generation.base import Completion, SamplingParams
 from alignkit.rl.core import (
     POLICY_GRADIENT_LOSSES,
@@ -42,61 +45,75 @@ logger = logging.getLogger(__name__)
 LENGTH_NORMALIZATIONS = ("mean", "constant")
 
 
-def _f(default, help: str, **meta):
+def setting(default, help: str, **meta):
     """A config field with its ``help`` (and extra metadata such as ``when``)."""
     return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
-class GRPOConfig:
-    """Every setting of :class:`GRPOLoop` (defaults: CS336 A5 reference run, on-policy). Batch sizes are
-    global (all processes). ``metadata["when"]`` = ``{other_field: values}``: the loop reads the field only
-    while the other field has one of those values (e.g. ``cliprange`` only with ``loss_type: grpo_clip``)."""
+class RLLoopConfig:
+    """The settings every RL loop here shares (GRPO's and PPO's: one rollout/update loop, two advantage
+    estimators). Batch sizes are global (all processes). ``metadata["when"]`` = ``{other_field: values}``:
+    the loop reads the field only while the other field has one of those values (e.g. ``cliprange`` only
+    with ``loss_type: grpo_clip`` in GRPO)."""
 
-    n_grpo_steps: int = _f(200, "Number of GRPO steps (rollout batch + its updates).")
-    rollout_batch_size: int = _f(256, "Responses sampled per step (prompts x group_size).")
-    group_size: int = _f(8, "Responses per prompt (the group of the group-normalised advantage).")
-    train_batch_size: int = _f(256, "Responses per optimizer step; < rollout_batch_size means several "
+    n_grpo_steps: int = setting(200, "Number of RL steps (GRPO or PPO: one rollout batch + its updates each).")
+    rollout_batch_size: int = setting(256, "Responses sampled per step (prompts x group_size).")
+    group_size: int = setting(8, "Responses per prompt (GRPO: the group of the group-normalised advantage).")
+    train_batch_size: int = setting(256, "Responses per optimizer step; < rollout_batch_size means several "
                                     "steps per rollout batch (off-policy).")
-    gradient_accumulation_steps: int = _f(128, "Micro-batches per optimizer step.")
-    epochs_per_rollout_batch: int = _f(1, "Passes over each rollout batch (> 1: off-policy, use grpo_clip).")
-    loss_type: str = _f("reinforce_with_baseline", "no_baseline, reinforce_with_baseline or grpo_clip.")
-    use_std_normalization: bool = _f(True, "Divide advantages by the group std (False: Dr. GRPO).")
-    advantage_eps: float = _f(1e-6, "Added to the group std.", when={"use_std_normalization": (True,)})
-    cliprange: float = _f(0.2, "PPO/GRPO clip epsilon (grpo_clip).", when={"loss_type": ("grpo_clip",)})
-    length_normalization: str = _f("mean", "mean (per-sequence masked mean, GRPO) or constant "
-                                           "(masked sum / normalize_constant, Dr. GRPO).")
-    normalize_constant: float | None = _f(None, "Constant for length_normalization=constant "
-                                                "(None: max_new_tokens).",
-                                          when={"length_normalization": ("constant",)})
-    beta: float = _f(0.0, "k3 KL penalty coefficient against a reference model (0: no reference model).")
-    max_grad_norm: float | None = _f(1.0, "Gradient clipping norm (None: off).")
-    temperature: float = _f(1.0, "Rollout sampling temperature.")
-    top_p: float = _f(1.0, "Rollout nucleus sampling.")
-    min_new_tokens: int = _f(4, "Minimum generated tokens per rollout.")
-    max_new_tokens: int = _f(1024, "Maximum generated tokens per rollout.")
+    gradient_accumulation_steps: int = setting(128, "Micro-batches per optimizer step.")
+    epochs_per_rollout_batch: int = setting(1, "Passes over each rollout batch (> 1: off-policy; GRPO: use "
+                                          "grpo_clip; PPO: its epochs per rollout batch).")
+    cliprange: float = setting(0.2, "PPO/GRPO clip epsilon of the policy ratio (GRPO: grpo_clip only).",
+                          when={"loss_type": ("grpo_clip",)})
+    max_grad_norm: float | None = setting(1.0, "Gradient clipping norm (None: off).")
+    temperature: float = setting(1.0, "Rollout sampling temperature.")
+    top_p: float = setting(1.0, "Rollout nucleus sampling.")
+    min_new_tokens: int = setting(4, "Minimum generated tokens per rollout.")
+    max_new_tokens: int = setting(1024, "Maximum generated tokens per rollout.")
     stop: list[str] | None = field(default=None, metadata={
         "help": "Stop strings for rollouts and validation (None: none; the GRPO stage uses its reward's, "
                 "r1_zero: </answer>)."})
-    append_stop: bool = _f(False, "Re-append the first stop string to completions that stopped (a format "
+    append_stop: bool = setting(False, "Re-append the first stop string to completions that stopped (a format "
                                   "that ends with it, e.g. r1_zero's </answer>).")
-    sync_weights: bool = _f(True, "generator.update_weights(policy) after each step (False: a server "
+    sync_weights: bool = setting(True, "generator.update_weights(policy) after each step (False: a server "
                                   "whose weights cannot be updated).")
-    eval_max_new_tokens: int | None = _f(None, "Validation generation cap (None: max_new_tokens); greedy.")
-    val_samples: int = _f(0, "> 0: also score this many samples per held-out prompt at the training "
+    eval_max_new_tokens: int | None = setting(None, "Validation generation cap (None: max_new_tokens); greedy.")
+    val_samples: int = setting(0, "> 0: also score this many samples per held-out prompt at the training "
                              "temperature (fixed seed; the expected reward GRPO maximises).")
-    seed: int = _f(0, "Seed for prompt sampling, rollout generation and micro-batch shuffling.")
-    log_every: int = _f(1, "Log a metrics line every N steps.")
-    rollout_table_every: int = _f(10, "Log a table of sample rollouts every N steps (0: never).")
-    rollout_table_size: int = _f(4, "Rows of the rollout table.")
-    eval_every: int = _f(0, "Validation every N steps (0: only before and after).")
-    save_every: int = _f(0, "Checkpoint every N steps (0: at the end only).")
-    output_dir: str | None = _f(None, "metrics.jsonl, rollouts.rank*.jsonl and checkpoints/ go here "
+    seed: int = setting(0, "Seed for prompt sampling, rollout generation and micro-batch shuffling.")
+    log_every: int = setting(1, "Log a metrics line every N steps.")
+    rollout_table_every: int = setting(10, "Log a table of sample rollouts every N steps (0: never).")
+    rollout_table_size: int = setting(4, "Rows of the rollout table.")
+    eval_every: int = setting(0, "Validation every N steps (0: only before and after).")
+    save_every: int = setting(0, "Checkpoint every N steps (0: at the end only).")
+    output_dir: str | None = setting(None, "metrics.jsonl, rollouts.rank*.jsonl and checkpoints/ go here "
                                       "(None: nothing written).")
-    resume: bool = _f(False, "Continue from the newest output_dir/checkpoints/step-N (False: start fresh, "
-                             "clearing old logs).")
+    resume: bool = setting(False, "Continue exactly from the newest complete output_dir/checkpoints/step-N "
+                             "(weights, optimizer, RNG, step; False: start fresh, old checkpoints moved to "
+                             "checkpoints.prev, old logs cleared).")
 
 
+@dataclass
+class GRPOConfig(RLLoopConfig):
+    """Every setting of :class:`GRPOLoop` (defaults: CS336 A5 reference run, on-policy): the shared
+    :class:`RLLoopConfig` plus GRPO's group-normalised advantage and its loss variants."""
+
+    loss_type: str = setting("reinforce_with_baseline", "no_baseline, reinforce_with_baseline or grpo_clip.")
+    use_std_normalization: bool = setting(True, "Divide advantages by the group std (False: Dr. GRPO).")
+    advantage_eps: float = setting(1e-6, "Added to the group std.", when={"use_std_normalization": (True,)})
+    length_normalization: str = setting("mean", "mean (per-sequence masked mean, GRPO) or constant "
+                                           "(masked sum / normalize_constant, Dr. GRPO).")
+    normalize_constant: float | None = setting(None, "Constant for length_normalization=constant "
+                                                "(None: max_new_tokens).",
+                                          when={"length_normalization": ("constant",)})
+    beta: float = setting(0.0, "k3 KL penalty coefficient against a reference model (0: no reference model).")
+
+
+#: settings that may change between a run and its resume (they do not change the trajectory's weights)
+RESUME_MAY_CHANGE = ("n_grpo_steps", "log_every", "rollout_table_every", "rollout_table_size", "eval_every",
+                     "save_every", "output_dir", "resume")
 
 
 @dataclass
@@ -110,18 +127,24 @@ class Microbatch:
     raw_rewards: torch.Tensor  # (b, 1)
     old_log_probs: torch.Tensor | None = None  # (b, T), no grad
     ref_log_probs: torch.Tensor | None = None  # (b, T), no grad
+    # PPO (alignkit.rl.ppo): per-token values of the rollout, GAE advantages and returns, no grad
+    old_values: torch.Tensor | None = None  # (b, T)
+    token_advantages: torch.Tensor | None = None  # (b, T)
+    returns: torch.Tensor | None = None  # (b, T)
 
 
-def check_batch_sizes(s: GRPOConfig, num_processes: int = 1) -> int:
-    """CS336's consistency checks; returns the per-process micro-batch size. Errors name the setting."""
+def check_batch_sizes(s: RLLoopConfig, num_processes: int = 1, label: str = "GRPO") -> int:
+    """CS336's consistency checks (GRPO's loss settings too when ``s`` is a :class:`GRPOConfig`); returns the
+    per-process micro-batch size. Errors start with ``"<label> settings:"`` and name the setting."""
     def need(ok: bool, msg: str) -> None:
         if not ok:
-            raise ValueError(f"GRPO settings: {msg}")
+            raise ValueError(f"{label} settings: {msg}")
 
-    need(s.loss_type in POLICY_GRADIENT_LOSSES,
-         f"loss_type={s.loss_type!r} is not one of {', '.join(POLICY_GRADIENT_LOSSES)}")
-    need(s.length_normalization in LENGTH_NORMALIZATIONS,
-         f"length_normalization={s.length_normalization!r} is not one of {', '.join(LENGTH_NORMALIZATIONS)}")
+    if isinstance(s, GRPOConfig):
+        need(s.loss_type in POLICY_GRADIENT_LOSSES,
+             f"loss_type={s.loss_type!r} is not one of {', '.join(POLICY_GRADIENT_LOSSES)}")
+        need(s.length_normalization in LENGTH_NORMALIZATIONS,
+             f"length_normalization={s.length_normalization!r} is not one of {', '.join(LENGTH_NORMALIZATIONS)}")
     for name in ("n_grpo_steps", "rollout_batch_size", "group_size", "train_batch_size",
                  "gradient_accumulation_steps", "epochs_per_rollout_batch"):
         need(getattr(s, name) >= 1, f"{name} must be >= 1, got {getattr(s, name)}")
@@ -140,65 +163,86 @@ def check_batch_sizes(s: GRPOConfig, num_processes: int = 1) -> int:
     need(s.train_batch_size % (s.gradient_accumulation_steps * num_processes) == 0,
          f"train_batch_size ({s.train_batch_size}) must be divisible by gradient_accumulation_steps "
          f"({s.gradient_accumulation_steps}) x processes ({num_processes}); change gradient_accumulation_steps")
-    need(s.beta >= 0, f"beta must be >= 0, got {s.beta}")
-    need(s.loss_type != "grpo_clip" or s.cliprange > 0, f"cliprange must be > 0 for grpo_clip, got {s.cliprange}")
+    if isinstance(s, GRPOConfig):
+        need(s.beta >= 0, f"beta must be >= 0, got {s.beta}")
+        need(s.loss_type != "grpo_clip" or s.cliprange > 0,
+             f"cliprange must be > 0 for grpo_clip, got {s.cliprange}")
     return s.train_batch_size // (s.gradient_accumulation_steps * num_processes)
 
 
 class GRPOLoop:
-    """Runs :meth:`train`; see the module docstring. ``reward_fn(response, ground_truth) -> dict``."""
+    """Runs :meth:`train`; see the module docstring. ``reward_fn(response, ground_truth) -> dict``, or an
+    object with ``score_batch(prompts, responses, ground_truths) -> list[dict]`` (a reward model, see
+    :class:`alignkit.rl.rewards.RewardModelScorer`): rewards are computed through :meth:`_score` either way.
+
+    This is the one rollout/update loop: :class:`alignkit.rl.ppo.PPOLoop` subclasses it and replaces only the
+    advantage estimator (GAE with a value model instead of group normalisation) and the per-micro-batch loss
+    (hooks ``_sequence_advantages``, ``_make_microbatches``, ``_train_on_rollouts``, ``_modules``)."""
+
+    label = "GRPO"
 
     def __init__(self, policy, tokenizer, generator, reward_fn: Callable[[str, str], dict],
                  train_prompts: Sequence[str], train_answers: Sequence[str], optimizer,
-                 settings: GRPOConfig, *, val_prompts: Sequence[str] = (), val_answers: Sequence[str] = (),
+                 settings: RLLoopConfig, *, val_prompts: Sequence[str] = (), val_answers: Sequence[str] = (),
                  ref_model=None, accelerator=None) -> None:
         if len(train_prompts) != len(train_answers) or not train_prompts:
-            raise ValueError(f"GRPOLoop: {len(train_prompts)} train prompts but {len(train_answers)} answers "
-                             "(need the same number, at least one)")
+            raise ValueError(f"{type(self).__name__}: {len(train_prompts)} train prompts but "
+                             f"{len(train_answers)} answers (need the same number, at least one)")
         if len(val_prompts) != len(val_answers):
-            raise ValueError(f"GRPOLoop: {len(val_prompts)} val prompts but {len(val_answers)} answers")
-        if settings.beta > 0 and ref_model is None:
+            raise ValueError(f"{type(self).__name__}: {len(val_prompts)} val prompts but {len(val_answers)} answers")
+        if getattr(settings, "beta", 0) > 0 and ref_model is None:
             raise ValueError("GRPOLoop: settings.beta > 0 needs a ref_model (or set beta: 0)")
         self.acc = accelerator
         self.world = accelerator.num_processes if accelerator is not None else 1
         self.rank = accelerator.process_index if accelerator is not None else 0
-        self.micro_batch_size = check_batch_sizes(settings, self.world)
+        self.micro_batch_size = check_batch_sizes(settings, self.world, self.label)
         self.policy, self.tokenizer, self.generator = policy, tokenizer, generator
         self.reward_fn, self.optimizer, self.s, self.ref_model = reward_fn, optimizer, settings, ref_model
         self.train_prompts, self.train_answers = list(train_prompts), list(train_answers)
         self.val_prompts, self.val_answers = list(val_prompts), list(val_answers)
         self.out = Path(settings.output_dir) if settings.output_dir else None
         self.step = 0
+        self.history: dict = {}
         self.n_old_log_prob_passes = 0  # forward passes for old log-probs (tests check "computed once")
         self.device = next(policy.parameters()).device
         if self.world > 1:
             self._broadcast_parameters()
 
+    def _modules(self) -> dict:
+        """The trained modules, by checkpoint file name (PPO adds its value model)."""
+        return {"trainable.pt": self._unwrapped()}
+
+    def _trainable_params(self) -> list:
+        return [p for m in self._modules().values() for p in m.parameters() if p.requires_grad]
+
     # ------------------------------------------------------------------ driver
     def train(self) -> dict:
-        """All steps (resuming from the newest checkpoint); returns before/after validation + last metrics."""
+        """All steps (with ``resume``: from the newest complete checkpoint, exactly); returns before/after
+        validation + last metrics."""
         if self.s.resume and self.out is not None:
             self.load_checkpoint()
-        elif self.out is not None and self.rank == 0:  # a fresh run starts fresh logs
-            for stale in [self.out / "metrics.jsonl", *self.out.glob("rollouts.rank*.jsonl")]:
-                stale.unlink(missing_ok=True)
+        elif self.out is not None and self.rank == 0:
+            self._start_fresh()
         self.val_per_prompt: list[float] | None = None
-        history: dict = {"val_before": self.evaluate() if self.step == 0 else None}
-        history["val_before_per_prompt"] = self.val_per_prompt
-        self._log_metrics({"step": self.step, **(history["val_before"] or {})}, if_new=True)
+        history: dict = self.history
+        if self.step == 0:
+            history["val_before"] = self.evaluate()
+            history["val_before_per_prompt"] = self.val_per_prompt
+        self._log_metrics({"step": self.step, **(history.get("val_before") or {})}, if_new=True)
         metrics: dict = {}
         while self.step < self.s.n_grpo_steps:
-            # 1. one GRPO step (rollout, rewards, update, weight sync)
+            # 1. one step (rollout, rewards, update, weight sync)
             metrics = self.train_step()
-            # 2. validation at its interval, checkpoint at its interval
+            # 2. validation at its interval
             if self.s.eval_every and self.step % self.s.eval_every == 0 and self.step < self.s.n_grpo_steps:
                 metrics.update(self.evaluate())
-            if self.s.save_every and self.step % self.s.save_every == 0:
-                self.save_checkpoint()
-            # 3. log
+            # 3. log, then checkpoint (a checkpoint at step N implies the line of step N is written)
             self._log_metrics(metrics)
             if self.step % self.s.log_every == 0 or self.step == self.s.n_grpo_steps:
-                logger.info("grpo step %d/%d: %s", self.step, self.s.n_grpo_steps, _short(metrics))
+                logger.info("%s step %d/%d: %s", self.label.lower(), self.step, self.s.n_grpo_steps,
+                            _short(metrics))
+            if self.s.save_every and self.step % self.s.save_every == 0:
+                self.save_checkpoint()
         history["val_after"] = self.evaluate()
         history["val_after_per_prompt"] = self.val_per_prompt
         self._log_metrics({"step": self.step, "final": True, **history["val_after"]})
@@ -207,23 +251,28 @@ class GRPOLoop:
         history["last_step"] = metrics
         return history
 
+    def _start_fresh(self) -> None:
+        """A fresh run starts fresh logs; old checkpoints move to ``checkpoints.prev`` (never resumed from)."""
+        for stale in [self.out / "metrics.jsonl", *self.out.glob("rollouts.rank*.jsonl")]:
+            stale.unlink(missing_ok=True)
+        old = self.out / "checkpoints"
+        if old.exists():
+            prev = self.out / "checkpoints.prev"
+            shutil.rmtree(prev, ignore_errors=True)
+            old.rename(prev)
+            logger.info("%s: fresh run (resume off): old checkpoints moved to %s", self.label.lower(), prev)
+
     def train_step(self) -> dict:
-        """One GRPO step: numbered as in the module's task description."""
+        """One step: numbered as in the module's task description."""
         s, t0 = self.s, time.perf_counter()
         # 1. sample this process's prompts, repeat each group_size times, generate
         prompts, answers = self._sample_prompts(self.step)
         completions = self.generator.generate(prompts, self._sampling_params(self.step))
         responses = [self._response_text(c) for c in completions]
         t_gen = time.perf_counter() - t0
-        # 2. rewards and group-normalised advantages (Dr. GRPO: normalize_by_std off)
-        scores: list[dict] = []
-
-        def scored(response: str, truth: str) -> dict:
-            scores.append(self.reward_fn(response, truth))
-            return scores[-1]
-
-        advantages, raw_rewards, _ = compute_group_normalized_rewards(
-            scored, responses, answers, s.group_size, s.advantage_eps, s.use_std_normalization)  # (n,), (n,)
+        # 2. rewards, and the sequence-level advantages of the estimator (GRPO: group-normalised)
+        scores = self._score(prompts, responses, answers)
+        advantages, raw_rewards = self._sequence_advantages(scores, completions)  # (n,), (n,)
         # 3. tokenize; old log-probs (off-policy or grpo_clip) and ref log-probs, once, without grad
         t1 = time.perf_counter()
         micro = self._make_microbatches(prompts, responses, advantages, raw_rewards)
@@ -250,6 +299,22 @@ class GRPOLoop:
         if s.rollout_table_every and (self.step - 1) % s.rollout_table_every == 0:
             self._log_rollouts(prompts, responses, answers, scores, advantages)
         return metrics
+
+    def _score(self, prompts: list[str], responses: list[str], truths: list[str]) -> list[dict]:
+        """One dict per response (``reward`` at least): a batched scorer's ``score_batch`` or
+        ``reward_fn(response, ground_truth)`` per response."""
+        batch = getattr(self.reward_fn, "score_batch", None)
+        if batch is not None:
+            return batch(prompts, responses, truths)
+        return [self.reward_fn(r, t) for r, t in zip(responses, truths)]
+
+    def _sequence_advantages(self, scores: list[dict], completions) -> tuple[torch.Tensor, torch.Tensor]:
+        """GRPO: group-normalised advantages (Dr. GRPO: ``use_std_normalization`` off) and raw rewards."""
+        it = iter(scores)
+        advantages, raw_rewards, _ = compute_group_normalized_rewards(
+            lambda _r, _t: next(it), scores, scores, self.s.group_size, self.s.advantage_eps,
+            self.s.use_std_normalization)
+        return advantages, raw_rewards
 
     # ------------------------------------------------------------------ rollouts
     def _sample_prompts(self, step: int) -> tuple[list[str], list[str]]:
@@ -286,8 +351,7 @@ class GRPOLoop:
         """Shuffle once, cut into micro-batches, add old/ref log-probs under no_grad where needed."""
         order = list(range(len(prompts)))
         random.Random(self.s.seed + 7919 * self.step + self.rank).shuffle(order)
-        need_old = self.s.epochs_per_rollout_batch > 1 or self.s.loss_type == "grpo_clip"
-        need_ref = self.s.beta > 0
+        need_old, need_ref = self._needs_old_and_ref()
         batches = []
         for start in range(0, len(order), self.micro_batch_size):
             # 1. tokenize this micro-batch's prompts + responses
@@ -307,6 +371,10 @@ class GRPOLoop:
                 mb.ref_log_probs = self._no_grad_log_probs(self.ref_model, mb)
             batches.append(mb)
         return batches
+
+    def _needs_old_and_ref(self) -> tuple[bool, bool]:
+        """GRPO: old log-probs when off-policy or clipped; reference log-probs for the k3 penalty."""
+        return self.s.epochs_per_rollout_batch > 1 or self.s.loss_type == "grpo_clip", self.s.beta > 0
 
     @staticmethod
     def _no_grad_log_probs(model, mb: Microbatch) -> torch.Tensor:
@@ -343,7 +411,7 @@ class GRPOLoop:
         return {k: sum(v) / len(v) if v else None for k, v in stats.items()}
 
     def _optimizer_step(self) -> float:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        params = self._trainable_params()
         if self.world > 1:
             self._all_reduce_grads(params)
         max_norm = self.s.max_grad_norm if self.s.max_grad_norm else float("inf")
@@ -367,8 +435,9 @@ class GRPOLoop:
         import torch.distributed as dist
 
         with torch.no_grad():
-            for p in self.policy.parameters():
-                dist.broadcast(p.data, src=0)
+            for module in self._modules().values():
+                for p in module.parameters():
+                    dist.broadcast(p.data, src=0)
 
     def _gather(self, values: list[float]) -> list[float]:
         """All processes' values, rank 0's first. The lists may differ in length (e.g. held-out prompts
@@ -389,17 +458,20 @@ class GRPOLoop:
 
     # ------------------------------------------------------------------ metrics, evaluation, rollouts table
     def _reward_metrics(self, scores: list[dict], completions: list[Completion], prefix: str = "") -> dict:
-        reward = self._gather([d["reward"] for d in scores])
-        fmt = self._gather([d["format_reward"] for d in scores])
-        ans = self._gather([d["answer_reward"] for d in scores])
-        lengths = self._gather([c.num_tokens for c in completions])
-        correct = [n for n, a in zip(lengths, ans) if a > 0]
-        wrong = [n for n, a in zip(lengths, ans) if a <= 0]
+        """Means over all processes of reward, format/answer rewards (when the reward reports them) and
+        response lengths (all; correct / incorrect when there is an answer reward)."""
         mean = (lambda xs: sum(xs) / len(xs) if xs else None)
-        return {f"{prefix}reward": mean(reward), f"{prefix}format_reward": mean(fmt),
-                f"{prefix}answer_reward": mean(ans), f"{prefix}response_length": mean(lengths),
-                f"{prefix}response_length_correct": mean(correct),
-                f"{prefix}response_length_incorrect": mean(wrong)}
+        out: dict = {}
+        reward_keys = [k for k in ("reward", "format_reward", "answer_reward") if not scores or k in scores[0]]
+        values = {k: self._gather([float(d[k]) for d in scores]) for k in reward_keys}
+        lengths = self._gather([c.num_tokens for c in completions])
+        out.update({f"{prefix}{k}": mean(v) for k, v in values.items()})
+        out[f"{prefix}response_length"] = mean(lengths)
+        if "answer_reward" in values:
+            ans = values["answer_reward"]
+            out[f"{prefix}response_length_correct"] = mean([n for n, a in zip(lengths, ans) if a > 0])
+            out[f"{prefix}response_length_incorrect"] = mean([n for n, a in zip(lengths, ans) if a <= 0])
+        return out
 
     def evaluate(self) -> dict:
         """Held-out rewards, gathered: greedy (``val_*``) and, with ``val_samples > 0``, the mean over
@@ -414,7 +486,8 @@ class GRPOLoop:
         # 1. greedy
         params = SamplingParams(max_new_tokens=n_tok, temperature=0.0, stop=list(self.s.stop or ()))
         completions = self.generator.generate([self.val_prompts[i] for i in mine], params)
-        scores = [self.reward_fn(self._response_text(c), self.val_answers[i]) for c, i in zip(completions, mine)]
+        scores = self._score([self.val_prompts[i] for i in mine], [self._response_text(c) for c in completions],
+                             [self.val_answers[i] for i in mine])
         metrics = self._reward_metrics(scores, completions, prefix="val_")
         # 2. sampled at the training temperature, k per prompt, fixed seed
         if self.s.val_samples > 0:
@@ -429,9 +502,10 @@ class GRPOLoop:
         params = SamplingParams(max_new_tokens=n_tok, temperature=self.s.temperature, top_p=self.s.top_p,
                                 min_new_tokens=self.s.min_new_tokens, stop=list(self.s.stop or ()),
                                 seed=self.s.seed * 1_000_003 + 999_983 + self.rank)
-        completions = self.generator.generate([self.val_prompts[i] for i in mine for _ in range(k)], params)
+        prompts = [self.val_prompts[i] for i in mine for _ in range(k)]
+        completions = self.generator.generate(prompts, params)
         truths = [self.val_answers[i] for i in mine for _ in range(k)]
-        scores = [self.reward_fn(self._response_text(c), a) for c, a in zip(completions, truths)]
+        scores = self._score(prompts, [self._response_text(c) for c in completions], truths)
         per_prompt = [sum(d["reward"] for d in scores[j * k:(j + 1) * k]) / k for j in range(len(mine))]
         self.val_per_prompt = self._gather(per_prompt)  # (n_val,) ordered by rank, then prompt
         return self._reward_metrics(scores, completions, prefix="val_sampled_")
@@ -441,8 +515,8 @@ class GRPOLoop:
                  "ground_truth": answers[i], **scores[i], "advantage": float(advantages[i])}
                 for i in range(min(self.s.rollout_table_size, len(prompts)))]
         for row in rows:
-            logger.info("rollout step %d | reward %.2f (format %.2f, answer %.2f) adv %+.2f | gold %s | %r",
-                        row["step"], row["reward"], row["format_reward"], row["answer_reward"],
+            logger.info("rollout step %d | reward %.2f (format %s, answer %s) adv %+.2f | gold %s | %r",
+                        row["step"], row["reward"], row.get("format_reward", "-"), row.get("answer_reward", "-"),
                         row["advantage"], row["ground_truth"], row["response"][:160])
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -462,51 +536,129 @@ class GRPOLoop:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
-        """``checkpoints/step-N/``: trainable weights, optimizer state, step and settings (process 0)."""
+        """``checkpoints/step-N/`` (process 0): trainable weights of each trained module, optimizer state,
+        RNG states (torch, CUDA, python, numpy), step, settings and the validation history. Written into a
+        temporary folder renamed into place, so a killed save never becomes the newest checkpoint."""
         if self.out is None:
             return None
         path = self.out / "checkpoints" / f"step-{self.step}"
         if self.rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
-            trainable = {n: p.detach().cpu() for n, p in self._unwrapped().named_parameters() if p.requires_grad}
-            torch.save(trainable, path / "trainable.pt")
-            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
-            (path / "state.json").write_text(json.dumps({"step": self.step, "settings": asdict(self.s)}, indent=1))
-            logger.info("grpo: saved checkpoint %s", path)
+            tmp = path.with_name(f".{path.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for fname, module in self._modules().items():
+                torch.save({n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad},
+                           tmp / fname)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+            history = {k: v for k, v in self.history.items() if k.startswith("val_before")}
+            write_json_atomic(tmp / "state.json", {"step": self.step, "settings": asdict(self.s), "history": history})
+            if path.exists():  # the end-of-run save may repeat an interval save of the same step
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                path.rename(old)
+                tmp.rename(path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(path)
+            logger.info("%s: saved checkpoint %s", self.label.lower(), path)
         if self.acc is not None:
             self.acc.wait_for_everyone()
         return path
 
+    def newest_checkpoint(self) -> Path | None:
+        """The newest complete ``checkpoints/step-N`` (renamed into place, ``state.json`` present), or None."""
+        root = self.out / "checkpoints" if self.out is not None else None
+        if root is None or not root.is_dir():
+            return None
+        done = [p for p in root.glob("step-*") if p.name.split("-")[1].isdigit() and (p / "state.json").exists()]
+        return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
     def load_checkpoint(self) -> bool:
-        """Resume from the newest ``checkpoints/step-N``; metrics.jsonl lines after step N are dropped."""
-        ckpts = sorted((self.out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        ckpts = [p for p in ckpts if (p / "state.json").exists()]
-        if not ckpts:
+        """Resume exactly from :meth:`newest_checkpoint`: weights, optimizer, RNG states, step, validation
+        history; metrics.jsonl lines after step N are dropped. Refuses a checkpoint whose recorded settings
+        differ (other than :data:`RESUME_MAY_CHANGE`), naming each changed key."""
+        path = self.newest_checkpoint()
+        if path is None:
             return False
-        path = ckpts[-1]
-        trainable = torch.load(path / "trainable.pt", map_location=self.device)
-        missing = set(trainable) - {n for n, _ in self._unwrapped().named_parameters()}
-        if missing:
-            raise ValueError(f"{path}/trainable.pt: parameters not in the policy: {sorted(missing)[:5]}")
-        self._unwrapped().load_state_dict(trainable, strict=False)
+        state = json.loads((path / "state.json").read_text())
+        changed = {k: (v, getattr(self.s, k, None)) for k, v in state.get("settings", {}).items()
+                   if k not in RESUME_MAY_CHANGE and _jsonable(getattr(self.s, k, None)) != v}
+        if changed:
+            diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+            raise ValueError(f"{path}: the run's settings changed since this checkpoint ({diff}); rerun with "
+                             f"the same settings, or without resume (a fresh start), or another output_dir")
+        for fname, module in self._modules().items():
+            weights = torch.load(path / fname, map_location=self.device)
+            missing = set(weights) - {n for n, _ in module.named_parameters()}
+            if missing:
+                raise ValueError(f"{path}/{fname}: parameters not in the model: {sorted(missing)[:5]}")
+            module.load_state_dict(weights, strict=False)
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
-        self.step = json.loads((path / "state.json").read_text())["step"]
+        if (path / "rng.pt").exists():
+            _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        self.step = state["step"]
+        self.history.update(state.get("history") or {})
         if self.s.sync_weights:
             self.generator.update_weights(self._unwrapped())
         self._truncate_metrics(self.step)
-        logger.info("grpo: resumed from %s (step %d)", path, self.step)
+        logger.info("%s: resumed from %s (step %d)", self.label.lower(), path, self.step)
         return True
 
     def _truncate_metrics(self, step: int) -> None:
-        path = self.out / "metrics.jsonl"
-        if self.rank != 0 or not path.exists():
+        """Keep the lines of steps <= ``step`` (not the final line), each step once (the first kept)."""
+        if self.rank != 0:
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
-                and not json.loads(ln).get("final")]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        seen: set[int] = set()
+        for name in ("metrics.jsonl", *(p.name for p in self.out.glob("rollouts.rank*.jsonl"))):
+            path, keep = self.out / name, []
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by the kill
+                    continue
+                if row.get("step", 0) > step or row.get("final"):
+                    continue
+                if name == "metrics.jsonl":
+                    if row.get("step", 0) in seen:
+                        continue
+                    seen.add(row.get("step", 0))
+                keep.append(line)
+            write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch
+        pass
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
 
 
 def _short(metrics: dict) -> str:
     keys = ("loss", "grad_norm", "reward", "format_reward", "answer_reward", "token_entropy", "clip_fraction",
-            "response_length", "val_reward", "val_sampled_reward", "time_generation_s", "time_train_s")
+            "kl_ref", "value_loss", "explained_variance", "response_length", "val_reward", "val_sampled_reward",
+            "time_generation_s", "time_train_s")
     return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))

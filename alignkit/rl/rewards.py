@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from alignkit.eval.tasks.graders import answers_equivalent
 from alignkit.eval.tasks.gsm8k import GSM8K, gold_answer
 
-__all__ = ["REWARDS", "RewardFn", "RewardPreset", "answers_equivalent", "get_reward", "gold_answer", "gsm8k_reward",
-           "load_reward_fn", "r1_zero_reward"]
+__all__ = ["REWARDS", "RewardFn", "RewardModelScorer", "RewardPreset", "answers_equivalent", "get_reward",
+           "gold_answer", "gsm8k_reward", "load_reward_fn", "r1_zero_reward"]
 
 RewardFn = Callable[[str, str], dict]
 
@@ -113,3 +115,39 @@ def get_reward(spec: str | RewardFn) -> RewardPreset:
     if spec in REWARDS:
         return REWARDS[spec]
     return RewardPreset(load_reward_fn(spec), prompt="question_only")
+
+
+class RewardModelScorer:
+    """A learned reward: a sequence-classification model with one label (e.g. the ``reward`` stage's output,
+    trained by TRL's RewardTrainer) scoring ``prompt + response`` as it was trained: EOS appended when the
+    text does not end with it, right-padded, the model's own pooled logit. ``score_batch(prompts, responses,
+    ground_truths) -> [{"reward": r}]`` is what the RL loop calls (ground truths are not read)."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 8, max_length: int | None = None) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if getattr(model.config, "pad_token_id", None) is None:  # HF pools at the last non-pad token
+            model.config.pad_token_id = tokenizer.pad_token_id
+
+    def __call__(self, response: str, ground_truth: str) -> dict:
+        raise TypeError("RewardModelScorer scores a prompt with its response: call score_batch(prompts, responses)")
+
+    @torch.no_grad()
+    def score_batch(self, prompts: Sequence[str], responses: Sequence[str],
+                    ground_truths: Sequence[str] | None = None) -> list[dict]:
+        eos = self.tokenizer.eos_token or ""
+        texts = [p + r if r.endswith(eos) else p + r + eos for p, r in zip(prompts, responses)]
+        device = next(self.model.parameters()).device
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "right"
+        out: list[dict] = []
+        try:
+            for start in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[start:start + self.batch_size], padding=True, return_tensors="pt",
+                                     truncation=self.max_length is not None, max_length=self.max_length)
+                logits = self.model(**{k: v.to(device) for k, v in enc.items()}).logits  # (b, 1)
+                out += [{"reward": float(x)} for x in logits[:, 0].float().tolist()]
+        finally:
+            self.tokenizer.padding_side = side
+        return out

@@ -51,15 +51,13 @@ def _arg(default, help: str, **meta):
 
 
 @dataclass
-class GRPOArgs(GRPOConfig):
-    """The recipe's ``train:`` section for ``stage: grpo``: every :class:`GRPOConfig` field (the loop's
-    settings, inherited, never restated) plus the stage's own. Batch sizes are global (all processes)."""
+class RLStageArgs:
+    """The stage-level fields the RL stages share (``grpo`` and ``ppo``): data task, prompt, optimizer, checks,
+    rollout backend, device. Each stage's ``train:`` class inherits them with its loop's config."""
 
-    # --- what to run
-    engine: str = _arg("alignkit", "alignkit (the from-scratch GRPO loop) or trl (TRL's GRPOTrainer).")
-    task: str = _arg("gsm8k", "gsm8k (bundled or data.path JSONL with question/answer) or arithmetic "
-                              "(generated a + b questions).")
-    reward: str = _arg("r1_zero", "gsm8k, r1_zero or module.path:function (response, ground_truth) -> dict.")
+    # --- data and prompt
+    task: str = _arg("gsm8k", "gsm8k (bundled or data.path JSONL with question/answer), arithmetic "
+                              "(generated a + b questions) or, stage ppo, prompts (data.path rows' prompt).")
     prompt: str | None = _arg(None, "Bundled prompt name or a template with {question}; default: the reward's.")
     n_train: int | None = _arg(None, "Use the first N training questions (None: all).")
     n_val: int = _arg(64, "Held-out questions scored greedily before/after training and every eval_every steps.")
@@ -89,6 +87,26 @@ class GRPOArgs(GRPOConfig):
                                   engines=("alignkit",), backends={"alignkit": ("http",)})
     # --- device
     use_cpu: bool = _arg(False, "Run on CPU even if a GPU is present.")
+
+    def loop_config(self, preset: RewardPreset, *, resume: bool = False,
+                    output_dir: str | None = None):
+        """This section as the loop's config (a GRPOArgs is a GRPOConfig, a PPOArgs a PPOConfig) with the
+        values the stage derives: the reward's stop strings (unless ``train.stop`` is set), whether to re-append one, weight
+        sync (off for http servers), ``resume`` (the recipe's top-level key) and the stage folder."""
+        stop = list(self.stop if self.stop is not None else preset.stop)
+        return dataclasses.replace(self, stop=stop, append_stop=preset.append_stop and bool(stop),
+                                   sync_weights=self.rollout_backend != "http", resume=resume,
+                                   output_dir=self.output_dir if output_dir is None else output_dir)
+
+
+@dataclass
+class GRPOArgs(GRPOConfig, RLStageArgs):
+    """The recipe's ``train:`` section for ``stage: grpo``: every :class:`GRPOConfig` field (the loop's
+    settings, inherited, never restated), the RL stages' shared :class:`RLStageArgs` and GRPO's own.
+    Batch sizes are global (all processes)."""
+
+    engine: str = _arg("alignkit", "alignkit (the from-scratch GRPO loop) or trl (TRL's GRPOTrainer).")
+    reward: str = _arg("r1_zero", "gsm8k, r1_zero or module.path:function (response, ground_truth) -> dict.")
     bf16: bool = _arg(False, "bf16 mixed precision in TRL's trainer (set from the hardware by the recipe "
                              "loader); engine alignkit trains in model.dtype.", engines=("trl",))
 
@@ -98,16 +116,6 @@ class GRPOArgs(GRPOConfig):
                 raise ValueError(f"train.{name}={getattr(self, name)!r}: valid values are {', '.join(valid)}")
         if self.engine == "trl":
             trl_check(self)
-
-    def loop_config(self, preset: RewardPreset, *, resume: bool = False,
-                    output_dir: str | None = None) -> GRPOArgs:
-        """This section as the loop's config (a GRPOArgs is a GRPOConfig) with the values the stage
-        derives: the reward's stop strings (unless ``train.stop`` is set), whether to re-append one, weight
-        sync (off for http servers), ``resume`` (the recipe's top-level key) and the stage folder."""
-        stop = list(self.stop if self.stop is not None else preset.stop)
-        return dataclasses.replace(self, stop=stop, append_stop=preset.append_stop and bool(stop),
-                                   sync_weights=self.rollout_backend != "http", resume=resume,
-                                   output_dir=self.output_dir if output_dir is None else output_dir)
 
 
 ARGS_CLASS = GRPOArgs
