@@ -112,8 +112,8 @@ def test_chain_sections_merge_over_shared_defaults(tmp_path):
 def test_missing_or_conflicting_stage(tmp_path):
     with pytest.raises(RecipeError, match="missing 'stage'"):
         load_recipe(write(tmp_path, "model: {}\n"))
-    with pytest.raises(RecipeError, match=r"unknown key 'ppo'.*Valid keys: dpo, eval, grpo, reward, sft"):
-        load_recipe(write(tmp_path, "stage: ppo\n"))
+    with pytest.raises(RecipeError, match=r"unknown key 'nope'.*Valid keys: dpo, eval, grpo, ppo, reward, sft"):
+        load_recipe(write(tmp_path, "stage: nope\n"))
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")
     with pytest.raises(RecipeError, match="expected key=value"):

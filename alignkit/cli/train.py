@@ -13,9 +13,11 @@ import yaml
 
 from alignkit.config import RecipeError, load_recipe
 from alignkit.data.io import DataError
+from alignkit.eval.runner import EvalIncomplete, SettingsChanged
 from alignkit.pipeline import EXIT_INTERRUPTED, StageConfigChanged, run_recipe
 
 EXIT_DATA = 1  # the data is wrong (as `alignkit data check` exits)
+EXIT_INCOMPLETE = 4  # as `alignkit eval`: some eval examples failed, every other one is saved
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,9 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return run_recipe(recipe, restart=args.restart, command=continue_command(args))
-    except StageConfigChanged as e:
+    except (StageConfigChanged, SettingsChanged) as e:  # a rerun that would mix two configs: the diff
         print(f"alignkit train: {e}", file=sys.stderr)
         return 2
+    except EvalIncomplete as e:  # the eval step's failed examples are recorded; a rerun retries only them
+        print(f"alignkit train: eval step: {e}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     except KeyboardInterrupt:
         print(f"alignkit train: interrupted (no checkpoint written by this stop); rerun to continue from the "
               f"newest checkpoint: {continue_command(args)}", file=sys.stderr)

@@ -41,8 +41,9 @@ HEADLINE = {
     "alpaca_eval": ("win_rate", True),
     "sst": ("proportion_safe", True),
     "over_refusal": ("refusal_rate", False),
+    "safety": ("attack_success_rate", False),
 }
-EXTRA = {"alpaca_eval": ["lc_win_rate"]}
+EXTRA = {"alpaca_eval": ["lc_win_rate"], "safety": ["attack_success_rate_jailbreak", "over_refusal_rate"]}
 
 
 # ----------------------------------------------------------------------------- writers
@@ -238,6 +239,9 @@ def _proportion_counts(metrics: dict, metric: str, value: float) -> tuple[int, i
         return metrics["safe"], metrics["safe"] + metrics["unsafe"]  # invalid verdicts are not scored
     if metric == "format_rate" and isinstance(metrics.get("unparseable"), int) and isinstance(metrics.get("n"), int):
         return metrics["n"] - metrics["unparseable"], metrics["n"]
+    for row in metrics.get("table") or []:  # tasks with a table of rates (safety): each row's own count and n
+        if isinstance(row, dict) and row.get("metric") == metric and isinstance(row.get("n"), int):
+            return row["count"], row["n"]
     n = metrics.get("n")
     if isinstance(n, int) and n > 0 and abs(value * n - round(value * n)) < 1e-6:
         return round(value * n), n
