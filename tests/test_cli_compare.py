@@ -12,6 +12,7 @@ import pytest
 from alignkit.cli import compare as compare_cli
 from alignkit.eval import report
 from alignkit.eval.judge import length_controlled_win_rate
+from alignkit.eval.metrics import wilson_interval
 from alignkit.eval.runner import run_eval
 from alignkit.generation.base import Completion
 
@@ -254,3 +255,15 @@ def test_a_rate_over_zero_examples_is_not_measured(tmp_path):
                                                     "method": "not measured (n = 0)"}
     assert got[("gsm8k", "accuracy", "a")]["value"] == 0.0 and got[("gsm8k", "accuracy", "a")]["lo"] == 0.0
     assert cmp([a, b], tmp_path, "--fail-on-regression", "sst/proportion_safe=0") == 2
+
+
+def test_safety_rates_take_their_own_counts_from_the_task_table():
+    """attack_success_rate is over the attack prompts only (8 of the run's 10 examples): Wilson(2, 8)."""
+    table = [{"row": "all attacks", "metric": "attack_success_rate", "n": 8, "count": 2, "rate": 0.25},
+             {"row": "benign", "metric": "over_refusal_rate", "n": 2, "count": 1, "rate": 0.5}]
+    results = {"metrics": {"safety": {"attack_success_rate": 0.25, "over_refusal_rate": 0.5, "n": 10,
+                                      "table": table}}}
+    m = report.measure(results, None, "safety", "attack_success_rate")
+    assert (m.value, m.n, m.method) == (0.25, 8, "wilson") and (m.lo, m.hi) == wilson_interval(2, 8)
+    m = report.measure(results, None, "safety", "over_refusal_rate")
+    assert m.n == 2 and (m.lo, m.hi) == wilson_interval(1, 2)
