@@ -64,10 +64,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from alignkit.train import dpo, grpo, reward, sft
+from alignkit.train import dpo, grpo, kto, reward, sft
 
 # stage name -> stage module (each keeps the contract above)
-STAGES: dict[str, ModuleType] = {"sft": sft, "dpo": dpo, "reward": reward, "grpo": grpo}
+STAGES: dict[str, ModuleType] = {"sft": sft, "dpo": dpo, "reward": reward, "grpo": grpo, "kto": kto}
 
 
 def get_stage_module(name: str) -> ModuleType:
