@@ -155,7 +155,8 @@ def load_unpaired_rows(path, *, split: str = "train", format: str = "auto", colu
     after the first ``limit`` records (bad ones included; a pair is one record).
 
     Returns a list of :class:`UnpairedExample` (a :class:`~alignkit.data.io.LoadedRows` carrying ``format``
-    ("unpaired" or the preference format unpaired), ``rows_read``, ``malformed``, ``skipped``, ``locations``).
+    ("unpaired", or e.g. "prompt_chosen_rejected -> unpaired"), ``rows_read``, ``malformed``, ``skipped``,
+    ``locations``); for pairs see :func:`unpair`.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -176,9 +177,15 @@ def load_unpaired_rows(path, *, split: str = "train", format: str = "auto", colu
 
 def unpair(pairs) -> LoadedRows:
     """Preference pairs -> unpaired examples: every pair's ``(prompt, chosen, True)``, then every pair's
-    ``(prompt, rejected, False)``; the loading counts (rows_read, malformed, skipped) carry over."""
+    ``(prompt, rejected, False)``, each with the pair's file and line. ``format`` becomes e.g.
+    ``"hh -> unpaired"``; ``rows_read`` counts two rows per pair and one per malformed or skipped record
+    (``malformed`` and ``skipped`` carry over)."""
+    records = getattr(pairs, "rows_read", 0) or len(pairs)
     pairs = list(pairs) if not isinstance(pairs, LoadedRows) else pairs
-    out = LoadedRows(format=getattr(pairs, "format", ""), rows_read=getattr(pairs, "rows_read", 0) or len(pairs))
+    fmt = getattr(pairs, "format", "") or "pairs"
+    # rows read = rows a check sees: two per usable pair, one per malformed or skipped record, so that
+    # read = kept + dropped + malformed holds in the report
+    out = LoadedRows(format=f"{fmt} -> {UNPAIRED}", rows_read=records + len(pairs))
     out.malformed = list(getattr(pairs, "malformed", []))
     out.skipped = dict(getattr(pairs, "skipped", {}))
     for attr, label in (("chosen", True), ("rejected", False)):
