@@ -136,3 +136,39 @@ def test_shipped_recipe_runs_on_tiny_chat_model(tmp_path, tiny_model_dir):
     assert (report["kind"], report["rows_read"], report["rows_kept"]) == ("unpaired", 8, 8)
     assert json.loads((stage_dir / "state.json").read_text())["result"]["global_step"] == 1
     assert [m["step"] for m in _train_rows(stage_dir)] == [1]
+
+
+def test_kl_term_with_a_reference_unlike_the_policy(tmp_path, tiny_model_dir):
+    """With a reference unlike the policy the KL estimate z is positive, and TRL's loss on one batch (one
+    desirable, one undesirable row) is the weighted KTO formula with the KL term: (w_d (1 - s(r_c - beta z)) +
+    w_u (1 - s(beta z - r_r))) / 2, from the rewards and z the trainer records."""
+    import torch
+    from conftest import build_tiny_llama
+    from transformers import AutoTokenizer
+    from trl import KTOTrainer
+
+    from alignkit.data.unpaired import UnpairedExample
+
+    ref_dir = build_tiny_llama(tmp_path / "ref", seed=1)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token = tok.eos_token
+    rows = [UnpairedExample(f"What is {i} plus {i}?", f"It is {2 * i}." if i % 2 == 0 else f"No idea about {i}.",
+                            i % 2 == 0) for i in range(4)]
+    beta, w_d, w_u = 0.5, 1.5, 1.0
+    args = kto.KTOArgs(output_dir=str(tmp_path / "o"), per_device_train_batch_size=2, max_length=48,
+                       report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, beta=beta,
+                       desirable_weight=w_d, undesirable_weight=w_u)
+    trainer = KTOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                         ref_model=AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32), args=args,
+                         train_dataset=kto.to_trl_examples(rows, None), processing_class=tok)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert batch["label"].tolist() == [True, False]
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch).item()
+    logged = trainer._metrics["train"]
+    z, r_c, r_r = logged["kl"][-1], logged["rewards/chosen"][-1], logged["rewards/rejected"][-1]
+    assert z > 0.05
+    expected = (w_d * (1 - _sigmoid(r_c - beta * z)) + w_u * (1 - _sigmoid(beta * z - r_r))) / 2
+    assert loss == pytest.approx(expected, rel=1e-5)
+    without_kl = (w_d * (1 - _sigmoid(r_c)) + w_u * (1 - _sigmoid(-r_r))) / 2
+    assert abs(loss - without_kl) > 1e-3  # the KL term mattered
