@@ -29,7 +29,7 @@ def _trl_default(config_class, name: str):
     return next(f.default for f in dataclasses.fields(config_class) if f.name == name)
 
 
-KINDS = {"sft": "sft", "dpo": "preference", "reward": "preference"}  # stage -> data kind
+KINDS = {"sft": "sft", "dpo": "preference", "reward": "preference", "kto": "unpaired"}  # stage -> data kind
 # without a recipe, the max_length the trainers default to (TRL's SFTConfig / DPOConfig)
 DEFAULT_MAX_LENGTH = {"sft": _trl_default(SFTConfig, "max_length"),
                       "preference": _trl_default(DPOConfig, "max_length")}

@@ -39,6 +39,7 @@ from alignkit.data.io import (
 )
 from alignkit.data.preference import load_preference_rows
 from alignkit.data.sft_rows import load_sft_rows
+from alignkit.data.unpaired import load_unpaired_rows
 from alignkit.resources import prompt as bundled_prompt
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 ON_ERROR = ("raise", "drop")  # what a malformed row does: stop the run, or leave the row out
 CONTAMINATED = "contaminated (overlaps an eval set)"  # with data.decontaminate
 EMPTY, IDENTICAL, DUPLICATE, TOO_LONG = "empty text", "chosen == rejected", "duplicate", "over max length"
+CONFLICT = "labelled both ways"  # unpaired: the same prompt + completion is desirable in one row, not in another
 _PROMPT_SLOT = re.compile(r"\{(instruction|prompt|question)\}")
 _REPLY_SLOTS = ("{response}", "{completion}")
 
@@ -54,7 +56,7 @@ _REPLY_SLOTS = ("{response}", "{completion}")
 class DataReport:
     """Outcome of a data check. ``kept`` holds the clean rows, in input order."""
 
-    kind: str                                   # "preference" | "sft"
+    kind: str                                   # "preference" | "sft" | "unpaired"
     rows_read: int = 0
     kept: list = field(default_factory=list)
     dropped: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
@@ -373,6 +375,48 @@ def check_sft(rows, *, tokenizer=None, max_length: int | None = None, template: 
     return report
 
 
+def check_unpaired(examples, *, tokenizer=None, max_length: int | None = None, template: str | None = None,
+                   drop_over_length: bool = True) -> DataReport:
+    """Check unpaired KTO examples (from :func:`alignkit.data.unpaired.load_unpaired_rows`).
+
+    Drop reasons, first match wins: ``empty text``; ``labelled both ways`` (every row whose prompt and
+    completion also appear with the other label: a pair with chosen == rejected, or contradicting ratings);
+    ``duplicate`` (same prompt, completion and label as an earlier row); ``over max length``."""
+    report = _start("unpaired", examples, max_length, tokenizer, drop_over_length)
+    meter, seen = LengthMeter(tokenizer, template), set()
+    report.unit = meter.unit
+    report.lengths = {"prompt": [], "completion": [], "total": []}
+    labels: dict[str, set] = {}
+    for ex in examples:
+        labels.setdefault(_key(ex.prompt, ex.completion), set()).add(ex.label)
+    for ex in examples:
+        # 1. content checks; 2. lengths after templating; 3. the max-length rule
+        text_key = _key(ex.prompt, ex.completion)
+        key = _key(ex.prompt, ex.completion, ex.label)
+        if empty_field(ex.prompt, "prompt") or empty_field(ex.completion, "completion"):
+            reason = EMPTY
+        elif len(labels[text_key]) > 1:
+            reason = CONFLICT
+        else:
+            reason = DUPLICATE if key in seen else None
+        seen.add(key)
+        if reason:
+            report.drop(reason, ex.source, ex.line)
+            continue
+        p_len, (c_len,), totals = meter.measure(ex.prompt, [ex.completion])
+        for name, value in zip(report.lengths, (p_len, c_len, totals[0])):
+            report.lengths[name].append(value)
+        if _length_filter(report, totals):
+            report.drop(TOO_LONG, ex.source, ex.line)
+            continue
+        report.kept.append(ex)
+    up = sum(ex.label for ex in report.kept)
+    logger.info("data check (unpaired): %d read, %d kept (%d desirable, %d undesirable), %d dropped, %d malformed",
+                report.rows_read, report.rows_kept, up, report.rows_kept - up, report.rows_dropped,
+                len(report.malformed))
+    return report
+
+
 # ----------------------------------------------------------------------------------------------
 # Running a check from options (what `alignkit data check` does)
 
@@ -396,7 +440,9 @@ def run_check(opts: dict, *, tokenizer=None, drop_over_length: bool = True) -> D
     The one loader ``alignkit data check`` and every training stage use, so they reach the same verdict
     (:meth:`DataReport.verdict`). ``opts``: data, split, kind (preference | sft), format, columns,
     multi_turn, max_length, template, max_rows (read only the first N records); contamination (compare with
-    the bundled eval sets and ``against`` files, field ``against_field``), decontaminate (and drop overlaps)."""
+    the bundled eval sets and ``against`` files, field ``against_field``), decontaminate (and drop overlaps).
+    Kind ``unpaired`` (KTO): prompt/completion/label rows, or preference pairs unpaired on the fly
+    (:mod:`alignkit.data.unpaired`)."""
     split, kind = opts.get("split") or "train", opts.get("kind") or "preference"
     common = {"tokenizer": tokenizer, "max_length": opts.get("max_length"), "template": opts.get("template"),
                   "drop_over_length": drop_over_length}
@@ -404,6 +450,11 @@ def run_check(opts: dict, *, tokenizer=None, drop_over_length: bool = True) -> D
         rows = load_sft_rows(opts["data"], split=split, columns=opts.get("columns"), errors="collect",
                              allow_empty=True, limit=opts.get("max_rows"))
         report = check_sft(rows, **common)
+    elif kind == "unpaired":
+        rows = load_unpaired_rows(opts["data"], split=split, format=opts.get("format") or "auto",
+                                  columns=opts.get("columns"), errors="collect", allow_empty=True,
+                                  multi_turn=opts.get("multi_turn") or "drop", limit=opts.get("max_rows"))
+        report = check_unpaired(rows, **common)
     else:
         rows = load_preference_rows(opts["data"], split=split, format=opts.get("format") or "auto",
                                     columns=opts.get("columns"), errors="collect", allow_empty=True,

@@ -64,10 +64,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from alignkit.train import dpo, grpo, ppo, reward, sft
+from alignkit.train import dpo, grpo, kto, ppo, reward, sft
 
 # stage name -> stage module (each keeps the contract above)
-STAGES: dict[str, ModuleType] = {"sft": sft, "dpo": dpo, "reward": reward, "grpo": grpo, "ppo": ppo}
+STAGES: dict[str, ModuleType] = {"sft": sft, "dpo": dpo, "reward": reward, "grpo": grpo, "ppo": ppo, "kto": kto}
 
 
 def get_stage_module(name: str) -> ModuleType:
