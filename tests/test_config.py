@@ -112,7 +112,7 @@ def test_chain_sections_merge_over_shared_defaults(tmp_path):
 def test_missing_or_conflicting_stage(tmp_path):
     with pytest.raises(RecipeError, match="missing 'stage'"):
         load_recipe(write(tmp_path, "model: {}\n"))
-    with pytest.raises(RecipeError, match=r"unknown key 'nope'.*Valid keys: dpo, eval, grpo, ppo, reward, sft"):
+    with pytest.raises(RecipeError, match=r"unknown key 'nope'.*Valid keys: dpo, eval, grpo, kto, ppo, reward, sft"):
         load_recipe(write(tmp_path, "stage: nope\n"))
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")
@@ -247,7 +247,7 @@ def test_generic_rules_lora_and_data(tmp_path):
     with pytest.raises(RecipeError, match=r"lora\.r is read only with lora\.enabled: true.*remove it"):
         load_recipe(write(tmp_path, SFT), ["lora.r=8"])
     assert load_recipe(write(tmp_path, SFT), ["lora.r=8", "lora.enabled=true"]).stages["sft"].lora.r == 8
-    with pytest.raises(RecipeError, match=r"data\.format is read by stages dpo, reward; this recipe's stage is sft"):
+    with pytest.raises(RecipeError, match=r"data\.format is read by stages dpo, reward, kto; this recipe's stage is sft"):
         load_recipe(write(tmp_path, SFT), ["data.format=auto"])
     with pytest.raises(RecipeError, match=r"data\.packing is read by stages sft; this recipe's stage is dpo"):
         load_recipe(write(tmp_path, DPO), ["data.packing=alignkit"])

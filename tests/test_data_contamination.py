@@ -23,6 +23,7 @@ from alignkit.data.contamination import (
 from alignkit.data.io import DataError
 from alignkit.data.preference import PreferencePair
 from alignkit.data.sft_rows import load_sft_rows
+from alignkit.data.unpaired import UnpairedExample
 from alignkit.resources import data_path
 
 GSM8K = [json.loads(line)["question"] for line in data_path("gsm8k", "test.jsonl").read_text().splitlines()]
@@ -247,3 +248,8 @@ def test_eval_index_is_built_once_per_process():
     mmlu_items = len(sets[1].texts)
     assert index.too_short[1] > 0 and index.compared[1] + index.too_short[1] == mmlu_items
     assert len(index.owner) == sum(index.compared)
+
+
+def test_unpaired_examples_compare_prompt_and_completion():
+    row = UnpairedExample("What is 2+2?", "It is four.", True, "f.jsonl", 3)
+    assert row_texts(row) == [("prompt", "What is 2+2?"), ("completion", "It is four.")]

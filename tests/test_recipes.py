@@ -58,7 +58,7 @@ def _tiny_data(tmp: Path) -> dict[str, Path]:
     sft = [{"prompt": f"Add {i} and {i}.", "completion": f"The answer is {2 * i}."} for i in range(8)]
     pref = [{"prompt": f"Add {i} and {i}.", "chosen": f"The answer is {2 * i}.", "rejected": f"# Answer: {i}"}
             for i in range(8)]
-    out = {"sft": tmp / "sft.jsonl", "dpo": tmp / "pref.jsonl", "reward": tmp / "pref.jsonl"}
+    out = {"sft": tmp / "sft.jsonl", "dpo": tmp / "pref.jsonl", "reward": tmp / "pref.jsonl", "kto": tmp / "pref.jsonl"}
     out["sft"].write_text("".join(json.dumps(r) + "\n" for r in sft))
     out["dpo"].write_text("".join(json.dumps(r) + "\n" for r in pref))
     return out

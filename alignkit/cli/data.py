@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from transformers import AutoTokenizer
-from trl import DPOConfig, SFTConfig
+from trl import DPOConfig, KTOConfig, SFTConfig
 
 from alignkit.config import load_recipe
 from alignkit.data import masks
@@ -32,7 +32,8 @@ def _trl_default(config_class, name: str):
 KINDS = {"sft": "sft", "dpo": "preference", "reward": "preference", "kto": "unpaired"}  # stage -> data kind
 # without a recipe, the max_length the trainers default to (TRL's SFTConfig / DPOConfig)
 DEFAULT_MAX_LENGTH = {"sft": _trl_default(SFTConfig, "max_length"),
-                      "preference": _trl_default(DPOConfig, "max_length")}
+                      "preference": _trl_default(DPOConfig, "max_length"),
+                      "unpaired": _trl_default(KTOConfig, "max_length")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default=None, help="which training stage of a chain recipe (default: the first)")
     p.add_argument("--data", help="data file, folder or hub dataset name (overrides the recipe)")
     p.add_argument("--split", default=None)
-    p.add_argument("--kind", choices=("preference", "sft"), default=None)
+    p.add_argument("--kind", choices=("preference", "sft", "unpaired"), default=None,
+                   help="what the rows are (default: from the recipe's stage; preference without one)")
     p.add_argument("--format", default=None, help="auto | prompt_chosen_rejected | conversational | hh")
     p.add_argument("--columns", default=None, help="column mapping, e.g. prompt=question,chosen=good,rejected=bad")
     p.add_argument("--multi-turn", choices=("drop", "keep"), default=None, help="HH multi-turn rows")
@@ -98,7 +100,7 @@ def recipe_options(path: str, overrides: list[str], stage: str | None = None) ->
     stage = stage or _first(recipe, "stage")
     kind = KINDS.get(str(stage))
     if kind is None:
-        raise ValueError(f"{path}: the data check covers sft, dpo and reward stages, not {stage!r}")
+        raise ValueError(f"{path}: the data check covers the {', '.join(KINDS)} stages, not {stage!r}")
     data = _first(recipe, "data")
     data_path = _first(data, "path")
     if isinstance(data_path, str) and data_path.startswith("quickstart:") and not isinstance(data, dict):

@@ -126,11 +126,11 @@ def _content(value) -> str:
 
 
 def row_texts(row) -> list[tuple[str, str]]:
-    """``(field, text)`` of a training row: a dict (SFT row or raw record), a :class:`~alignkit.data.io.Row`
-    or a :class:`~alignkit.data.preference.PreferencePair`; empty texts left out."""
+    """``(field, text)`` of a training row: a dict (SFT row or raw record), a :class:`~alignkit.data.io.Row`,
+    a :class:`~alignkit.data.preference.PreferencePair` or an unpaired (KTO) example; empty texts left out."""
     data = row.data if hasattr(row, "data") and isinstance(row.data, dict) else row
-    if not isinstance(data, dict):
-        data = {name: getattr(data, name) for name in ("prompt", "chosen", "rejected") if hasattr(data, name)}
+    if not isinstance(data, dict):  # a row object: its text attributes
+        data = {name: getattr(data, name) for name in (*PROMPT_FIELDS, *RESPONSE_FIELDS) if hasattr(data, name)}
     out = []
     for name in (*PROMPT_FIELDS, *RESPONSE_FIELDS):
         if name in data:
