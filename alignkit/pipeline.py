@@ -96,8 +96,8 @@ def run_recipe(recipe: Recipe, *, restart: bool = False, command: str | None = N
         if step != "eval":
             model_path = result.get("model_dir")
             if model_path is None and step != recipe.steps[-1]:
-                raise RuntimeError(f"step {step} produced no full model folder for the next step "
-                                   f"(adapter on a quantized base?): merge it with `alignkit merge` first")
+                raise RuntimeError(f"step {step} produced no full model folder for the next step (stage "
+                                   f"{step} returned model_dir None)")
         if result.get("checks_failed"):
             return 1
     _print_summary(recipe, results)

@@ -308,13 +308,6 @@ def test_stage_callbacks(tmp_path):
     assert isinstance(interrupt, GracefulInterruptCallback) and not interrupt.requested
 
 
-def test_last_checkpoint_is_the_highest_step(tmp_path):
-    assert common.last_checkpoint(tmp_path / "absent") is None
-    assert common.last_checkpoint(tmp_path) is None
-    for step in (5, 40, 12):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-    (tmp_path / "checkpoint-99").write_text("a file, not a checkpoint")
-    assert common.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-40")  # 40 > 12 > 5, not by name
 
 
 def test_checked_loader_limit_applies_to_what_is_checked(tmp_path):

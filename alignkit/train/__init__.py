@@ -12,8 +12,8 @@ Stage-module contract (every ``alignkit/train/<stage>.py`` in :data:`STAGES` kee
 ``run(recipe, stage_dir, model_path) -> dict``
     ``recipe`` is an :class:`alignkit.config.StageRecipe` with attributes
 
-    * ``stage`` (str), ``seed`` (int), ``resume`` (bool: continue from the last checkpoint in
-      ``stage_dir``),
+    * ``stage`` (str), ``seed`` (int), ``resume`` (bool, default True: a rerun continues the current
+      attempt from its newest complete checkpoint in ``stage_dir``; see docs/resume.md),
     * ``model`` (``ModelArgs``: name_or_path, dtype, attn_implementation, quantization, revision,
       gguf_file),
     * ``data`` (``DataArgs``: path, split, format, columns, eval_path, eval_split, val_size,

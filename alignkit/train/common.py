@@ -215,13 +215,6 @@ def resume_checkpoint(stage_dir: Path, attempt: str | None = None) -> str | None
     return str(complete[-1]) if complete else None
 
 
-def last_checkpoint(stage_dir: Path) -> str | None:
-    """The highest-numbered ``checkpoint-N`` folder, complete or not, of any attempt (a listing, as
-    transformers' ``get_last_checkpoint``). Never resume from it: use :func:`resume_checkpoint`."""
-    folders = checkpoint_dirs(stage_dir)
-    return str(folders[-1]) if folders else None
-
-
 def drop_unusable_checkpoints(stage_dir: Path, attempt: str) -> list[str]:
     """Delete the checkpoint folders that are not complete checkpoints of ``attempt`` (cut short by a kill,
     or left by another attempt), so the Trainer never writes into or rotates them; returns their names."""
