@@ -199,7 +199,9 @@ def test_ignored_keys():
     assert ignored["train.http_base_url"].startswith("train.http_base_url is read with rollout_backend http")
     assert "train.arithmetic_max" not in ignored and "train.cliprange" not in ignored
     assert ignored["data.path"] == "data.path is read by task gsm8k or prompts; this recipe's task is arithmetic"
-    assert ignored["data.template"].startswith("data.template is not read by stage ppo")
+    assert ignored["data.split"].startswith("data.split is not read by stage ppo")
+    assert ignored["data.columns"] == "data.columns is read by task gsm8k or prompts; this recipe's task is arithmetic"
+    assert "data.template" not in ignored  # the prompt's rendering (data.template: chat): every task reads it
     assert ignored["train.resume"].startswith("train.resume is set from the recipe's top-level resume key")
     assert "lora.r" in ignored and "lora.r" not in ppo.ignored_keys(_stage(lora=True))
     prompts = ppo.ignored_keys(_stage(task="prompts"))
