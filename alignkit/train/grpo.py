@@ -58,8 +58,9 @@ class RLStageArgs:
     rollout backend, device. Each stage's ``train:`` class inherits them with its loop's config."""
 
     # --- data and prompt
-    task: str = _arg("gsm8k", "gsm8k (bundled or data.path JSONL with question/answer), arithmetic "
-                              "(generated a + b questions) or, stage ppo, prompts (data.path rows' prompt).")
+    task: str = _arg("gsm8k", "gsm8k (bundled or data.path rows with question/answer; data.columns maps other "
+                              "names), arithmetic (generated a + b questions) or, stage ppo, prompts (data.path "
+                              "rows' prompt).")
     prompt: str | None = _arg(None, "Bundled prompt name or a template with {question}; default: the reward's.")
     n_train: int | None = _arg(None, "Use the first N training questions (None: all).")
     n_val: int = _arg(64, "Held-out questions scored greedily before/after training and every eval_every steps.")
