@@ -1,9 +1,11 @@
 """The GRPO stage module: GRPOArgs, data, recipe -> run() on the tiny model, TRL engine, backends."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -235,7 +237,8 @@ def _stage(lora=False, **train):
 
 
 DERIVED = {"train.append_stop", "train.sync_weights", "train.resume"}
-DATA_UNREAD = {f"data.{f.name}" for f in dataclasses.fields(DataArgs)} - {"data.path", "data.eval_path"}
+DATA_UNREAD = {f"data.{f.name}" for f in dataclasses.fields(DataArgs)} - {"data.path", "data.eval_path",
+                                                                          "data.columns", "data.template"}
 
 
 def _train_keys(ignored: dict) -> set[str]:
@@ -296,6 +299,8 @@ def test_ignored_keys_task_arithmetic_data_paths():
     ignored = grpo.ignored_keys(_stage(task="arithmetic"))
     assert ignored["data.path"] == "data.path is read by task gsm8k; this recipe's task is arithmetic"
     assert "data.eval_path" in ignored and "train.arithmetic_max" not in ignored
+    assert ignored["data.columns"] == "data.columns is read by task gsm8k; this recipe's task is arithmetic"
+    assert "data.template" not in ignored  # the prompt's rendering: every task reads it
     gsm8k = grpo.ignored_keys(_stage(task="gsm8k"))
     assert "data.path" not in gsm8k
     assert gsm8k["train.arithmetic_max"] == "train.arithmetic_max is read by task arithmetic; this recipe's task is gsm8k"
@@ -469,3 +474,131 @@ def test_sigkill_then_rerun_continues_exactly(tmp_path, tiny_model_dir):
                 assert y[key] == pytest.approx(x[key], abs=1e-6), (x["step"], key)
     rollout_steps = [json.loads(x)["step"] for x in (run / "rollouts.rank0.jsonl").read_text().splitlines()]
     assert rollout_steps == list(range(1, KILL_STEPS + 1))  # one table row per step, none twice
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data.columns and data.template: chat (the prompt as a user message through the policy's chat template)
+# ----------------------------------------------------------------------------------------------------------
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def _data(**kw):
+    return DataArgs(**kw)
+
+
+def _write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_columns_map_recipe_names_onto_question_and_answer(tmp_path):
+    train = _write(tmp_path / "train.jsonl", [{"problem": "1+1?", "solution": "#### 2", "id": 0},
+                                              {"problem": "2+3?", "solution": "#### 5", "id": 1}])
+    val = _write(tmp_path / "val.jsonl", [{"problem": "4+4?", "solution": "#### 8"}])
+    data = _data(path=train, eval_path=val, columns={"question": "problem", "answer": "solution"})
+    got_train, got_val = grpo.load_examples(grpo.GRPOArgs(), data)
+    assert [(r["question"], r["answer"]) for r in got_train] == [("1+1?", "#### 2"), ("2+3?", "#### 5")]
+    assert [(r["question"], r["answer"]) for r in got_val] == [("4+4?", "#### 8")]
+    # only the recipe's files are mapped: without eval_path the bundled GSM8K test split (question/answer) is read
+    _, bundled = grpo.load_examples(grpo.GRPOArgs(n_val=2), _data(path=train, columns={"question": "problem",
+                                                                                       "answer": "solution"}))
+    first = json.loads((ROOT / "alignkit/resources/data/gsm8k/test.jsonl").read_text().splitlines()[0])
+    assert bundled[0]["question"] == first["question"] and len(bundled) == 2
+
+
+def test_columns_errors_name_file_line_and_field(tmp_path):
+    mapping = {"question": "problem", "answer": "solution"}
+    missing = _write(tmp_path / "train.jsonl", [{"problem": "1+1?", "solution": "2"}, {"problem": "2+2?"}])
+    with pytest.raises(ValueError, match=r"train.jsonl line 2: field 'solution': missing \(mapped to 'answer'\)"):
+        grpo.load_examples(grpo.GRPOArgs(), _data(path=missing, eval_path=missing, columns=mapping))
+    typed = _write(tmp_path / "typed.jsonl", [{"problem": 7, "solution": "  "}])
+    with pytest.raises(ValueError, match=r"typed.jsonl line 1: fields problem, solution: problem: expected a "
+                                         r"string, got int; solution: empty text"):
+        grpo.load_examples(grpo.GRPOArgs(), _data(path=typed, eval_path=typed, columns=mapping))
+    with pytest.raises(ValueError, match=r"data.columns: unknown target\(s\) prompt; this task maps onto "
+                                         r"question, answer"):
+        grpo.load_examples(grpo.GRPOArgs(), _data(path=missing, columns={"prompt": "problem"}))
+
+
+def test_chat_template_renders_each_prompt_as_a_user_message(gpt2_tokenizer):
+    tokenizer = copy.deepcopy(gpt2_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    rows = [{"question": "What is 2 + 3?", "answer": "5"}, {"question": "What is 1 + 1?", "answer": "2"}]
+    template = grpo.prompt_template(grpo.GRPOArgs(), get_reward("r1_zero"))
+    plain, answers = grpo.format_prompts(rows, template)
+    chat, chat_answers = grpo.format_prompts(rows, template, tokenizer, "chat")
+    expected = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True) for p in plain]
+    assert chat == expected and chat_answers == answers == ["5", "2"]
+    assert chat[0] == f"<user>{plain[0]}\n<assistant>"  # by hand, from CHAT_TEMPLATE
+    assert grpo.format_prompts(rows, template, tokenizer, None)[0] == plain  # unset: plain text, as before
+
+
+def test_chat_template_drops_a_bos_the_tokenizer_adds_itself(gpt2_tokenizer):
+    class AddsBos:  # a Llama-like tokenizer: its template writes BOS and encoding adds BOS too
+        chat_template, bos_token, bos_token_id = "x", "<s>", 1
+
+        def __call__(self, text):
+            return {"input_ids": [1, 5]}
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return f"<s>[U]{messages[0]['content']}[A]"
+
+    assert grpo.chat_prompts(["hi"], AddsBos()) == ["[U]hi[A]"]  # the generator/TRL encoding adds <s> once
+
+
+def test_chat_template_refusals(gpt2_tokenizer):
+    with pytest.raises(ValueError, match="data.template=chat: the tokenizer of .* has no chat template; unset "
+                                         "data.template"):
+        grpo.format_prompts([{"question": "q", "answer": "a"}], "{question}", gpt2_tokenizer, "chat")
+    with pytest.raises(ValueError, match="data.template='alpaca_sft': stage grpo takes chat"):
+        grpo.format_prompts([{"question": "q", "answer": "a"}], "{question}", gpt2_tokenizer, "alpaca_sft")
+
+
+def _chat_model_dir(tmp_path, tiny_model_dir) -> Path:
+    out = tmp_path / "chat-model"
+    shutil.copytree(tiny_model_dir, out)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    return out
+
+
+def test_stage_reads_columns_and_template_from_the_recipe(tmp_path, tiny_model_dir, monkeypatch):
+    """The recipe loader accepts data.columns/data.template for grpo; run() hands the loop chat prompts."""
+    train = _write(tmp_path / "q.jsonl", [{"problem": f"What is {i} + 1?", "solution": str(i + 1)} for i in range(6)])
+    raw = {"stage": "grpo", "output_dir": str(tmp_path / "run"), "seed": 0,
+           "model": {"name_or_path": str(_chat_model_dir(tmp_path, tiny_model_dir)), "dtype": "float32"},
+           "data": {"path": train, "eval_path": train, "columns": {"question": "problem", "answer": "solution"},
+                    "template": "chat"},
+           "train": {"task": "gsm8k", "reward": "r1_zero", "n_val": 2, "use_cpu": True}}
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    stage = load_recipe(path).stages["grpo"]
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_loop(policy, tokenizer, generator, fn, prompts, answers, *a, **kw):
+        seen.update(prompts=prompts, answers=answers, val=kw["val_prompts"])
+        raise Stop
+
+    monkeypatch.setattr(grpo, "GRPOLoop", fake_loop)
+    with pytest.raises(Stop):
+        grpo.run(stage, tmp_path / "run")
+    template = grpo.prompt_template(grpo.GRPOArgs(), get_reward("r1_zero"))
+    assert seen["prompts"][0] == "<user>" + template.replace("{question}", "What is 0 + 1?") + "\n<assistant>"
+    assert seen["answers"] == [str(i + 1) for i in range(6)] and len(seen["val"]) == 2
+    # task arithmetic reads no data file: data.columns is refused there, data.template is not
+    raw["train"]["task"] = "arithmetic"
+    del raw["data"]["path"], raw["data"]["eval_path"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(Exception, match="data.columns is read by task gsm8k; this recipe's task is arithmetic"):
+        load_recipe(path)
+    del raw["data"]["columns"]
+    path.write_text(yaml.safe_dump(raw))
+    assert load_recipe(path).stages["grpo"].data.template == "chat"

@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from transformers import AutoTokenizer
 
 from alignkit.config import DataArgs, LoraArgs, load_recipe
 from alignkit.generation.base import Completion
@@ -199,7 +201,9 @@ def test_ignored_keys():
     assert ignored["train.http_base_url"].startswith("train.http_base_url is read with rollout_backend http")
     assert "train.arithmetic_max" not in ignored and "train.cliprange" not in ignored
     assert ignored["data.path"] == "data.path is read by task gsm8k or prompts; this recipe's task is arithmetic"
-    assert ignored["data.template"].startswith("data.template is not read by stage ppo")
+    assert ignored["data.split"].startswith("data.split is not read by stage ppo")
+    assert ignored["data.columns"] == "data.columns is read by task gsm8k or prompts; this recipe's task is arithmetic"
+    assert "data.template" not in ignored  # the prompt's rendering (data.template: chat): every task reads it
     assert ignored["train.resume"].startswith("train.resume is set from the recipe's top-level resume key")
     assert "lora.r" in ignored and "lora.r" not in ppo.ignored_keys(_stage(lora=True))
     prompts = ppo.ignored_keys(_stage(task="prompts"))
@@ -332,3 +336,69 @@ def test_rlhf_chain_runs_on_the_tiny_model(tmp_path, tiny_model_dir):
     assert result["model_source"]["path"] == sft_dir  # the policy started from the SFT model, not the RM
     reward_dir = json.loads((recipe.stage_dir("reward") / "state.json").read_text())["result"]["model_dir"]
     assert ppo.is_reward_model(reward_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data.columns and data.template: chat
+# ----------------------------------------------------------------------------------------------------------
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_prompts_task_columns_and_their_errors(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Q{i}", "ref": i}) + "\n" for i in range(6)))
+    args = ppo.PPOArgs(task="prompts", n_val=2)
+    train, val = ppo.load_prompt_rows(args, DataArgs(path=str(path), columns={"prompt": "text", "answer": "ref"}))
+    assert [(r["question"], r["answer"]) for r in train] == [("Q0", "0"), ("Q1", "1"), ("Q2", "2"), ("Q3", "3")]
+    assert [(r["question"], r["answer"]) for r in val] == [("Q4", "4"), ("Q5", "5")]  # the last n_val held out
+    no_answer, _ = ppo.load_prompt_rows(args, DataArgs(path=str(path), columns={"prompt": "text"}))
+    assert [r["answer"] for r in no_answer] == ["", "", "", ""]  # answer optional: "" when the row has none
+    with pytest.raises(ValueError, match=r"p.jsonl line 1: field 'prompt': missing"):
+        ppo.load_prompt_rows(args, DataArgs(path=str(path)))
+    with pytest.raises(ValueError, match=r"p.jsonl line 1: field 'txt': missing \(mapped to 'prompt'\)"):
+        ppo.load_prompt_rows(args, DataArgs(path=str(path), columns={"prompt": "txt"}))
+    with pytest.raises(ValueError, match=r"data.columns: unknown target\(s\) question; this task maps onto "
+                                         r"prompt, answer"):
+        ppo.load_prompt_rows(args, DataArgs(path=str(path), columns={"question": "text"}))
+    gsm = tmp_path / "g.jsonl"
+    gsm.write_text(json.dumps({"problem": "1+1?", "solution": "2"}) + "\n")
+    train, _ = ppo.load_prompt_rows(ppo.PPOArgs(task="gsm8k"), DataArgs(
+        path=str(gsm), eval_path=str(gsm), columns={"question": "problem", "answer": "solution"}))
+    assert train == [{"question": "1+1?", "answer": "2"}]
+
+
+def test_stage_chat_template_prompts_reach_the_loop(tmp_path, tiny_model_dir, monkeypatch):
+    model_dir = tmp_path / "chat-model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(model_dir)
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Question {i}:"}) + "\n" for i in range(6)))
+    raw = {"stage": "ppo", "output_dir": str(tmp_path / "run"), "seed": 0,
+           "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+           "data": {"path": str(path), "columns": {"prompt": "text"}, "template": "chat"},
+           "train": {"task": "prompts", "reward": "r1_zero", "n_val": 2, "use_cpu": True, "kl_coef": 0.0}}
+    recipe_path = tmp_path / "ppo.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    stage = load_recipe(recipe_path).stages["ppo"]
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_loop(policy, tokenizer, generator, fn, prompts, answers, *a, **kw):
+        seen.update(prompts=prompts, val=kw["val_prompts"])
+        raise Stop
+
+    monkeypatch.setattr(ppo, "PPOLoop", fake_loop)
+    with pytest.raises(Stop):
+        ppo.run(stage, tmp_path / "run")
+    # task prompts: the row's prompt is the whole prompt text ({question}), sent as the user message
+    assert seen["prompts"] == [f"<user>Question {i}:\n<assistant>" for i in range(4)]
+    assert seen["val"] == [f"<user>Question {i}:\n<assistant>" for i in (4, 5)]
+    raw["data"]["template"] = "alpaca_sft"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="data.template='alpaca_sft': stage ppo takes chat"):
+        ppo.run(load_recipe(recipe_path).stages["ppo"], tmp_path / "run2")

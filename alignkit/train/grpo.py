@@ -9,9 +9,11 @@ The recipe's ``train:`` section (:class:`GRPOArgs`) is the loop's :class:`~align
 (same fields, defaults and help) plus the stage's own fields. :func:`ignored_keys` names every key the
 recipe's engine/backend/task does not read, so that the recipe loader refuses it when a user sets it.
 
-Data (``task``): ``gsm8k`` (bundled GSM8K train/test, or ``data.path`` / ``data.eval_path`` JSONL
-with ``question`` and ``answer``), or ``arithmetic`` (``a + b`` questions generated from the seed:
-the quickstart's task, easy enough for a 135M model to move in minutes on a CPU).
+Data (``task``): ``gsm8k`` (bundled GSM8K train/test, or ``data.path`` / ``data.eval_path`` rows with
+``question`` and ``answer``; ``data.columns`` maps other column names onto them), or ``arithmetic``
+(``a + b`` questions generated from the seed: the quickstart's task, easy enough for a 135M model to move
+in minutes on a CPU). ``data.template: chat`` sends each prompt (``train.prompt`` filled with the question)
+as a user message through the policy tokenizer's chat template; unset, prompts are the plain text.
 
 Run with ``alignkit train RECIPE.yaml [key=value ...]``.
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 from alignkit import resources
-from alignkit.eval.tasks.base import read_jsonl
+from alignkit.data.io import LoadedRows, RowProblem, apply_columns, each_field, get_text, parsed_rows
 from alignkit.generation.base import SamplingParams, truncate_at_stop
 from alignkit.generation.factory import make_generator
 from alignkit.models import load_model
@@ -56,8 +58,9 @@ class RLStageArgs:
     rollout backend, device. Each stage's ``train:`` class inherits them with its loop's config."""
 
     # --- data and prompt
-    task: str = _arg("gsm8k", "gsm8k (bundled or data.path JSONL with question/answer), arithmetic "
-                              "(generated a + b questions) or, stage ppo, prompts (data.path rows' prompt).")
+    task: str = _arg("gsm8k", "gsm8k (bundled or data.path rows with question/answer; data.columns maps other "
+                              "names), arithmetic (generated a + b questions) or, stage ppo, prompts (data.path "
+                              "rows' prompt).")
     prompt: str | None = _arg(None, "Bundled prompt name or a template with {question}; default: the reward's.")
     n_train: int | None = _arg(None, "Use the first N training questions (None: all).")
     n_val: int = _arg(64, "Held-out questions scored greedily before/after training and every eval_every steps.")
@@ -119,7 +122,10 @@ class GRPOArgs(GRPOConfig, RLStageArgs):
 
 
 ARGS_CLASS = GRPOArgs
-DATA_KEYS = frozenset({"path", "eval_path"})  # the data.* fields GRPO reads (task gsm8k: question/answer JSONL)
+# The data.* fields GRPO reads: path, eval_path, columns (task gsm8k: question/answer rows) and template (any task).
+DATA_KEYS = frozenset({"path", "eval_path", "columns", "template"})
+QA_FIELDS = ("question", "answer")  # the canonical names data.columns maps onto (task gsm8k)
+TEMPLATES = (None, "chat")  # data.template values the RL stages take
 
 # Loop fields the stage sets itself (GRPOArgs.loop_config): a recipe that sets one is refused.
 DERIVED = {
@@ -153,7 +159,7 @@ TRL_UNREAD = {
     "rollout_table_every": "engine trl writes no rollout table",
     "rollout_table_size": "engine trl writes no rollout table",
 }
-DATA_READ = ("path", "eval_path")  # task gsm8k only
+DATA_READ = ("path", "eval_path", "columns")  # task gsm8k only (data.template: every task)
 
 
 def _alternatives(values) -> str:
@@ -192,8 +198,11 @@ def ignored_keys(stage) -> dict[str, str]:
     args: GRPOArgs = stage.train
     out = {f"train.{f.name}": why for f in fields(args) if (why := unread_reason(args, f)) is not None}
     for f in fields(stage.data):
+        if f.name == "template":
+            continue  # the prompt's rendering: read by every task
         if f.name not in DATA_READ:
-            out[f"data.{f.name}"] = "not read by stage grpo (it reads data.path and data.eval_path, task gsm8k)"
+            out[f"data.{f.name}"] = ("not read by stage grpo (it reads data.template, and data.path, data.eval_path "
+                                     "and data.columns with task gsm8k)")
         elif args.task != "gsm8k":
             out[f"data.{f.name}"] = f"read by task gsm8k; this recipe's task is {args.task}"
     if not stage.lora.enabled:
@@ -241,11 +250,46 @@ def load_examples(args: GRPOArgs, data) -> tuple[list[dict], list[dict]]:
         pool = arithmetic_examples(4 * (args.n_train or 256), args.seed, args.arithmetic_max)
         train = [r for r in pool if r["question"] not in held][: args.n_train or 256] or pool
         return train, val
-    train_path = getattr(data, "path", None) or resources.data_path("gsm8k", "train.jsonl")
-    val_path = getattr(data, "eval_path", None) or resources.data_path("gsm8k", "test.jsonl")
-    train = read_jsonl(Path(train_path), ("question", "answer"))
-    val = read_jsonl(Path(val_path), ("question", "answer"))
+    columns = getattr(data, "columns", None)
+    check_columns(columns, QA_FIELDS)
+    train_path, val_path = getattr(data, "path", None), getattr(data, "eval_path", None)
+    # data.columns maps the recipe's own files; the bundled GSM8K files have question/answer
+    train = read_fields(train_path, columns, QA_FIELDS) if train_path else read_fields(
+        resources.data_path("gsm8k", "train.jsonl"), None, QA_FIELDS)
+    val = read_fields(val_path, columns, QA_FIELDS) if val_path else read_fields(
+        resources.data_path("gsm8k", "test.jsonl"), None, QA_FIELDS)
     return train[: args.n_train] if args.n_train else train, val[: args.n_val]
+
+
+def check_columns(columns: dict | None, allowed: tuple[str, ...]) -> None:
+    """Refuse ``data.columns`` targets outside ``allowed`` (the fields the task reads), in one line."""
+    unknown = sorted(set(columns or {}) - set(allowed))
+    if unknown:
+        raise ValueError(f"data.columns: unknown target(s) {', '.join(map(str, unknown))}; this task maps "
+                         f"onto {', '.join(allowed)} ({{{allowed[0]}: your_column, ...}})")
+
+
+def read_fields(path, columns: dict | None, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of ``path`` (any format :func:`alignkit.data.io.read_rows` reads) as ``{name: text}`` for the
+    ``required`` fields (non-empty strings) and the ``optional`` ones ("" when absent), after ``columns``
+    ({canonical: source column}) is applied. A bad row raises a DataError naming file, line and field."""
+    columns = columns or {}
+
+    def parse(data: dict) -> dict:
+        data = apply_columns(data, columns, required + optional)
+
+        def text(name: str) -> str:
+            label = columns.get(name, name)
+            value = get_text(data, name, label)
+            if not value.strip():
+                raise RowProblem(label, "empty text")
+            return value
+
+        row = dict(zip(required, each_field(required, text)))
+        row.update({name: "" if data.get(name) is None else str(data[name]) for name in optional})
+        return row
+
+    return [parsed for _, parsed in parsed_rows(path, parse, LoadedRows())]
 
 
 def prompt_template(args: GRPOArgs, preset: RewardPreset) -> str:
@@ -257,9 +301,42 @@ def prompt_template(args: GRPOArgs, preset: RewardPreset) -> str:
     return template
 
 
-def format_prompts(rows: list[dict], template: str) -> tuple[list[str], list[str]]:
-    """(prompts, answers): each row's question put into ``template``."""
-    return [template.replace("{question}", r["question"]) for r in rows], [r["answer"] for r in rows]
+def format_prompts(rows: list[dict], template: str, tokenizer=None, data_template: str | None = None
+                   ) -> tuple[list[str], list[str]]:
+    """(prompts, answers): each row's question put into ``template``; with ``data_template`` "chat" each
+    prompt then goes through ``tokenizer``'s chat template (:func:`chat_prompts`)."""
+    prompts = [template.replace("{question}", r["question"]) for r in rows]
+    if data_template is not None:
+        check_template(data_template)
+        prompts = chat_prompts(prompts, tokenizer)
+    return prompts, [r["answer"] for r in rows]
+
+
+def check_template(value: str | None, stage: str = "grpo") -> None:
+    """Refuse a ``data.template`` value the RL stages do not take (checked before any model is loaded)."""
+    if value not in TEMPLATES:
+        raise ValueError(f"data.template={value!r}: stage {stage} takes chat (each prompt as a user message "
+                         "through the policy's chat template) or no value (plain-text prompts); the prompt text "
+                         "itself is train.prompt")
+
+
+def chat_prompts(prompts: list[str], tokenizer) -> list[str]:
+    """Each prompt as one user message through the tokenizer's chat template, with the generation prompt.
+
+    The rollout generators and TRL encode prompt text with the tokenizer's special tokens, so a leading BOS
+    the template writes is dropped when the tokenizer adds it itself (else the policy would see it twice)."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the policy"
+        raise ValueError(f"data.template=chat: the tokenizer of {name} has no chat template; unset data.template "
+                         "(plain-text prompts) or start from a model whose tokenizer has one")
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    adds_bos = bool(bos) and bos_id is not None and tokenizer("x")["input_ids"][:1] == [bos_id]
+    out = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        out.append(text[len(bos):] if adds_bos and text.startswith(bos) else text)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,6 +402,7 @@ def run(recipe, stage_dir, model_path=None) -> dict:
     if args.engine == "trl":
         return run_trl(recipe, stage_dir, model_path)
     torch.manual_seed(args.seed)
+    check_template(getattr(recipe.data, "template", None))
     acc = _accelerator(args.use_cpu)
     device = str(acc.device) if acc is not None else ("cpu" if args.use_cpu else None)
     # 1. policy (+ LoRA), tokenizer; a frozen reference copy only for the KL penalty
@@ -337,8 +415,9 @@ def run(recipe, stage_dir, model_path=None) -> dict:
     preset = get_reward(args.reward)
     template = prompt_template(args, preset)
     train_rows, val_rows = load_examples(args, recipe.data)
-    train_p, train_a = format_prompts(train_rows, template)
-    val_p, val_a = format_prompts(val_rows, template)
+    chat = getattr(recipe.data, "template", None)
+    train_p, train_a = format_prompts(train_rows, template, tokenizer, chat)
+    val_p, val_a = format_prompts(val_rows, template, tokenizer, chat)
     prompt_name = args.prompt or preset.prompt
     logger.info("grpo: %d train / %d val questions, reward %s, prompt %s", len(train_p), len(val_p),
                 args.reward, "(template from the recipe)" if "{question}" in prompt_name else prompt_name)
@@ -509,14 +588,16 @@ def run_trl(recipe, stage_dir: Path, model_path=None) -> dict:
     from trl import GRPOTrainer
 
     args: GRPOArgs = recipe.train
+    check_template(getattr(recipe.data, "template", None))
     model, tokenizer, source = load_for_training(recipe, model_path)
     tokenizer.padding_side = "left"
     preset = get_reward(args.reward)
     stop = args.loop_config(preset).stop
     template = prompt_template(args, preset)
     train_rows, val_rows = load_examples(args, recipe.data)
-    train_p, train_a = format_prompts(train_rows, template)
-    val_p, val_a = format_prompts(val_rows, template)
+    chat = getattr(recipe.data, "template", None)
+    train_p, train_a = format_prompts(train_rows, template, tokenizer, chat)
+    val_p, val_a = format_prompts(val_rows, template, tokenizer, chat)
     val_kw = {"preset": preset, "stop": stop, "max_new_tokens": args.eval_max_new_tokens or args.max_new_tokens,
               "batch_size": args.generation_batch_size}
     before = greedy_val(model, tokenizer, val_p, val_a, **val_kw)

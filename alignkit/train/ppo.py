@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from alignkit.data.io import location, read_rows, write_json_atomic
+from alignkit.data.io import write_json_atomic
 from alignkit.models import load_model
 from alignkit.rl.ppo import PPOConfig, PPOLoop
 from alignkit.rl.rewards import RewardModelScorer, RewardPreset, get_reward
@@ -69,7 +69,9 @@ class PPOArgs(PPOConfig, grpo.RLStageArgs):
 
 
 ARGS_CLASS = PPOArgs
-DATA_KEYS = frozenset({"path", "eval_path"})  # task gsm8k (question/answer) or prompts (prompt)
+# task gsm8k (question/answer) or prompts (prompt, optional answer): path, eval_path, columns; template: every task
+DATA_KEYS = frozenset({"path", "eval_path", "columns", "template"})
+PROMPT_FIELDS = ("prompt",)  # task prompts: required; "answer" optional ("" when absent)
 
 
 def unread_reason(args: PPOArgs, f: dataclasses.Field) -> str | None:
@@ -96,8 +98,11 @@ def ignored_keys(stage) -> dict[str, str]:
     args: PPOArgs = stage.train
     out = {f"train.{f.name}": why for f in fields(args) if (why := unread_reason(args, f)) is not None}
     for f in fields(stage.data):
+        if f.name == "template":
+            continue  # the prompt's rendering: read by every task
         if f.name not in DATA_KEYS:
-            out[f"data.{f.name}"] = "not read by stage ppo (it reads data.path and data.eval_path)"
+            out[f"data.{f.name}"] = ("not read by stage ppo (it reads data.template, and data.path, data.eval_path "
+                                     "and data.columns with task gsm8k or prompts)")
         elif args.task == "arithmetic":
             out[f"data.{f.name}"] = "read by task gsm8k or prompts; this recipe's task is arithmetic"
     if not stage.lora.enabled:
@@ -111,21 +116,18 @@ def ignored_keys(stage) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------------------
 def load_prompt_rows(args: PPOArgs, data) -> tuple[list[dict], list[dict]]:
     """(train, val) rows with ``question`` and ``answer``. Task ``prompts``: each ``data.path`` row's ``prompt``
-    (answer ""), validation from ``data.eval_path`` or the last ``n_val`` rows (held out); else the GRPO tasks."""
+    (and ``answer``, "" when absent; ``data.columns`` maps other names onto them), validation from
+    ``data.eval_path`` or the last ``n_val`` rows (held out); else the GRPO tasks."""
     if args.task != "prompts":
         return grpo.load_examples(args, data)
     if not getattr(data, "path", None):
-        raise ValueError("train.task=prompts needs data.path (JSONL rows with a prompt field)")
+        raise ValueError("train.task=prompts needs data.path (rows with a prompt field)")
+    columns = getattr(data, "columns", None)
+    grpo.check_columns(columns, (*PROMPT_FIELDS, "answer"))
 
     def read(path) -> list[dict]:
-        rows = []
-        for row in read_rows(path):
-            prompt = row.data.get("prompt")
-            if not isinstance(prompt, str) or not prompt:
-                raise ValueError(f"{location(row.source, row.line)}: field 'prompt' missing or not a non-empty "
-                                 "string (task prompts)")
-            rows.append({"question": prompt, "answer": str(row.data.get("answer", ""))})
-        return rows
+        rows = grpo.read_fields(path, columns, PROMPT_FIELDS, optional=("answer",))
+        return [{"question": r["prompt"], "answer": r["answer"]} for r in rows]
 
     train = read(data.path)
     if getattr(data, "eval_path", None):
@@ -228,6 +230,7 @@ def run(recipe, stage_dir, model_path=None) -> dict:
     args: PPOArgs = recipe.train
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    grpo.check_template(getattr(recipe.data, "template", None), "ppo")
     torch.manual_seed(args.seed)
     acc = grpo._accelerator(args.use_cpu)
     device = str(acc.device) if acc is not None else ("cpu" if args.use_cpu else None)
@@ -243,8 +246,9 @@ def run(recipe, stage_dir, model_path=None) -> dict:
     # 2. prompts
     train_rows, val_rows = load_prompt_rows(args, recipe.data)
     template = grpo.prompt_template(args, preset)
-    train_p, train_a = grpo.format_prompts(train_rows, template)
-    val_p, val_a = grpo.format_prompts(val_rows, template)
+    chat = getattr(recipe.data, "template", None)
+    train_p, train_a = grpo.format_prompts(train_rows, template, tokenizer, chat)
+    val_p, val_a = grpo.format_prompts(val_rows, template, tokenizer, chat)
     logger.info("ppo: %d train / %d val prompts, reward %s, policy %s", len(train_p), len(val_p), reward,
                 source.path)
     # 3. generator, optimizer (policy + value), loop
