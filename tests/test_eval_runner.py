@@ -429,3 +429,16 @@ def test_pass_at_k_ks_and_one_sample_keeps_the_old_metrics(tmp_path):
     results = run_eval(Scripted(lambda p: "so the answer is 18"), ["gsm8k"], str(tmp_path), limit=2)
     assert not any(k.startswith("pass@") or k == "samples" for k in results["metrics"]["gsm8k"])
     assert "samples" not in json.loads((tmp_path / "gsm8k" / "run.json").read_text())["settings"]
+
+
+def test_samples_on_the_tiny_model_are_seeded_and_reproducible(tiny_model_dir, tmp_path):
+    """The HF backend honours each sample's seed: the same --seed gives the same samples, samples differ."""
+    runs = []
+    for name in ("a", "b"):
+        run_eval(str(tiny_model_dir), ["gsm8k"], str(tmp_path / name), limit=2, max_new_tokens=4, batch_size=2,
+                 samples=2, temperature=1.0, seed=5)
+        runs.append(read_jsonl(tmp_path / name / "gsm8k" / "predictions.jsonl"))
+    gens = [[[s["generation"] for s in r["samples"]] for r in run] for run in runs]
+    assert gens[0] == gens[1]  # reproducible from --seed
+    assert any(a != b for a, b in gens[0])  # two samples of an example are not copies
+    assert all(r["generation"] == r["samples"][0]["generation"] for r in runs[0])
