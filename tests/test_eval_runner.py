@@ -288,6 +288,11 @@ def test_chain_eval_stage_passes_every_setting_to_run_eval_config(tmp_path, monk
     assert (cfg.http_timeout, cfg.http_retries, cfg.api_key_env, cfg.limit, cfg.max_new_tokens, cfg.prompt) == (
         5.0, 1, "K", 3, 9, "chat")
     assert (cfg.concurrency, cfg.batch_size, cfg.device) == (8, 8, None)  # EvalConfig's defaults
+    assert (cfg.samples, cfg.temperature) == (1, None)
+    seen.clear()
+    recipe = _eval_recipe(tmp_path, "{tasks: [gsm8k, mmlu], samples: 4, temperature: 0.7}")
+    pipeline.score("final-model", recipe.eval, tmp_path / "after", "base", 7)
+    assert (seen[0][0].samples, seen[0][0].temperature) == (4, 0.7)
 
 
 @pytest.mark.parametrize(("section", "message"), [
@@ -302,6 +307,8 @@ def test_chain_eval_stage_passes_every_setting_to_run_eval_config(tmp_path, monk
     ("{tasks: [gsm8k], backend: http}", "eval: backend http needs base_url"),
     ("{quickstart: true, limit: 5}", "eval: limit is read by the eval tasks and harness; this eval has neither"),
     ("{tasks: [gsm8k], quickstart_pairs: 8}", "eval: quickstart_pairs is read only with quickstart: true"),
+    ("{tasks: [sst], samples: 2, temperature: 1.0}", "eval: samples > 1 (pass@k) is read only by tasks with a verifier"),
+    ("{tasks: [gsm8k], samples: 2}", "eval: samples 2 needs temperature > 0"),
     ("{tasks: [hellaswag]}", "unknown eval task 'hellaswag'; valid tasks: mmlu"),
 ])
 def test_chain_eval_stage_refuses_keys_it_would_not_read(tmp_path, section, message):
