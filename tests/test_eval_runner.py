@@ -16,6 +16,7 @@ from alignkit.config import RecipeError, load_recipe
 from alignkit.eval.config import EvalConfig, problems
 from alignkit.eval.report import PredictionLog, throughput_of
 from alignkit.eval.runner import (
+    EvalIncomplete,
     SettingsChanged,
     changed_settings,
     output_settings,
@@ -449,3 +450,38 @@ def test_samples_on_the_tiny_model_are_seeded_and_reproducible(tiny_model_dir, t
     assert gens[0] == gens[1]  # reproducible from --seed
     assert any(a != b for a, b in gens[0])  # two samples of an example are not copies
     assert all(r["generation"] == r["samples"][0]["generation"] for r in runs[0])
+
+
+class StreamingSeeded(SeededScripted):
+    """Hands each result over through ``on_result`` (as the HTTP backend does); ``fail(i, j)`` -> an error."""
+
+    def __init__(self, *args, fail=lambda i, j: False, **kw):
+        super().__init__(*args, **kw)
+        self.fail = fail
+
+    def generate(self, prompts, params, on_result=None):
+        completions = super().generate(prompts, params)
+        j = params.seed - sample_seed(self.seed, 0)
+        for index, (prompt, completion) in enumerate(zip(prompts, completions)):
+            i = next(i for i, e in enumerate(self.examples) if self.task.instruction(e) in prompt)
+            on_result(index, RuntimeError(f"sample {j} of example {i} failed") if self.fail(i, j) else completion)
+
+
+def test_a_failed_sample_fails_only_its_example_and_a_rerun_retries_all_its_samples(tmp_path):
+    task, n, limit = get_task("gsm8k"), 3, 4
+    examples = task.load(limit, 0)
+    counts = [3, 1, 0, 2]
+    right = lambda i, j: j < counts[i]
+    flaky = StreamingSeeded(task, examples, right, 0, fail=lambda i, j: (i, j) == (2, 1))
+    with pytest.raises(EvalIncomplete, match="sample 1 of example 2 failed"):
+        run_eval(flaky, ["gsm8k"], str(tmp_path), limit=limit, samples=n, temperature=1.0, batch_size=4)
+    pred = tmp_path / "gsm8k" / "predictions.jsonl"
+    assert sorted(r["id"] for r in read_jsonl(pred)) == ["0", "1", "3"]
+    assert [json.loads(x)["id"] for x in (tmp_path / "gsm8k" / "failures.jsonl").read_text().splitlines()] == ["2"]
+    again = StreamingSeeded(task, examples, right, 0)
+    results = run_eval(again, ["gsm8k"], str(tmp_path), limit=limit, samples=n, temperature=1.0, batch_size=4)
+    assert again.calls == n and len(again.prompts) == n  # example 2 only, every one of its samples
+    m = results["metrics"]["gsm8k"]
+    assert m["n"] == limit and all(len(r["samples"]) == n for r in read_jsonl(pred))
+    for k in (1, 2, 3):
+        assert m[f"pass@{k}"] == pytest.approx(comb_pass_at_k(counts, n, k), abs=1e-12)
