@@ -130,13 +130,17 @@ def test_harness_only_refuses_flags_it_ignores(extra, tmp_path, monkeypatch, cap
     (["--timeout", "5"], "--http-timeout is read by --backend http"),  # the old spelling, the same refusal
     (["--api-key-env", "K", "--judge", "self", "--tasks", "sst"],
      "--api-key-env is read by --backend http and an http(s) --judge; --backend hf with --judge self ignores it"),
-    (["--judge", "self"], ("--judge is read by the judged tasks (alpaca_eval, sst, over_refusal); --tasks gsm8k "
-                          "ignore it")),
+    (["--judge", "self"], ("--judge is read by the judged tasks (alpaca_eval, sst, over_refusal, safety); "
+                          "--tasks gsm8k ignore it")),
     (["--base-url", "http://h:1/v1"], "--base-url is read only by --backend http; --backend hf ignores it"),
     (["--backend", "http"], "--backend http needs --base-url"),
     (["--backend", "vllm", "--device", "cuda:1"], ("--device is read by the bundled tasks with --backend hf and "
                                                    "by --harness; this eval (--backend vllm, no harness)")),
     (["--backend", "tgi"], "unknown --backend 'tgi'; valid: hf, vllm, http"),
+    (["--samples", "4"], "--samples 4 needs --temperature > 0 (got None: greedy decoding makes every sample identical)"),
+    (["--samples", "4", "--temperature", "0"], "--samples 4 needs --temperature > 0 (got 0.0"),
+    (["--samples", "2", "--temperature", "1", "--tasks", "gsm8k,alpaca_eval"],
+     "--samples > 1 (pass@k) is read only by tasks with a verifier (mmlu, gsm8k); --tasks alpaca_eval are judged"),
 ])
 def test_flags_the_backend_ignores_are_refused(extra, message, tmp_path, capsys):
     assert cli.main(["--model", str(tmp_path), "--tasks", "gsm8k", *extra]) == 2
@@ -444,3 +448,14 @@ def test_eval_killed_mid_batch_then_rerun_equals_an_uninterrupted_run(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"] == json.loads((ref / "results.json").read_text())["metrics"]
     assert results["throughput"]["gsm8k"]["examples"] >= 12 - len(saved)
+
+
+def test_samples_and_temperature_flags_reach_the_runner(tmp_path, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(cli, "run_eval_config", lambda cfg: seen.setdefault("cfg", cfg) and {"metrics": {}})
+    cli.main(["--model", str(tmp_path), "--tasks", "gsm8k", "--samples", "8", "--temperature", "0.7",
+              "--output", str(tmp_path / "out")])
+    assert (seen["cfg"].samples, seen["cfg"].temperature) == (8, 0.7)
+    assert cli.main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--samples SAMPLES" in out and "pass@k" in out and "--temperature TEMPERATURE" in out

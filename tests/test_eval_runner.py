@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import types
@@ -12,9 +13,20 @@ import pytest
 from alignkit import pipeline, resources
 from alignkit.cli import compare as compare_cli
 from alignkit.config import RecipeError, load_recipe
-from alignkit.eval.config import EvalConfig
+from alignkit.eval.config import EvalConfig, problems
 from alignkit.eval.report import PredictionLog, throughput_of
-from alignkit.eval.runner import SettingsChanged, changed_settings, output_settings, run_eval
+from alignkit.eval.runner import (
+    EvalIncomplete,
+    SettingsChanged,
+    changed_settings,
+    output_settings,
+    run_eval,
+    run_eval_config,
+    run_task,
+    sample_seed,
+)
+from alignkit.eval.tasks import get_task
+from alignkit.eval.tasks.base import pass_at_k_ks
 from alignkit.generation.base import Completion
 
 ALL_TASKS = ["mmlu", "gsm8k", "alpaca_eval", "sst", "over_refusal"]
@@ -277,6 +289,11 @@ def test_chain_eval_stage_passes_every_setting_to_run_eval_config(tmp_path, monk
     assert (cfg.http_timeout, cfg.http_retries, cfg.api_key_env, cfg.limit, cfg.max_new_tokens, cfg.prompt) == (
         5.0, 1, "K", 3, 9, "chat")
     assert (cfg.concurrency, cfg.batch_size, cfg.device) == (8, 8, None)  # EvalConfig's defaults
+    assert (cfg.samples, cfg.temperature) == (1, None)
+    seen.clear()
+    recipe = _eval_recipe(tmp_path, "{tasks: [gsm8k, mmlu], samples: 4, temperature: 0.7}")
+    pipeline.score("final-model", recipe.eval, tmp_path / "after", "base", 7)
+    assert (seen[0][0].samples, seen[0][0].temperature) == (4, 0.7)
 
 
 @pytest.mark.parametrize(("section", "message"), [
@@ -291,6 +308,8 @@ def test_chain_eval_stage_passes_every_setting_to_run_eval_config(tmp_path, monk
     ("{tasks: [gsm8k], backend: http}", "eval: backend http needs base_url"),
     ("{quickstart: true, limit: 5}", "eval: limit is read by the eval tasks and harness; this eval has neither"),
     ("{tasks: [gsm8k], quickstart_pairs: 8}", "eval: quickstart_pairs is read only with quickstart: true"),
+    ("{tasks: [sst], samples: 2, temperature: 1.0}", "eval: samples > 1 (pass@k) is read only by tasks with a verifier"),
+    ("{tasks: [gsm8k], samples: 2}", "eval: samples 2 needs temperature > 0"),
     ("{tasks: [hellaswag]}", "unknown eval task 'hellaswag'; valid tasks: mmlu"),
 ])
 def test_chain_eval_stage_refuses_keys_it_would_not_read(tmp_path, section, message):
@@ -313,3 +332,156 @@ def test_chain_score_runs_the_tiny_model(tiny_model_dir, tmp_path):
     assert results["config"]["max_new_tokens"] == 2 and results["model_source"]["kind"] == "folder"
     [pred] = read_jsonl(tmp_path / "after" / "gsm8k" / "predictions.jsonl")
     assert pred["num_tokens"] <= 2
+
+
+# ----------------------------------------------------------------------------- pass@k (--samples N)
+class SeededScripted(Scripted):
+    """Right on sample j of example i exactly when ``right(i, j)``; j read from ``params.seed``."""
+
+    def __init__(self, task, examples, right, seed, **kw):
+        super().__init__(None, **kw)
+        self.task, self.examples, self.right, self.seed, self.params = task, examples, right, seed, []
+
+    def generate(self, prompts, params):
+        self.params.append(params)
+        j = params.seed - sample_seed(self.seed, 0)
+        self.reply = lambda p: self._answer(p, j)
+        return super().generate(prompts, params)
+
+    def _answer(self, prompt, j):
+        i = next(i for i, e in enumerate(self.examples) if self.task.instruction(e) in prompt)
+        gold = self.examples[i][self.task.spec.target]
+        wrong = {"A": "B", "B": "C", "C": "D", "D": "A"}.get(gold, "-987654321")
+        answer = gold if self.right(i, j) else wrong
+        return f"The correct answer is {answer}" if self.task.name == "mmlu" else f"so the answer is {answer}"
+
+
+def comb_pass_at_k(counts, n, k):
+    """pass@k by its definition with math.comb: mean of 1 - C(n-c, k) / C(n, k)."""
+    return sum(1 - math.comb(n - c, k) / math.comb(n, k) for c in counts) / len(counts)
+
+
+@pytest.mark.parametrize("name,n,ks", [("gsm8k", 4, [1, 2, 4]), ("mmlu", 3, [1, 2, 3]), ("gsm8k", 6, [1, 2, 4, 6])])
+def test_samples_report_pass_at_k_equal_to_math_comb(tmp_path, name, n, ks):
+    task, seed, limit = get_task(name), 3, 7
+    examples = task.load(limit, seed)
+    counts = [i % (n + 1) for i in range(limit)]  # example i: its first i % (n+1) samples are right
+    gen = SeededScripted(task, examples, lambda i, j: j < counts[i], seed)
+    results = run_eval(gen, [name], str(tmp_path), limit=limit, seed=seed, samples=n, temperature=0.7,
+                       batch_size=3)
+    m = results["metrics"][name]
+    assert m["samples"] == n and sorted(int(k.split("@")[1]) for k in m if k.startswith("pass@")) == ks
+    for k in ks:
+        assert m[f"pass@{k}"] == pytest.approx(comb_pass_at_k(counts, n, k), abs=1e-12)
+    assert m["pass@1"] == pytest.approx(sum(counts) / (n * limit))
+    assert {(p.temperature, p.seed) for p in gen.params} == {(0.7, seed * 1_000_003 + j) for j in range(n)}
+    records = read_jsonl(tmp_path / name / "predictions.jsonl")
+    assert [sum(s["correct"] for s in r["samples"]) for r in records] == counts
+    assert all([s["seed"] for s in r["samples"]] == [seed * 1_000_003 + j for j in range(n)] for r in records)
+    assert json.loads((tmp_path / name / "run.json").read_text())["settings"]["samples"] == n
+
+
+def test_resume_keeps_the_samples_and_pass_at_k_equals_an_uninterrupted_run(tmp_path):
+    task, n, limit = get_task("gsm8k"), 2, 4
+    examples = task.load(limit, 0)
+    counts = [2, 0, 1, 1]
+    right = lambda i, j: j < counts[i]
+    crashing = SeededScripted(task, examples, right, 0, crash_on=3)  # batch 0: 2 calls (2 samples); then crash
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_eval(crashing, ["gsm8k"], str(tmp_path), limit=limit, samples=n, temperature=1.0, batch_size=2)
+    pred = tmp_path / "gsm8k" / "predictions.jsonl"
+    before = pred.read_text()
+    assert [(r["id"], len(r["samples"])) for r in read_jsonl(pred)] == [("0", 2), ("1", 2)]
+    with pytest.raises(SettingsChanged, match=re.escape("samples: 2 -> 4")):
+        run_eval(SeededScripted(task, examples, right, 0), ["gsm8k"], str(tmp_path), limit=limit, samples=4,
+                 temperature=1.0, batch_size=2)
+    with pytest.raises(SettingsChanged, match=re.escape("temperature: 1.0 -> 0.5")):
+        run_eval(SeededScripted(task, examples, right, 0), ["gsm8k"], str(tmp_path), limit=limit, samples=n,
+                 temperature=0.5, batch_size=2)
+    again = SeededScripted(task, examples, right, 0)
+    results = run_eval(again, ["gsm8k"], str(tmp_path), limit=limit, samples=n, temperature=1.0, batch_size=2)
+    assert again.calls == 2 and len(again.prompts) == 4  # the unfinished batch, once per sample
+    assert pred.read_text().startswith(before)  # the finished examples and their samples kept as they were
+    m = results["metrics"]["gsm8k"]
+    assert [m["pass@1"], m["pass@2"]] == pytest.approx([comb_pass_at_k(counts, n, 1), comb_pass_at_k(counts, n, 2)])
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"tasks": ["gsm8k"], "samples": 4}, "samples 4 needs temperature > 0"),
+    ({"tasks": ["gsm8k"], "samples": 4, "temperature": 0.0}, "samples 4 needs temperature > 0"),
+    ({"tasks": ["gsm8k"], "samples": 0}, "samples must be >= 1, got 0"),
+    ({"tasks": ["gsm8k"], "temperature": -1.0}, "temperature must be >= 0"),
+    ({"tasks": ["gsm8k", "sst", "safety"], "samples": 2, "temperature": 1.0},
+     "tasks with a verifier (mmlu, gsm8k); tasks sst,safety are judged and refuse it"),
+    ({"tasks": ["alpaca_eval", "over_refusal"], "samples": 2, "temperature": 1.0},
+     "tasks alpaca_eval,over_refusal are judged"),
+    ({"harness": ["alignkit_gsm8k"], "samples": 2, "temperature": 1.0},
+     "samples is read only by the bundled-task runner"),
+])
+def test_samples_refusals(settings, message, tmp_path):
+    assert any(message in p for p in problems(EvalConfig(**settings)))
+    gen = Scripted(lambda p: "18")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_eval_config(EvalConfig(output=str(tmp_path), **settings), model=gen)
+    assert gen.calls == 0
+
+
+def test_run_task_refuses_samples_on_a_judged_task(tmp_path):
+    with pytest.raises(ValueError, match="task 'sst' is judged"):
+        run_task(get_task("sst"), Scripted(lambda p: "no"), tmp_path, limit=1, seed=0, style="zero_shot",
+                 max_new_tokens=None, batch_size=1, judge=None, samples=2, temperature=1.0)
+
+
+def test_pass_at_k_ks_and_one_sample_keeps_the_old_metrics(tmp_path):
+    assert pass_at_k_ks(1) == [1] and pass_at_k_ks(5) == [1, 2, 4, 5] and pass_at_k_ks(8) == [1, 2, 4, 8]
+    results = run_eval(Scripted(lambda p: "so the answer is 18"), ["gsm8k"], str(tmp_path), limit=2)
+    assert not any(k.startswith("pass@") or k == "samples" for k in results["metrics"]["gsm8k"])
+    assert "samples" not in json.loads((tmp_path / "gsm8k" / "run.json").read_text())["settings"]
+
+
+def test_samples_on_the_tiny_model_are_seeded_and_reproducible(tiny_model_dir, tmp_path):
+    """The HF backend honours each sample's seed: the same --seed gives the same samples, samples differ."""
+    runs = []
+    for name in ("a", "b"):
+        run_eval(str(tiny_model_dir), ["gsm8k"], str(tmp_path / name), limit=2, max_new_tokens=4, batch_size=2,
+                 samples=2, temperature=1.0, seed=5)
+        runs.append(read_jsonl(tmp_path / name / "gsm8k" / "predictions.jsonl"))
+    gens = [[[s["generation"] for s in r["samples"]] for r in run] for run in runs]
+    assert gens[0] == gens[1]  # reproducible from --seed
+    assert any(a != b for a, b in gens[0])  # two samples of an example are not copies
+    assert all(r["generation"] == r["samples"][0]["generation"] for r in runs[0])
+
+
+class StreamingSeeded(SeededScripted):
+    """Hands each result over through ``on_result`` (as the HTTP backend does); ``fail(i, j)`` -> an error."""
+
+    def __init__(self, *args, fail=lambda i, j: False, **kw):
+        super().__init__(*args, **kw)
+        self.fail = fail
+
+    def generate(self, prompts, params, on_result=None):
+        completions = super().generate(prompts, params)
+        j = params.seed - sample_seed(self.seed, 0)
+        for index, (prompt, completion) in enumerate(zip(prompts, completions)):
+            i = next(i for i, e in enumerate(self.examples) if self.task.instruction(e) in prompt)
+            on_result(index, RuntimeError(f"sample {j} of example {i} failed") if self.fail(i, j) else completion)
+
+
+def test_a_failed_sample_fails_only_its_example_and_a_rerun_retries_all_its_samples(tmp_path):
+    task, n, limit = get_task("gsm8k"), 3, 4
+    examples = task.load(limit, 0)
+    counts = [3, 1, 0, 2]
+    right = lambda i, j: j < counts[i]
+    flaky = StreamingSeeded(task, examples, right, 0, fail=lambda i, j: (i, j) == (2, 1))
+    with pytest.raises(EvalIncomplete, match="sample 1 of example 2 failed"):
+        run_eval(flaky, ["gsm8k"], str(tmp_path), limit=limit, samples=n, temperature=1.0, batch_size=4)
+    pred = tmp_path / "gsm8k" / "predictions.jsonl"
+    assert sorted(r["id"] for r in read_jsonl(pred)) == ["0", "1", "3"]
+    assert [json.loads(x)["id"] for x in (tmp_path / "gsm8k" / "failures.jsonl").read_text().splitlines()] == ["2"]
+    again = StreamingSeeded(task, examples, right, 0)
+    results = run_eval(again, ["gsm8k"], str(tmp_path), limit=limit, samples=n, temperature=1.0, batch_size=4)
+    assert again.calls == n and len(again.prompts) == n  # example 2 only, every one of its samples
+    m = results["metrics"]["gsm8k"]
+    assert m["n"] == limit and all(len(r["samples"]) == n for r in read_jsonl(pred))
+    for k in (1, 2, 3):
+        assert m[f"pass@{k}"] == pytest.approx(comb_pass_at_k(counts, n, k), abs=1e-12)

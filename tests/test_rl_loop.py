@@ -336,3 +336,25 @@ def test_resume_refuses_changed_settings_and_fresh_runs_keep_old_checkpoints_asi
     fresh.train()
     assert (tmp_path / "checkpoints.prev" / "step-2" / "state.json").exists()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1"]
+
+
+def test_sampled_validation_reports_pass_at_k_equal_to_math_comb(tiny_model, gpt2_tokenizer):
+    n, counts = 5, [0, 1, 3, 5]  # val prompt i: its first counts[i] of n samples have answer_reward 1
+    prompts = [f"User: question {i}\nAssistant:" for i in range(len(counts))]
+    script = {p: [(f"right {j}" if j < c else f"wrong {j}", "stop") for j in range(n)] for p, c in zip(prompts, counts)}
+
+    def reward(response, truth):  # the reward itself also pays a format bonus: pass@k must read answer_reward
+        answer = 1.0 if response.startswith("right") else 0.0
+        return {"reward": answer + 0.5, "format_reward": 1.0, "answer_reward": answer}
+
+    model = copy.deepcopy(tiny_model)
+    loop = GRPOLoop(model, gpt2_tokenizer, ScriptedGenerator(gpt2_tokenizer, script), reward, PROMPTS, ANSWERS,
+                    torch.optim.SGD(model.parameters(), lr=1e-2), _settings(val_samples=n, append_stop=False),
+                    val_prompts=prompts, val_answers=["x"] * len(prompts))
+    metrics = loop.evaluate()
+    ks = sorted(int(key.split("@")[1]) for key in metrics if key.startswith("val_sampled_pass@"))
+    assert ks == [1, 2, 4, 5]
+    for k in ks:
+        expected = sum(1 - math.comb(n - c, k) / math.comb(n, k) for c in counts) / len(counts)
+        assert metrics[f"val_sampled_pass@{k}"] == pytest.approx(expected, abs=1e-12)
+    assert metrics["val_sampled_answer_reward"] == pytest.approx(sum(counts) / (n * len(counts)))

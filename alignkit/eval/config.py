@@ -21,7 +21,7 @@ BACKENDS = ("hf", "vllm", "http")
 HTTP_OPTIONS = ("http_timeout", "http_retries", "concurrency", "http_retry_timeouts", "api_key_env")
 # read only by the bundled-task runner (run_eval's tasks), never by lm-eval (--harness)
 TASKS_ONLY = ("prompt", "judge", "resume", "fresh", "seed", "limit_per_subject", "backend", "base_url",
-              *HTTP_OPTIONS)
+              "samples", "temperature", *HTTP_OPTIONS)
 _HTTP = inspect.signature(OpenAIHTTPGenerator.__init__).parameters  # the HTTP options' one home
 
 
@@ -40,7 +40,14 @@ class EvalConfig:
     limit_per_subject: int | None = field(default=None, metadata={
         "help": "MMLU: the first N examples of each subject, in file order (then --limit samples from those). "
                 "None: all. Other tasks refuse it."})
-    seed: int = field(default=0, metadata={"help": "Seed of the bundled tasks' example sampling."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of the bundled tasks' example sampling and of the generation seeds of --samples."})
+    samples: int = field(default=1, metadata={
+        "help": "Generations per example (tasks with a verifier: gsm8k, mmlu), each graded; N > 1 reports "
+                "pass@1 and pass@k (k = 1, 2, 4, ... up to N, and N) and needs --temperature > 0. Sample j's "
+                "seed is derived from --seed and j."})
+    temperature: float | None = field(default=None, metadata={
+        "help": "Sampling temperature of the bundled tasks. None: each task's own (greedy, 0)."})
     output: str = field(default="eval_out", metadata={
         "help": "Output folder (results.json, reports, per-task predictions; lm-eval under harness/)."})
     backend: str = field(default="hf", metadata={
@@ -122,9 +129,28 @@ def problems(cfg: EvalConfig, key: Callable[[str], str] = str) -> list[str]:
         out.append(f"{key('backend')} http needs {key('base_url')} (e.g. http://localhost:8000/v1)")
     if cfg.fresh and cfg.resume:
         out.append(f"{key('fresh')} (start over) and {key('resume')} (continue) contradict each other; give one")
+    out += sampling_problems(cfg, key)
     if cfg.limit_per_subject is not None and cfg.limit_per_subject < 0:
         out.append(f"{key('limit_per_subject')} must be >= 0, got {cfg.limit_per_subject}")
     return out + unread(cfg, key)
+
+
+def sampling_problems(cfg: EvalConfig, key: Callable[[str], str] = str) -> list[str]:
+    """Messages for invalid ``samples``/``temperature``: N < 1, T < 0, N > 1 greedy, N > 1 on a judged task."""
+    out = []
+    if cfg.samples < 1:
+        out.append(f"{key('samples')} must be >= 1, got {cfg.samples}")
+    if cfg.temperature is not None and cfg.temperature < 0:
+        out.append(f"{key('temperature')} must be >= 0, got {cfg.temperature}")
+    if cfg.samples > 1 and not cfg.temperature:
+        out.append(f"{key('samples')} {cfg.samples} needs {key('temperature')} > 0 "
+                   f"(got {cfg.temperature}: greedy decoding makes every sample identical)")
+    judged = [n for n in cfg.tasks if n in TASKS and not TASKS[n].has_verifier()]
+    if cfg.samples > 1 and judged:
+        out.append(f"{key('samples')} > 1 (pass@k) is read only by tasks with a verifier "
+                   f"({', '.join(n for n in TASKS if TASKS[n].has_verifier())}); "
+                   f"{key('tasks')} {','.join(judged)} are judged and refuse it")
+    return out
 
 
 def unread(cfg: EvalConfig, key: Callable[[str], str] = str) -> list[str]:

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 RUN_FILES = ("predictions.jsonl", "judgments.jsonl", "failures.jsonl", "run.json")  # moved aside together
 OUTPUT_SETTINGS = ("backend", "prompt", "max_new_tokens", "limit", "seed", "limit_per_subject")
+# recorded only when set (run.json files written before they existed stay valid at their defaults)
+SAMPLING_SETTINGS = {"samples": 1, "temperature": None}
 
 
 class SettingsChanged(ValueError):
@@ -109,7 +111,8 @@ def output_settings(cfg: EvalConfig, model) -> dict:
     """The settings that change a task's outputs, recorded in <task>/run.json and compared on rerun."""
     identity = model.name if _is_generator(model) else str(model)
     out = {"model": identity, "model_files": _model_files(model)}
-    return out | {k: getattr(cfg, k) for k in OUTPUT_SETTINGS if hasattr(cfg, k)}
+    out |= {k: getattr(cfg, k) for k in OUTPUT_SETTINGS if hasattr(cfg, k)}
+    return out | {k: getattr(cfg, k) for k, unset in SAMPLING_SETTINGS.items() if getattr(cfg, k, unset) != unset}
 
 
 def _model_files(model) -> str | None:
@@ -182,11 +185,15 @@ def _record(task: Task, example: dict, prompt, completion, style: str) -> dict:
             "finish_reason": completion.finish_reason, "num_tokens": completion.num_tokens}
 
 
-def _generate_batch(generator, task: Task, batch: list[dict], style: str, max_new_tokens, save) -> list:
-    """Generate ``batch``, calling ``save(example, prompt, completion)`` for each completion (as each
-    request finishes when the backend takes ``on_result``); returns [(example, error)] of failures."""
+def sample_seed(seed: int, j: int) -> int:
+    """The generation seed of sample ``j`` (0-based) of a run with ``--seed seed``."""
+    return seed * 1_000_003 + j
+
+
+def _generate_batch(generator, task: Task, batch: list[dict], style: str, params, save) -> list:
+    """Generate ``batch`` with ``params``, calling ``save(example, prompt, completion)`` for each completion
+    (as each request finishes when the backend takes ``on_result``); returns [(example, error)] of failures."""
     prompts = [task.format_prompt(e, style) for e in batch]
-    params = task.sampling_params(style, max_new_tokens)
     fn = generator.chat if style == "chat" else generator.generate
     failed = []
     if accepts_on_result(fn):
@@ -203,9 +210,43 @@ def _generate_batch(generator, task: Task, batch: list[dict], style: str, max_ne
     return failed
 
 
+def _sample_entry(task: Task, example: dict, completion, style: str, seed: int) -> dict:
+    output = clean_output(completion.text, style)
+    score = task.score(example, output)
+    return {"seed": seed, "generation": completion.text, "output": output, "parsed": score.get("parsed"),
+            "correct": bool(score.get("correct")), "finish_reason": completion.finish_reason,
+            "num_tokens": completion.num_tokens}
+
+
+def _generate_samples(generator, task: Task, batch: list[dict], style: str, params_of, samples: int,
+                      save) -> list:
+    """``samples`` generations of each example of ``batch`` (sample j with ``params_of(j)``); calls
+    ``save(example, prompt, [completion per sample])`` for each example whose samples all came back;
+    returns [(example, first error)] of the others."""
+    got: dict[str, list] = {e["id"]: [None] * samples for e in batch}
+    prompts: dict[str, object] = {}
+    failed: dict[str, tuple] = {}
+    for j in range(samples):
+        def keep(example, prompt, completion, j=j):
+            got[example["id"]][j], prompts[example["id"]] = completion, prompt
+
+        for example, err in _generate_batch(generator, task, batch, style, params_of(j), keep):
+            failed.setdefault(example["id"], (example, err))
+    for example in batch:
+        if example["id"] not in failed:
+            save(example, prompts[example["id"]], got[example["id"]])
+    return list(failed.values())
+
+
 def generate_task(generator, task: Task, examples: list[dict], log: PredictionLog, *, style: str,
-                  max_new_tokens, batch_size: int, on_progress=None) -> tuple[dict, list[dict]]:
+                  max_new_tokens, batch_size: int, on_progress=None, samples: int = 1,
+                  temperature: float | None = None, seed: int = 0) -> tuple[dict, list[dict]]:
     """Generate + score the examples not yet in ``log``, appending each record as it exists.
+
+    ``temperature`` None: the task's greedy params; else sampled, sample j seeded with
+    :func:`sample_seed` (seed, j). ``samples`` > 1: each example is generated that many times and its
+    record (saved once all its samples are back; the top-level fields are the first sample's) holds
+    them in ``samples`` [{seed, generation, output, parsed, correct, finish_reason, num_tokens}].
 
     Returns (this segment {started_at, examples, wall_s, generated_tokens}, failures [{id, error}]);
     ``on_progress(segment, failures)`` is called after each batch and once more on the way out (also
@@ -219,10 +260,20 @@ def generate_task(generator, task: Task, examples: list[dict], log: PredictionLo
     failures: list[dict] = []
     start = time.perf_counter()
 
+    def params_of(j: int):
+        if temperature is None:
+            return task.sampling_params(style, max_new_tokens)
+        return task.sampling_params(style, max_new_tokens, temperature=temperature, seed=sample_seed(seed, j))
+
     def save(example, prompt, completion):
-        log.append(_record(task, example, prompt, completion, style))
+        completions = completion if isinstance(completion, list) else [completion]
+        record = _record(task, example, prompt, completions[0], style)
+        if samples > 1:
+            record["samples"] = [_sample_entry(task, example, c, style, sample_seed(seed, j))
+                                 for j, c in enumerate(completions)]
+        log.append(record)
         segment["examples"] += 1
-        segment["generated_tokens"] += completion.num_tokens
+        segment["generated_tokens"] += sum(c.num_tokens for c in completions)
 
     def progress():
         segment["wall_s"] = time.perf_counter() - start
@@ -232,7 +283,10 @@ def generate_task(generator, task: Task, examples: list[dict], log: PredictionLo
     try:
         for i in range(0, len(todo), batch_size):
             batch = todo[i : i + batch_size]
-            failed = _generate_batch(generator, task, batch, style, max_new_tokens, save)
+            if samples > 1:
+                failed = _generate_samples(generator, task, batch, style, params_of, samples, save)
+            else:
+                failed = _generate_batch(generator, task, batch, style, params_of(0), save)
             failures += [{"id": e["id"], "error": str(err)} for e, err in failed]
             if failed and len(failed) == len(batch):  # nothing came back: stop here, with the first error
                 example, err = failed[0]
@@ -267,11 +321,16 @@ def judge_task(task: Task, records: list[dict], judge, out_dir: Path, resume: bo
 
 def run_task(task: Task, generator, out_dir: Path, *, limit, seed, style, max_new_tokens, batch_size,
              judge, settings: dict | None = None, fresh: bool = False, resume=None,
-             limit_per_subject=None) -> tuple[dict, dict, list, list]:
+             limit_per_subject=None, samples: int = 1, temperature: float | None = None
+             ) -> tuple[dict, dict, list, list]:
     """One task end to end -> (metrics, throughput of the whole run, sample failures, failed examples).
 
+    ``samples`` > 1 (pass@k; tasks with a verifier only, ValueError otherwise) and ``temperature``:
+    see :func:`generate_task` (seeded from ``seed``).
     ``settings`` (:func:`output_settings`) are checked against / recorded in run.json; ``fresh``
     moves the earlier files aside. ``resume`` is EvalConfig's (None/True: continue; False: fresh)."""
+    if samples > 1 and not task.has_verifier():
+        raise ValueError(f"samples > 1 (pass@k) needs a task with a verifier; task {task.name!r} is judged")
     examples = task.load(limit, seed, limit_per_subject=limit_per_subject)
     fresh = fresh or resume is False
     earlier = prepare_task_dir(out_dir, settings or {}, fresh=fresh)
@@ -284,7 +343,8 @@ def run_task(task: Task, generator, out_dir: Path, *, limit, seed, style, max_ne
             write_jsonl_atomic(out_dir / "failures.jsonl", failures)
 
     segment, failed = generate_task(generator, task, examples, log, style=style, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, on_progress=on_progress)
+                                    batch_size=batch_size, on_progress=on_progress, samples=samples,
+                                    temperature=temperature, seed=seed)
     by_id = {r["id"]: r for r in log.read()}
     records = [by_id[e["id"]] for e in examples if e["id"] in by_id]  # example order; failed ones absent
     if judge is not None and task.uses_judge:
@@ -361,7 +421,7 @@ def _run_tasks(cfg: EvalConfig, model) -> dict:
             get_task(name), generator, out / name, limit=cfg.limit, seed=cfg.seed, style=cfg.prompt,
             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, judge=judge_obj,
             settings={"task": name, **settings}, fresh=cfg.fresh, resume=cfg.resume,
-            limit_per_subject=cfg.limit_per_subject)
+            limit_per_subject=cfg.limit_per_subject, samples=cfg.samples, temperature=cfg.temperature)
         results["metrics"][name], results["throughput"][name], results["samples"][name] = metrics, thr, samples
         if failed:
             results["failed"][name] = {"n": len(failed), "first": failed[0]}

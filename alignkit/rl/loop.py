@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 
 from alignkit.data.io import write_json_atomic, write_text_atomic
+from alignkit.eval.metrics import pass_at_k_mean
+from alignkit.eval.tasks.base import pass_at_k_ks
 from alignkit.generation.base import Completion, SamplingParams
 from alignkit.rl.core import (
     POLICY_GRADIENT_LOSSES,
@@ -81,7 +83,9 @@ class RLLoopConfig:
                                   "whose weights cannot be updated).")
     eval_max_new_tokens: int | None = setting(None, "Validation generation cap (None: max_new_tokens); greedy.")
     val_samples: int = setting(0, "> 0: also score this many samples per held-out prompt at the training "
-                             "temperature (fixed seed; the expected reward GRPO maximises).")
+                             "temperature (fixed seed; the expected reward GRPO maximises) and report "
+                             "val_sampled_pass@k (k = 1, 2, 4, ... up to val_samples, and val_samples; a sample "
+                             "passes when its answer_reward is 1).")
     seed: int = setting(0, "Seed for prompt sampling, rollout generation and micro-batch shuffling.")
     log_every: int = setting(1, "Log a metrics line every N steps.")
     rollout_table_every: int = setting(10, "Log a table of sample rollouts every N steps (0: never).")
@@ -494,7 +498,7 @@ class GRPOLoop:
             metrics.update(self._evaluate_sampled(mine, n_tok))
         logger.info("grpo validation at step %d (%d prompts, %.1fs): %s", self.step, len(self.val_prompts),
                     time.perf_counter() - t0, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                                                        if "reward" in k and v is not None))
+                                                        if ("reward" in k or "pass@" in k) and v is not None))
         return metrics
 
     def _evaluate_sampled(self, mine: list[int], n_tok: int) -> dict:
@@ -508,7 +512,21 @@ class GRPOLoop:
         scores = self._score(prompts, [self._response_text(c) for c in completions], truths)
         per_prompt = [sum(d["reward"] for d in scores[j * k:(j + 1) * k]) / k for j in range(len(mine))]
         self.val_per_prompt = self._gather(per_prompt)  # (n_val,) ordered by rank, then prompt
-        return self._reward_metrics(scores, completions, prefix="val_sampled_")
+        return {**self._reward_metrics(scores, completions, prefix="val_sampled_"),
+                **self._pass_at_k(scores, len(mine), k)}
+
+    def _pass_at_k(self, scores: list[dict], n_prompts: int, k: int) -> dict:
+        """``val_sampled_pass@K`` for K in :func:`~alignkit.eval.tasks.base.pass_at_k_ks` (k): pass_at_k_mean
+        over all processes' prompts of (n = k samples, c = samples with ``answer_reward == 1``). ``{}``
+        when the reward reports no ``answer_reward``."""
+        if scores and "answer_reward" not in scores[0]:  # (no prompts here: still join the gather)
+            return {}
+        correct = [float(sum(float(d["answer_reward"]) == 1.0 for d in scores[j * k:(j + 1) * k]))
+                   for j in range(n_prompts)]
+        per_problem = [(k, int(c)) for c in self._gather(correct)]
+        if not per_problem:
+            return {}
+        return {f"val_sampled_pass@{kk}": pass_at_k_mean(per_problem, kk) for kk in pass_at_k_ks(k)}
 
     def _log_rollouts(self, prompts, responses, answers, scores, advantages) -> None:
         rows = [{"step": self.step, "rank": self.rank, "prompt": prompts[i][-200:], "response": responses[i],

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from alignkit import resources
 from alignkit.data.io import location, read_rows
 from alignkit.eval.judge import keyword_refusal, require_some_valid
+from alignkit.eval.metrics import pass_at_k_mean
 from alignkit.eval.tasks.spec import METRICS, TaskSpec
 from alignkit.generation.base import SamplingParams
 
@@ -66,8 +67,27 @@ def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     return rows
 
 
+def pass_at_k_ks(n: int) -> list[int]:
+    """The k of pass@k reported for ``n`` samples: the powers of two up to ``n``, and ``n``."""
+    return sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
+
+
+def pass_at_k_summary(records: list[dict]) -> dict:
+    """``{"samples": N, "pass@1": .., "pass@2": .., ..., "pass@N": ..}`` from records carrying a
+    ``samples`` list (``--samples N``): :func:`~alignkit.eval.metrics.pass_at_k_mean` of (n = samples,
+    c = correct samples) per example. ``{}`` when no record has samples."""
+    per_problem = [(len(r["samples"]), sum(bool(s["correct"]) for s in r["samples"]))
+                   for r in records if r.get("samples")]
+    if not per_problem:
+        return {}
+    n = min(p[0] for p in per_problem)
+    return {"samples": n, **{f"pass@{k}": pass_at_k_mean(per_problem, k) for k in pass_at_k_ks(n)}}
+
+
 def accuracy_summary(records: list[dict]) -> dict:
-    """Accuracy = correct / all (unparseable counts as wrong), with the unparseable count and examples."""
+    """Accuracy = correct / all (unparseable counts as wrong), with the unparseable count and examples.
+    With ``--samples N`` (records with a ``samples`` list) the record's own score is its first sample's,
+    and pass@k (:func:`pass_at_k_summary`) is added."""
     n = len(records)
     correct = sum(bool(r["score"]["correct"]) for r in records)
     unparseable = [r for r in records if r["score"]["parsed"] is None]
@@ -77,6 +97,7 @@ def accuracy_summary(records: list[dict]) -> dict:
         "correct": correct,
         "unparseable": len(unparseable),
         "unparseable_examples": [{"id": r["id"], "generation": r["generation"]} for r in unparseable[:5]],
+        **pass_at_k_summary(records),
     }
 
 
@@ -163,14 +184,23 @@ class Task:
     def format_prompt(self, example: dict, style: str = "zero_shot") -> str | list[dict]:
         return wrap_prompt(self.instruction(example), style)
 
-    def sampling_params(self, style: str = "zero_shot", max_new_tokens: int | None = None) -> SamplingParams:
-        """Greedy (temperature 0, top-p 1), stopping at the style's turn marker and ``spec.stop``."""
+    def sampling_params(self, style: str = "zero_shot", max_new_tokens: int | None = None,
+                        temperature: float | None = None, seed: int | None = None) -> SamplingParams:
+        """Greedy (temperature 0, top-p 1) unless ``temperature`` is given (then sampled with ``seed``),
+        stopping at the style's turn marker and ``spec.stop``."""
         return SamplingParams(
             max_new_tokens=max_new_tokens or self.max_new_tokens,
-            temperature=0.0,
+            temperature=0.0 if temperature is None else float(temperature),
             top_p=1.0,
             stop=list(STOP_BY_STYLE[style]) + list(self.spec.stop),
+            seed=seed,
         )
+
+    @classmethod
+    def has_verifier(cls) -> bool:
+        """True when the task grades outputs itself (``spec.grader``): several samples per example
+        (pass@k) are scored by it. Judged tasks have none."""
+        return getattr(cls, "spec", None) is not None and cls.spec.grader is not None
 
     # -- scoring ------------------------------------------------------------------------------
     @classmethod
