@@ -6,6 +6,7 @@ checkpoints, metrics cut back to the checkpoint): :func:`resume_training`, descr
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -129,6 +130,21 @@ def fill_template(template: str, prompt: str) -> str:
     """The prompt text of a template up to its response slot: :func:`alignkit.data.check.render`, the same
     rendering the data check measures, so the check and training see one text."""
     return render(template, prompt)
+
+
+def templated(row, template: str | None, replies: tuple[str, ...]):
+    """``row`` (a dataclass with ``prompt`` and the ``replies`` fields) with ``data.template`` applied: "chat"
+    turns a plain-text prompt and replies into user/assistant messages; a text template renders the prompt
+    (:func:`fill_template`); conversational rows and ``None`` leave the row as it is."""
+    if not isinstance(row.prompt, str):
+        return row
+    if template == "chat":
+        if not all(isinstance(getattr(row, name), str) for name in replies):
+            return row
+        return dataclasses.replace(row, prompt=[{"role": "user", "content": row.prompt}],
+                                   **{name: [{"role": "assistant", "content": getattr(row, name)}] for name in replies})
+    text = text_template(template)
+    return row if text is None else dataclasses.replace(row, prompt=fill_template(text, row.prompt))
 
 
 def checked_loader(data, kind: str, tokenizer, max_length: int | None, stage_dir: Path):

@@ -24,7 +24,7 @@ from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from alignkit import losses as L
-from alignkit.data.preference import PreferencePair, to_trl_dataset
+from alignkit.data.preference import to_trl_dataset
 from alignkit.train import common
 
 logger = logging.getLogger("alignkit.train")
@@ -207,18 +207,7 @@ class AlignkitDPOTrainer(DPOTrainer):
 
 def to_trl_pairs(pairs: list, template: str | None):
     """Preference pairs -> a TRL dataset, with ``data.template`` applied ("chat": user/assistant messages)."""
-    text = common.text_template(template)
-    out = []
-    for p in pairs:
-        # 1. conversational pairs pass through; 2. strings become messages or rendered prompts
-        if template == "chat" and isinstance(p.prompt, str) and isinstance(p.chosen, str):
-            p = PreferencePair([{"role": "user", "content": p.prompt}],
-                               [{"role": "assistant", "content": p.chosen}],
-                               [{"role": "assistant", "content": p.rejected}], p.source, p.line)
-        elif text is not None and isinstance(p.prompt, str):
-            p = PreferencePair(common.fill_template(text, p.prompt), p.chosen, p.rejected, p.source, p.line)
-        out.append(p)
-    return to_trl_dataset(out, metadata=False)
+    return to_trl_dataset([common.templated(p, template, ("chosen", "rejected")) for p in pairs], metadata=False)
 
 
 def preference_loader(recipe, tokenizer, stage_dir: Path):

@@ -195,20 +195,28 @@ def unread_reason(args: GRPOArgs, f: dataclasses.Field) -> str | None:
 def ignored_keys(stage) -> dict[str, str]:
     """``{dotted_key: reason}`` for every key of ``stage`` (a StageRecipe: ``.train`` a GRPOArgs, ``.data``,
     ``.lora``) that the selected path does not read. The recipe loader refuses those the user set."""
-    args: GRPOArgs = stage.train
-    out = {f"train.{f.name}": why for f in fields(args) if (why := unread_reason(args, f)) is not None}
+    return rl_ignored_keys(stage, "grpo", ("gsm8k",), unread_reason)
+
+
+def rl_ignored_keys(stage, name: str, data_tasks: tuple[str, ...], unread) -> dict[str, str]:
+    """The RL stages' ``ignored_keys``: train fields by ``unread(args, field)`` (the stage's reason, or None);
+    ``data.template`` read by every task; the other data keys (:data:`DATA_READ`) only by ``data_tasks``;
+    ``lora.*`` only with LoRA on. Each message starts with ``<key> is`` (alignkit/train/__init__.py)."""
+    args = stage.train
+    tasks = " or ".join(data_tasks)
+    out = {f"train.{f.name}": why for f in fields(args) if (why := unread(args, f)) is not None}
     for f in fields(stage.data):
         if f.name == "template":
             continue  # the prompt's rendering: read by every task
         if f.name not in DATA_READ:
-            out[f"data.{f.name}"] = ("not read by stage grpo (it reads data.template, and data.path, data.eval_path "
-                                     "and data.columns with task gsm8k)")
-        elif args.task != "gsm8k":
-            out[f"data.{f.name}"] = f"read by task gsm8k; this recipe's task is {args.task}"
+            out[f"data.{f.name}"] = (f"not read by stage {name} (it reads data.template, and data.path, "
+                                     f"data.eval_path and data.columns with task {tasks})")
+        elif args.task not in data_tasks:
+            out[f"data.{f.name}"] = f"read by task {tasks}; this recipe's task is {args.task}"
     if not stage.lora.enabled:
         out.update({f"lora.{f.name}": "read with lora.enabled true; this recipe's lora.enabled is false"
                     for f in fields(stage.lora) if f.name != "enabled"})
-    return {key: f"{key} is {why}" for key, why in out.items()}  # the contract: one line starting "<key> is "
+    return {key: f"{key} is {why}" for key, why in out.items()}
 
 
 def _on_policy(args: GRPOConfig) -> bool:

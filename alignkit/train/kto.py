@@ -30,7 +30,7 @@ from pathlib import Path
 from transformers import set_seed
 from trl import KTOConfig, KTOTrainer
 
-from alignkit.data.unpaired import UnpairedExample, to_trl_dataset
+from alignkit.data.unpaired import to_trl_dataset
 from alignkit.train import common
 
 logger = logging.getLogger("alignkit.train")
@@ -90,17 +90,7 @@ def ignored_keys(stage) -> dict[str, str]:
 
 def to_trl_examples(examples: list, template: str | None):
     """Unpaired examples -> a TRL dataset, with ``data.template`` applied ("chat": user/assistant messages)."""
-    text = common.text_template(template)
-    out = []
-    for ex in examples:
-        if template == "chat" and isinstance(ex.prompt, str) and isinstance(ex.completion, str):
-            ex = UnpairedExample([{"role": "user", "content": ex.prompt}],
-                                 [{"role": "assistant", "content": ex.completion}], ex.label, ex.source, ex.line)
-        elif text is not None and isinstance(ex.prompt, str):
-            ex = UnpairedExample(common.fill_template(text, ex.prompt), ex.completion, ex.label, ex.source,
-                                 ex.line)
-        out.append(ex)
-    return to_trl_dataset(out, metadata=False)
+    return to_trl_dataset([common.templated(ex, template, ("completion",)) for ex in examples], metadata=False)
 
 
 def unpaired_loader(recipe, tokenizer, stage_dir: Path):

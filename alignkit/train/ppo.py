@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -95,20 +95,7 @@ def unread_reason(args: PPOArgs, f: dataclasses.Field) -> str | None:
 def ignored_keys(stage) -> dict[str, str]:
     """``{dotted_key: message}`` for every key of ``stage`` the selected path does not read (the contract of
     alignkit/train/__init__.py: each message starts with ``<key> is``)."""
-    args: PPOArgs = stage.train
-    out = {f"train.{f.name}": why for f in fields(args) if (why := unread_reason(args, f)) is not None}
-    for f in fields(stage.data):
-        if f.name == "template":
-            continue  # the prompt's rendering: read by every task
-        if f.name not in DATA_KEYS:
-            out[f"data.{f.name}"] = ("not read by stage ppo (it reads data.template, and data.path, data.eval_path "
-                                     "and data.columns with task gsm8k or prompts)")
-        elif args.task == "arithmetic":
-            out[f"data.{f.name}"] = "read by task gsm8k or prompts; this recipe's task is arithmetic"
-    if not stage.lora.enabled:
-        out.update({f"lora.{f.name}": "read with lora.enabled true; this recipe's lora.enabled is false"
-                    for f in fields(stage.lora) if f.name != "enabled"})
-    return {key: f"{key} is {why}" for key, why in out.items()}
+    return grpo.rl_ignored_keys(stage, "ppo", ("gsm8k", "prompts"), unread_reason)
 
 
 # ----------------------------------------------------------------------------------------------------------
