@@ -147,6 +147,26 @@ def templated(row, template: str | None, replies: tuple[str, ...]):
     return row if text is None else dataclasses.replace(row, prompt=fill_template(text, row.prompt))
 
 
+def stage_loader(recipe, kind: str, tokenizer, stage_dir: Path):
+    """:func:`checked_loader` for a preference-style stage (DPO, reward, KTO): ``data.max_length``, else the
+    trainer's ``train.max_length``."""
+    max_length = recipe.data.max_length or getattr(recipe.train, "max_length", None)
+    return checked_loader(recipe.data, kind, tokenizer, max_length, stage_dir)
+
+
+def policy_and_reference(recipe, model_path: str | None, *, needs_reference: bool):
+    """``(model, tokenizer, source, peft_config, ref_model)`` of a preference stage: the policy, its LoRA config
+    and, for full fine-tuning when ``needs_reference``, an explicit frozen reference loaded like the policy
+    (with LoRA the trainer uses the policy with its adapter disabled)."""
+    model, tokenizer, source = load_for_training(recipe, model_path)
+    peft_config = lora_config(recipe.lora)
+    ref_model = None
+    if peft_config is None and needs_reference:
+        ref_model, _, _ = load_for_training(recipe, model_path)
+        ref_model.eval().requires_grad_(False)
+    return model, tokenizer, source, peft_config, ref_model
+
+
 def checked_loader(data, kind: str, tokenizer, max_length: int | None, stage_dir: Path):
     """``load_fn`` for :func:`load_split`: the data check's own loader (:func:`alignkit.data.check.run_check`,
     ``limit`` read as ``max_rows``), its report saved, then its verdict under ``data.on_error``; returns the

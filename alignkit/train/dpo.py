@@ -212,8 +212,7 @@ def to_trl_pairs(pairs: list, template: str | None):
 
 def preference_loader(recipe, tokenizer, stage_dir: Path):
     """``load_fn`` for :func:`common.load_split`: read, check (report saved), keep the clean pairs."""
-    max_length = recipe.data.max_length or getattr(recipe.train, "max_length", None)
-    return common.checked_loader(recipe.data, "preference", tokenizer, max_length, stage_dir)
+    return common.stage_loader(recipe, "preference", tokenizer, stage_dir)
 
 
 def run(recipe, stage_dir, model_path=None) -> dict:
@@ -222,12 +221,8 @@ def run(recipe, stage_dir, model_path=None) -> dict:
     args = recipe.train
     set_seed(recipe.seed)
     # 1. policy (+ explicit reference for full fine-tuning, loaded from a path like the policy)
-    model, tokenizer, source = common.load_for_training(recipe, model_path)
-    peft_config = common.lora_config(recipe.lora)
-    ref_model = None
-    if peft_config is None and not args.precompute_ref_log_probs and args.loss not in L.REFERENCE_FREE:
-        ref_model, _, _ = common.load_for_training(recipe, model_path)
-        ref_model.eval().requires_grad_(False)
+    model, tokenizer, source, peft_config, ref_model = common.policy_and_reference(
+        recipe, model_path, needs_reference=not args.precompute_ref_log_probs and args.loss not in L.REFERENCE_FREE)
     # 2. checked data; 3. trainer; 4. train and save
     train_pairs, val_pairs = common.load_split(recipe.data, preference_loader(recipe, tokenizer, stage_dir),
                                                recipe.seed)

@@ -444,6 +444,12 @@ def run(recipe, stage_dir, model_path=None) -> dict:
         result.update(_save(policy, tokenizer, stage_dir, bool(recipe.lora.enabled)))
         (stage_dir / "grpo_summary.json").write_text(json.dumps(result, indent=2, default=str))
         _plot(stage_dir)
+    return finish(result, args, acc, stage_dir)
+
+
+def finish(result: dict, args, acc, stage_dir: Path) -> dict:
+    """The RL stages' last step: every process waits for the main one's save and knows the model folder;
+    ``require_improvement`` turns a validation reward that did not rise into a failed check."""
     if acc is not None:
         acc.wait_for_everyone()
         result.setdefault("model_dir", str(stage_dir / "model"))

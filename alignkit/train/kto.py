@@ -95,8 +95,7 @@ def to_trl_examples(examples: list, template: str | None):
 
 def unpaired_loader(recipe, tokenizer, stage_dir: Path):
     """``load_fn`` for :func:`common.load_split`: read, check (report saved), keep the clean examples."""
-    max_length = recipe.data.max_length or getattr(recipe.train, "max_length", None)
-    return common.checked_loader(recipe.data, "unpaired", tokenizer, max_length, stage_dir)
+    return common.stage_loader(recipe, "unpaired", tokenizer, stage_dir)
 
 
 def run(recipe, stage_dir, model_path=None) -> dict:
@@ -105,12 +104,8 @@ def run(recipe, stage_dir, model_path=None) -> dict:
     args = recipe.train
     set_seed(recipe.seed)
     # 1. policy (+ explicit frozen reference for full fine-tuning, loaded from a path like the policy)
-    model, tokenizer, source = common.load_for_training(recipe, model_path)
-    peft_config = common.lora_config(recipe.lora)
-    ref_model = None
-    if peft_config is None and not args.precompute_ref_log_probs:
-        ref_model, _, _ = common.load_for_training(recipe, model_path)
-        ref_model.eval().requires_grad_(False)
+    model, tokenizer, source, peft_config, ref_model = common.policy_and_reference(
+        recipe, model_path, needs_reference=not args.precompute_ref_log_probs)
     # 2. checked data (shuffled once when asked); 3. trainer; 4. train and save
     train_rows, val_rows = common.load_split(recipe.data, unpaired_loader(recipe, tokenizer, stage_dir),
                                              recipe.seed)

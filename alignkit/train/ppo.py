@@ -253,9 +253,4 @@ def run(recipe, stage_dir, model_path=None) -> dict:
             stage_dir / "value"))
         write_json_atomic(stage_dir / "ppo_summary.json", result)
         grpo._plot(stage_dir)
-    if acc is not None:
-        acc.wait_for_everyone()
-        result.setdefault("model_dir", str(stage_dir / "model"))
-    if args.require_improvement and not result["improved"]:
-        result["checks_failed"] = ["validation reward did not rise"]
-    return result
+    return grpo.finish(result, args, acc, stage_dir)
