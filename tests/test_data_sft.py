@@ -216,8 +216,8 @@ def test_real_smollm2_tokenizer_stream(tmp_path):
     stream = []
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        text = TEMPLATE.replace("{instruction}", r["prompt"]).replace("{response}", r["response"])
-        stream += tok(text)["input_ids"] + [tok.eos_token_id]
+        text = TEMPLATE[: TEMPLATE.index("{response}")].replace("{instruction}", r["prompt"]) + r["response"]
+        stream += tok(text)["input_ids"] + [tok.eos_token_id]  # the response, then EOS (nothing in between)
     ds = PackedSFTDataset(tok, path, 256, False, cache_dir=tmp_path)
     assert torch.cat([ds[i]["input_ids"] for i in range(len(ds))]).tolist() == stream[: len(ds) * 256]
     assert PackedSFTDataset(tok, path, 256, False, cache_dir=tmp_path).cache_hit

@@ -30,6 +30,7 @@ TRL_STAGES = {
     "sft": {"data": "sft", "train": {"max_length": 48}},
     "dpo": {"data": "pairs", "train": {"max_length": 48}},
     "reward": {"data": "pairs", "train": {"max_length": 48}},
+    "kto": {"data": "pairs", "train": {"max_length": 48}},  # pairs unpaired on the fly: 16 rows
 }
 
 
@@ -168,6 +169,11 @@ def test_dpo_sigkill_after_checkpoint_then_same_command_resumes_exactly(tmp_path
 @pytest.mark.slow
 def test_reward_sigint_then_same_command_resumes_exactly(tmp_path, tiny_model_dir):
     _kill_and_resume(tmp_path, tiny_model_dir, "reward", signal.SIGINT, "final")
+
+
+@pytest.mark.slow
+def test_kto_sigkill_after_checkpoint_then_same_command_resumes_exactly(tmp_path, tiny_model_dir):
+    _kill_and_resume(tmp_path, tiny_model_dir, "kto", signal.SIGKILL, "final")
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from alignkit.data.io import (
     DataError,
@@ -47,32 +48,43 @@ _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ?")
 _HH_ROLE = {"Human": "user", "Assistant": "assistant"}
 
 
+class TrainingRow:
+    """What a preference pair and an unpaired example share: a ``prompt``, reply fields (:attr:`REPLIES`),
+    other fields (:attr:`EXTRA`) and where the row came from (``source``, ``line``)."""
+
+    REPLIES: ClassVar[tuple[str, ...]] = ()
+    EXTRA: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(getattr(self, self.REPLIES[0]), list)
+
+    def to_dict(self, metadata: bool = True) -> dict:
+        """The row as TRL takes it (a string prompt becomes a user message when the replies are messages)."""
+        prompt = self.prompt
+        if self.conversational and isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        out = {"prompt": prompt, **{name: getattr(self, name) for name in self.REPLIES + self.EXTRA}}
+        if metadata:
+            out.update(source=self.source, line=self.line)
+        return out
+
+
 @dataclass
-class PreferencePair:
+class PreferencePair(TrainingRow):
     """One comparison: ``chosen`` is preferred over ``rejected`` as a reply to ``prompt``.
 
     Texts are strings, or message lists ``[{"role", "content"}]`` for conversational pairs (then
     ``chosen``/``rejected`` hold the reply turns only and ``prompt`` the turns before them).
     """
 
+    REPLIES: ClassVar[tuple[str, ...]] = ("chosen", "rejected")
+
     prompt: str | list[dict]
     chosen: str | list[dict]
     rejected: str | list[dict]
     source: str = "<memory>"
     line: int = 0
-
-    @property
-    def conversational(self) -> bool:
-        return isinstance(self.chosen, list)
-
-    def to_dict(self, metadata: bool = True) -> dict:
-        prompt = self.prompt
-        if self.conversational and isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        out = {"prompt": prompt, "chosen": self.chosen, "rejected": self.rejected}
-        if metadata:
-            out.update(source=self.source, line=self.line)
-        return out
 
 
 def detect_format(data: dict) -> str:

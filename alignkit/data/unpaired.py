@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 from alignkit.data.io import (
     DataError,
@@ -42,7 +43,7 @@ from alignkit.data.io import (
     read_rows,
 )
 from alignkit.data.preference import FORMATS as PREFERENCE_FORMATS
-from alignkit.data.preference import load_preference_rows
+from alignkit.data.preference import TrainingRow, load_preference_rows
 
 logger = logging.getLogger(__name__)
 
@@ -55,27 +56,17 @@ TRUE_WORDS, FALSE_WORDS = ("true", "1", "up", "yes"), ("false", "0", "down", "no
 
 
 @dataclass
-class UnpairedExample:
+class UnpairedExample(TrainingRow):
     """One rated reply: ``completion`` to ``prompt`` is desirable (``label`` True) or not (False)."""
+
+    REPLIES: ClassVar[tuple[str, ...]] = ("completion",)
+    EXTRA: ClassVar[tuple[str, ...]] = ("label",)
 
     prompt: str | list[dict]
     completion: str | list[dict]
     label: bool
     source: str = "<memory>"
     line: int = 0
-
-    @property
-    def conversational(self) -> bool:
-        return isinstance(self.completion, list)
-
-    def to_dict(self, metadata: bool = True) -> dict:
-        prompt = self.prompt
-        if self.conversational and isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        out = {"prompt": prompt, "completion": self.completion, "label": self.label}
-        if metadata:
-            out.update(source=self.source, line=self.line)
-        return out
 
 
 def parse_label(value) -> bool:
