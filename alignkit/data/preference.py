@@ -230,18 +230,24 @@ def to_trl_dataset(pairs, *, metadata: bool = True):
     when ``metadata`` (TRL's trainers ignore extra columns: their tokenizing ``map`` keeps them and
     ``remove_unused_columns`` or the collator, which reads only the token columns, leaves them out).
     """
+    return rows_dataset(pairs, metadata=metadata, what="pair", plural="preference pairs")
+
+
+def rows_dataset(rows, *, metadata: bool, what: str, plural: str):
+    """A ``datasets.Dataset`` of :class:`TrainingRow` objects (their ``to_dict`` columns); all of one kind
+    (plain text or messages), else a DataError naming the first row of the other kind."""
     import datasets
 
-    pairs = list(pairs)
-    if not pairs:
-        raise ValueError("no preference pairs to build a dataset from")
-    first = pairs[0]
-    for pair in pairs:
-        if pair.conversational != first.conversational:
+    rows = list(rows)
+    if not rows:
+        raise ValueError(f"no {plural} to build a dataset from")
+    first = rows[0]
+    for row in rows:
+        if row.conversational != first.conversational:
             kinds = {True: "conversational", False: "plain-text"}
             raise DataError(
-                f"{location(pair.source, pair.line)}: pair is {kinds[pair.conversational]} but "
+                f"{location(row.source, row.line)}: {what} is {kinds[row.conversational]} but "
                 f"{location(first.source, first.line)} is {kinds[first.conversational]}; a dataset holds one kind",
-                source=pair.source, line=pair.line)
-    rows = [p.to_dict(metadata) for p in pairs]
-    return datasets.Dataset.from_dict({key: [r[key] for r in rows] for key in rows[0]})
+                source=row.source, line=row.line)
+    dicts = [row.to_dict(metadata) for row in rows]
+    return datasets.Dataset.from_dict({key: [d[key] for d in dicts] for key in dicts[0]})

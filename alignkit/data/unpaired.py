@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from alignkit.data.io import (
-    DataError,
     LoadedRows,
     RowProblem,
     apply_columns,
@@ -38,12 +37,11 @@ from alignkit.data.io import (
     get_messages,
     get_text,
     is_messages,
-    location,
     parsed_rows,
     read_rows,
 )
 from alignkit.data.preference import FORMATS as PREFERENCE_FORMATS
-from alignkit.data.preference import TrainingRow, load_preference_rows
+from alignkit.data.preference import TrainingRow, load_preference_rows, rows_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -197,18 +195,4 @@ def to_trl_dataset(examples, *, metadata: bool = True):
     """A ``datasets.Dataset`` with prompt/completion/label columns, as TRL's KTOTrainer takes it.
 
     All examples must be of one kind (all strings, or all message lists)."""
-    import datasets
-
-    examples = list(examples)
-    if not examples:
-        raise ValueError("no unpaired examples to build a dataset from")
-    first = examples[0]
-    for ex in examples:
-        if ex.conversational != first.conversational:
-            kinds = {True: "conversational", False: "plain-text"}
-            raise DataError(
-                f"{location(ex.source, ex.line)}: example is {kinds[ex.conversational]} but "
-                f"{location(first.source, first.line)} is {kinds[first.conversational]}; a dataset holds one kind",
-                source=ex.source, line=ex.line)
-    rows = [ex.to_dict(metadata) for ex in examples]
-    return datasets.Dataset.from_dict({key: [r[key] for r in rows] for key in rows[0]})
+    return rows_dataset(examples, metadata=metadata, what="example", plural="unpaired examples")
