@@ -68,3 +68,21 @@ def load_stage(tmp_path: Path, stage: str, yaml_text: str, overrides=()):
     path = tmp_path / f"{stage}.yaml"
     path.write_text(yaml_text)
     return load_recipe(path, [f"output_dir={tmp_path / 'out'}", *overrides]).stages[stage]
+
+
+class ReplyGenerator:
+    """A Generator stand-in answering ``reply(prompt)`` for every prompt (an evaluated model or a judge)."""
+
+    def __init__(self, reply, name):
+        self.reply, self.name = reply, name
+
+    def generate(self, prompts, params):
+        from alignkit.generation.base import Completion
+
+        return [Completion(self.reply(p), token_ids=[1]) for p in prompts]
+
+    def chat(self, conversations, params):
+        return self.generate([c[-1]["content"] for c in conversations], params)
+
+    def update_weights(self, model):
+        pass

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ReplyGenerator
 
 from alignkit.cli import compare as compare_cli
 from alignkit.eval import report
 from alignkit.eval.judge import length_controlled_win_rate
 from alignkit.eval.metrics import wilson_interval
 from alignkit.eval.runner import run_eval
-from alignkit.generation.base import Completion
 
 Z95 = 1.959963984540054
 
@@ -203,22 +203,6 @@ def test_a_metric_only_the_first_run_measured_is_named(runs, tmp_path, capsys):
     assert "alpaca_eval/lc_win_rate: not measured in run(s) dpo" in capsys.readouterr().err
 
 
-class Scripted:
-    """A Generator answering ``reply(prompt)``: the evaluated model, or the judge."""
-
-    def __init__(self, reply, name):
-        self.reply, self.name = reply, name
-
-    def generate(self, prompts, params):
-        return [Completion(self.reply(p), token_ids=[1]) for p in prompts]
-
-    def chat(self, conversations, params):
-        return self.generate([c[-1]["content"] for c in conversations], params)
-
-    def update_weights(self, model):
-        pass
-
-
 def test_intervals_from_a_real_judged_eval_run(tmp_path):
     """run_eval's own folders: the bootstrap reads its judgments and reproduces its win rates."""
     def judge(prompt):  # prefers an output that says "detail"; otherwise the first one (a tie over both orders)
@@ -227,8 +211,8 @@ def test_intervals_from_a_real_judged_eval_run(tmp_path):
 
     dirs = []
     for name, reply in (("short", lambda p: "ok 7"), ("long", lambda p: "ok 7" + " detail" * (len(p) % 2))):
-        run_eval(Scripted(reply, name), ["alpaca_eval", "gsm8k"], str(tmp_path / name), limit=6,
-                 judge=Scripted(judge, "judge"))
+        run_eval(ReplyGenerator(reply, name), ["alpaca_eval", "gsm8k"], str(tmp_path / name), limit=6,
+                 judge=ReplyGenerator(judge, "judge"))
         dirs.append(tmp_path / name)
     assert cmp(dirs, tmp_path, "--fail-on-regression", "alpaca_eval/win_rate=0.1") == 0
     got = cells(tmp_path)

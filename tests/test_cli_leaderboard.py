@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import ReplyGenerator
 
 from alignkit import resources
 from alignkit.cli import leaderboard as leaderboard_cli
@@ -44,22 +45,6 @@ class ScriptedJudge:
         self.calls += 1
         self.prompts += list(prompts)
         return [Completion(self.verdict(p)) for p in prompts]
-
-    def chat(self, conversations, params):
-        return self.generate([c[-1]["content"] for c in conversations], params)
-
-    def update_weights(self, model):
-        pass
-
-
-class Completer:
-    """The evaluated model: ``reply(prompt)`` for every prompt."""
-
-    def __init__(self, reply, name):
-        self.reply, self.name = reply, name
-
-    def generate(self, prompts, params):
-        return [Completion(self.reply(p), token_ids=[1]) for p in prompts]
 
     def chat(self, conversations, params):
         return self.generate([c[-1]["content"] for c in conversations], params)
@@ -210,7 +195,7 @@ def test_on_real_eval_run_folders(tmp_path):
     dirs = []
     for name, q in (("base", 1), ("sft", 2), ("dpo", 3)):
         reply = lambda p, name=name, q=q: f"{name}-answer quality={q}"
-        run_eval(Completer(reply, name), ["alpaca_eval"], str(tmp_path / name), limit=3)
+        run_eval(ReplyGenerator(reply, name), ["alpaca_eval"], str(tmp_path / name), limit=3)
         dirs.append(tmp_path / name)
     script = ScriptedJudge()
     board = run_leaderboard(dirs, Judge(script), tmp_path / "lb", n_bootstrap=50)

@@ -19,15 +19,6 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{%
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model is ~50x slower with 2 threads on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def varied_dir(tmp_path_factory):
     # A larger init scale than the default tiny model: its greedy outputs vary token to token,

@@ -22,15 +22,6 @@ FAST = {"backoff": 0.01, "timeout": 5}
 GRACE = 0.1  # s: a request already being sent when the stop event is set may be recorded just after it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model is far slower with 2 threads on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------- fake server: request building
 def test_request_fields_order_and_client_side_stop():
     with FakeOpenAIServer() as srv:
