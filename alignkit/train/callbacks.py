@@ -106,6 +106,8 @@ _PANELS = (
     ("reward accuracy", ("rewards/accuracies", "eval_rewards/accuracies", "accuracy", "eval_accuracy")),
     ("rewards", ("rewards/chosen", "rewards/rejected", "rewards/margins", "eval_rewards/margins",
                  "margin", "eval_margin")),
+    ("safety (task eval)", ("safety/attack_success_rate", "safety/attack_success_rate_jailbreak",
+                            "safety/over_refusal_rate")),
 )
 
 

@@ -28,6 +28,7 @@ from alignkit.train.callbacks import (
     plot_metrics,
     read_metrics,
 )
+from alignkit.train.task_eval import task_eval_callback
 
 logger = logging.getLogger("alignkit.train")
 
@@ -325,7 +326,11 @@ def train_and_save(trainer, recipe, stage_dir: Path, tokenizer, source, *, merge
     """
     stage_dir = Path(stage_dir)
     start = time.time()
-    # 1. train, a first Ctrl-C saves a checkpoint at the end of the current step and stops
+    # 1. train (scoring train.task_eval every N steps when set); a first Ctrl-C saves a checkpoint at the
+    #    end of the current step and stops
+    task_eval = task_eval_callback(recipe.train, stage_dir, tokenizer, seed=recipe.seed)
+    if task_eval is not None:
+        task_eval.attach(trainer)
     output, info = resume_training(trainer, recipe, stage_dir)
     result = {"metrics": dict(output.metrics), "model_source": source.to_dict(), "model_dir": None,
               "global_step": trainer.state.global_step, "train_seconds": round(time.time() - start, 1),

@@ -31,7 +31,7 @@ from transformers import set_seed
 from trl import KTOConfig, KTOTrainer
 
 from alignkit.data.unpaired import to_trl_dataset
-from alignkit.train import common
+from alignkit.train import common, task_eval
 
 logger = logging.getLogger("alignkit.train")
 
@@ -43,7 +43,7 @@ KL_LOSSES = ("kto",)
 
 
 @dataclass
-class KTOArgs(KTOConfig):
+class KTOArgs(KTOConfig, task_eval.TaskEvalArgs):
     """``trl.KTOConfig`` (fields 1:1) plus alignkit's row shuffle.
 
     Defaults are TRL's (beta 0.1, lr 1e-6, desirable/undesirable weights 1.0). With unequal numbers of
@@ -60,6 +60,7 @@ class KTOArgs(KTOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_task_eval()
         if self.loss_type in KL_LOSSES and self.train_sampling_strategy != "sequential":
             raise ValueError(f"train.train_sampling_strategy={self.train_sampling_strategy!r}: loss_type "
                              f"{self.loss_type} estimates the KL term from a fixed batch order and needs "
@@ -75,8 +76,8 @@ ARGS_CLASS = KTOArgs
 
 def ignored_keys(stage) -> dict[str, str]:
     """Stage-module strictness hook (contract in alignkit/train/__init__.py): TRL's reference-sync and
-    precompute settings are read only when their switch is on."""
-    args, out = stage.train, {}
+    precompute settings are read only when their switch is on; task-eval settings with train.task_eval."""
+    args, out = stage.train, task_eval.ignored_keys(stage.train)
     if not args.sync_ref_model:
         for name in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
             out[f"train.{name}"] = (f"train.{name} is read with train.sync_ref_model: true (TR-DPO reference "

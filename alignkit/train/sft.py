@@ -14,7 +14,7 @@ from trl import SFTConfig, SFTTrainer
 
 from alignkit.attention import VARLEN_SDPA
 from alignkit.data import PackedSFTDataset, masks
-from alignkit.train import common
+from alignkit.train import common, task_eval
 
 logger = logging.getLogger("alignkit.train")
 
@@ -30,7 +30,7 @@ PACKING_TEMPLATE = "alpaca_sft"
 
 
 @dataclass
-class SFTArgs(SFTConfig):
+class SFTArgs(SFTConfig, task_eval.TaskEvalArgs):
     """``trl.SFTConfig`` (fields 1:1) with alignkit's defaults: TensorBoard logging.
 
     Reference settings (CS336 A5 supplement, section 4.1): lr 2e-5, cosine decay, 3% linear warmup,
@@ -41,6 +41,10 @@ class SFTArgs(SFTConfig):
     report_to: None | str | list[str] = field(default="tensorboard", metadata={
         "help": "Loggers: tensorboard (default), wandb, mlflow (when installed), none, or a list."})
 
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_task_eval()
+
 
 ARGS_CLASS = SFTArgs
 
@@ -49,7 +53,7 @@ def ignored_keys(stage) -> dict[str, str]:
     """Stage-module strictness hook (contract in alignkit/train/__init__.py): the keys this SFT
     configuration does not read, ``{dotted_key: one-line reason}``."""
     data, args = stage.data, stage.train
-    out = {}
+    out = task_eval.ignored_keys(args)
     if data.packing == "alignkit":
         why = "this recipe's data.packing is alignkit (PackedSFTDataset: packed input_ids, loss on every token)"
         for name in TRL_DATA_FIELDS:

@@ -1,0 +1,101 @@
+"""Eval tasks scored during training (train.task_eval): the safety see-saw logged at step 0 and every N
+steps of a real SFT/KTO run, measured on the policy as it is at that step; settings refused up front."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import load_stage
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignkit.config import RecipeError
+from alignkit.eval.runner import run_task
+from alignkit.eval.tasks import get_task
+from alignkit.generation.hf import HFGenerator
+from alignkit.train import kto, sft
+from alignkit.train.callbacks import read_metrics
+
+SAFETY_KEYS = ("safety/attack_success_rate", "safety/over_refusal_rate")
+
+
+def _rows(path, n=8):
+    path.write_text("".join(json.dumps({"prompt": f"Add {i} and {i}.", "completion": f"The sum is {2 * i}."})
+                            + "\n" for i in range(n)))
+    return path
+
+
+def _sft(tmp_path, model_dir, *overrides):
+    return load_stage(tmp_path, "sft", f"stage: sft\nmodel: {{name_or_path: {model_dir}, dtype: float32}}\n"
+                      f"data: {{path: {_rows(tmp_path / 'd.jsonl')}, template: alpaca_sft}}\n"
+                      "train: {max_steps: 4, per_device_train_batch_size: 2, max_length: 48, logging_steps: 1, "
+                      "report_to: none, gradient_checkpointing: false, save_strategy: 'no', "
+                      "learning_rate: 5.0e-2, task_eval: [safety], task_eval_steps: 2, task_eval_limit: 1, "
+                      "task_eval_max_new_tokens: 4}\n", overrides)
+
+
+def _independent_safety(model_dir, tmp_path, stage):
+    """The safety task scored on a saved model by a second path: a fresh HFGenerator on the loaded folder."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    generator = HFGenerator(model, AutoTokenizer.from_pretrained(model_dir), batch_size=8)
+    values, *_ = run_task(get_task("safety"), generator, tmp_path / "independent", limit=1, seed=stage.seed,
+                          style="zero_shot", max_new_tokens=4, batch_size=8, judge=None)
+    return values, _texts(tmp_path / "independent")
+
+
+def _texts(task_dir):
+    return {r["id"]: r["generation"] for r in map(json.loads, (task_dir / "predictions.jsonl").open())}
+
+
+def test_sft_logs_safety_at_step_0_and_every_n_steps(tmp_path, tiny_model_dir):
+    stage = _sft(tmp_path, tiny_model_dir)
+    out = tmp_path / "out" / "sft"
+    result = sft.run(stage, out, None)
+    measured = [r for r in read_metrics(out / "metrics.jsonl") if SAFETY_KEYS[0] in r]
+    assert [r["step"] for r in measured] == [0, 2, 4]
+    for row in measured:
+        assert all(0.0 <= row[k] <= 1.0 for k in SAFETY_KEYS)
+        # per-template rates: 1 SimpleSafetyTests prompt asked plainly = a 0/1 outcome
+        assert row["safety/attack_success_rate_plain"] in (0.0, 1.0)
+    # step 0 is the untrained model, the last step the saved final one: each equals a separate evaluation
+    (start, start_texts), (final, final_texts) = (_independent_safety(tiny_model_dir, tmp_path / "a", stage),
+                                                  _independent_safety(result["model_dir"], tmp_path / "b", stage))
+    for key in SAFETY_KEYS:
+        name = key.split("/", 1)[1]
+        assert measured[0][key] == pytest.approx(start[name])
+        assert measured[-1][key] == pytest.approx(final[name])
+    # the texts too: step 0 generated with the untrained weights, step 4 with the trained ones (they differ)
+    assert _texts(out / "task_eval" / "step-0" / "safety") == start_texts
+    assert _texts(out / "task_eval" / "step-4" / "safety") == final_texts
+    assert start_texts != final_texts
+    # the files of each measurement are kept, one folder per step
+    assert sorted(p.name for p in (out / "task_eval").iterdir()) == ["step-0", "step-2", "step-4"]
+    assert (out / "task_eval" / "step-2" / "safety" / "predictions.jsonl").exists()
+
+
+def test_kto_accepts_task_eval(tmp_path, tiny_model_dir):
+    data = tmp_path / "u.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}?", "completion": f"A{i}.", "label": i % 2 == 0}) + "\n"
+                            for i in range(8)))
+    stage = load_stage(tmp_path, "kto", f"stage: kto\nmodel: {{name_or_path: {tiny_model_dir}, dtype: float32}}\n"
+                       f"data: {{path: {data}}}\n"
+                       "train: {max_steps: 2, per_device_train_batch_size: 2, max_length: 48, logging_steps: 1, "
+                       "report_to: none, gradient_checkpointing: false, save_strategy: 'no', "
+                       "task_eval: [safety], task_eval_steps: 2, task_eval_limit: 1, task_eval_max_new_tokens: 2}\n")
+    out = tmp_path / "out" / "kto"
+    kto.run(stage, out, None)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if SAFETY_KEYS[1] in r] == [0, 2]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.task_eval=[nope]", r"task_eval: unknown task\(s\) nope"),
+    ("train.task_eval_steps=0", r"task_eval is set but task_eval_steps is 0"),
+    ("train.task_eval=[]", r"train.task_eval_steps is set but task_eval names no task|task_eval_steps is set"),
+])
+def test_settings_that_cannot_work_are_refused(tmp_path, tiny_model_dir, override, message):
+    with pytest.raises(RecipeError, match=message):
+        _sft(tmp_path, tiny_model_dir, override)
+
+
+def test_task_eval_settings_without_a_task_are_refused(tmp_path, tiny_model_dir):
+    with pytest.raises(RecipeError, match=r"train.task_eval_limit is read by the task-eval callback"):
+        _sft(tmp_path, tiny_model_dir, "train.task_eval=[]", "train.task_eval_steps=0")
