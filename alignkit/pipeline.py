@@ -26,7 +26,7 @@ from alignkit.config import EvalArgs, Recipe, resolved_config_doc, save_resolved
 from alignkit.data.io import write_text_atomic
 from alignkit.eval.runner import run_eval_config
 from alignkit.models import DEFAULT_MODEL
-from alignkit.train import get_stage_module
+from alignkit.train import get_stage_module, tracking
 from alignkit.train.common import resume_checkpoint
 from alignkit.train.quickstart import evaluate, materialize_data
 
@@ -112,9 +112,10 @@ def run_stage(recipe: Recipe, step: str, stage_dir: Path, model_path: str | None
     if is_main_process():
         save_resolved_config(stage, config_path, recipe_path=recipe.path)
     logger.info("step %s: %s -> %s", step, model_path or stage.model.name_or_path, stage_dir)
-    result = get_stage_module(step).run(stage, stage_dir, model_path)
-    if is_main_process():
-        save_resolved_config(stage, config_path, result.get("model_source"), recipe_path=recipe.path)
+    with tracking.stage_run(step, stage.train, recipe.output_dir, stage_dir, main_process=is_main_process()):
+        result = get_stage_module(step).run(stage, stage_dir, model_path)
+        if is_main_process():  # (before the MLflow run closes: it keeps this file as an artifact)
+            save_resolved_config(stage, config_path, result.get("model_source"), recipe_path=recipe.path)
     return result
 
 
@@ -286,6 +287,9 @@ def run_eval_step(recipe: Recipe, final_model: str | None, stage_dir: Path) -> d
     table = before_after_table(columns)
     print(table)
     write_text_atomic(stage_dir / "before_after.md", table + "\n")
+    if is_main_process() and any(tracking.wants_mlflow(getattr(s.train, "report_to", None))
+                                 for s in recipe.stages.values()):
+        tracking.log_eval(columns, recipe.output_dir, stage_dir)
     failures = check_claims(columns, ev.checks)
     for failure in failures:
         logger.error("check failed: %s", failure)
