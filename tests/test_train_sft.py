@@ -159,3 +159,18 @@ def test_sft_refuses_what_its_data_path_ignores(tmp_path, tiny_model_dir):
     assert stage.train.packing_strategy == "wrapped"
     assert _stage(tmp_path, tiny_model_dir, data, "data.max_length=64")[0].data.max_length == 64
     assert sft.ignored_keys(stage).keys() == {"data.max_length"}
+
+
+def test_shipped_recipe_packs_on_per_document_attention(tmp_path, tiny_model_dir):
+    """recipes/sft.yaml names no attention: with train.packing=true (TRL's BFD) or train.padding_free=true the
+    stage picks sdpa_varlen, never the dense block-diagonal mask of plain sdpa."""
+    from alignkit.models import load_model
+
+    recipe_path = common.__file__.replace("alignkit/train/common.py", "recipes/sft.yaml")
+    for override in ("train.packing=true", "train.padding_free=true"):
+        stage = load_recipe(recipe_path, [f"output_dir={tmp_path / 'o'}", f"model.name_or_path={tiny_model_dir}",
+                                          "model.dtype=float32", override]).stages["sft"]
+        assert stage.model.attn_implementation is None
+        model, _, _ = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+        assert common.use_varlen_attention(model, stage)
+        assert model.config._attn_implementation == "sdpa_varlen"
