@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -76,6 +77,20 @@ class Plot:
     ylabel: str
     series: dict[str, tuple[list[float], list[float]]]
     logx: bool = False
+    loglog: bool = False  # both axes log, each series with its fitted exponent (fit_exponent)
+
+
+def fit_exponent(xs, ys) -> float:
+    """Least-squares slope k of log y = k log x + c: the cost grows as x^k (1: linear, 2: quadratic)."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    if len(pts) < 2:
+        raise ValueError(f"fit_exponent needs two positive points, got {list(zip(xs, ys))}")
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    if sxx == 0:
+        raise ValueError("fit_exponent needs at least two different x values")
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """RESULTS.md (one table: path, alignkit, baseline, ratio, target, met?) and PNG plots."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from .common import Plot, Row
+from .common import Plot, Row, fit_exponent
 
 
 def _num(x) -> str:
@@ -54,11 +55,20 @@ def write_plots(plots: list[Plot], rows: list[Row], out: Path) -> list[str]:
     for plot in plots:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, (xs, ys) in plot.series.items():
-            ax.plot(xs, ys, marker="o", label=label)
-        if plot.logx:
+            if plot.loglog:
+                k = fit_exponent(xs, ys)
+                line, = ax.plot(xs, ys, marker="o", label=f"{label} (fitted exponent {k:.2f})")
+                c = math.exp(sum(math.log(y) - k * math.log(x) for x, y in zip(xs, ys)) / len(xs))
+                ax.plot(xs, [c * x ** k for x in xs], ls="--", color=line.get_color(), alpha=0.6)
+            else:
+                ax.plot(xs, ys, marker="o", label=label)
+        if plot.logx or plot.loglog:
             ax.set_xscale("log", base=2 if all(float(x).is_integer() for x in plot.series[label][0]) else 10)
         ax.set(title=plot.title, xlabel=plot.xlabel, ylabel=plot.ylabel)
-        ax.set_ylim(bottom=0)
+        if plot.loglog:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

@@ -34,14 +34,47 @@ def test_report_redraws_plots_and_table_from_saved_json(tmp_path):
            "versions": {"torch": "t", "transformers": "x", "trl": "y"}, "total_s": 1.0, "errors": {},
            "rows": [r.to_dict() for r in rows],
            "plot_data": [{"name": "curve", "title": "t", "xlabel": "x", "ylabel": "y",
-                          "series": {"a": [[1, 2, 4], [3.0, 2.0, 1.0]]}, "logx": True}]}
+                          "series": {"a": [[1, 2, 4], [3.0, 2.0, 1.0]]}, "logx": True},
+                         {"name": "costs", "title": "t", "xlabel": "x", "ylabel": "y",
+                          "series": {"a": [[1, 2, 4], [1.0, 4.0, 16.0]]}, "loglog": True}]}
     saved = tmp_path / "run.json"
     saved.write_text(json.dumps(doc))
     assert report.main([str(saved), str(tmp_path / "RESULTS.md")]) == 0
     table = (tmp_path / "RESULTS.md").read_text()
     assert "| 2.00x | >= 1.3x | yes |" in table and "| 1.20x | >= 1.3x | no |" in table
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "ratios.png").is_file()
+    assert (tmp_path / "costs.png").read_bytes()[:4] == b"\x89PNG"  # log-log, fitted exponent 2
     assert Row.from_dict(doc["rows"][1]).ratio == pytest.approx(1.2)
+
+
+def test_fit_exponent_recovers_power_laws():
+    from benchmarks.common import fit_exponent
+
+    xs = [128, 256, 512, 1024]
+    assert fit_exponent(xs, [3.0 * x**2 for x in xs]) == pytest.approx(2.0)
+    assert fit_exponent(xs, [0.5 * x for x in xs]) == pytest.approx(1.0)
+    # hand least squares over (log 1, log 1), (log 2, log 4), (log 4, log 8): slope = 1.5
+    assert fit_exponent([1, 2, 4], [1, 4, 8]) == pytest.approx(1.5)
+    with pytest.raises(ValueError):
+        fit_exponent([2, 2], [1, 3])
+
+
+def test_parameter_counts_at_scale_match_peft_and_the_live_model(tiny_model):
+    """The counts behind the 1B/8B memory rows: base and LoRA parameters equal what PEFT adds to a real model."""
+    import copy
+
+    from peft import get_peft_model
+
+    from benchmarks.suite_memory import _lora_config, counts
+
+    lora = _lora_config()
+    n_total, n_quant, n_lora = counts(tiny_model, lora.r, sorted(lora.target_modules))
+    assert n_total == sum(p.numel() for p in tiny_model.parameters())
+    peft_model = get_peft_model(copy.deepcopy(tiny_model), lora)
+    assert n_lora == sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    embed = tiny_model.get_input_embeddings().weight.numel()
+    assert n_quant == n_total - embed - sum(p.numel() for n, p in tiny_model.named_parameters() if "norm" in n) \
+        - (0 if tiny_model.config.tie_word_embeddings else tiny_model.lm_head.weight.numel())
 
 
 def test_peak_cpu_bytes_sees_a_temporary_tensor():
