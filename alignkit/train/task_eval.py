@@ -78,8 +78,7 @@ class TaskEvalCallback(TrainerCallback):
     def __init__(self, args: TaskEvalArgs, out_dir: Path, tokenizer, *, seed: int = 0):
         self.tasks = list(args.task_eval)
         self.every = int(args.task_eval_steps)
-        self.settings = {"limit": args.task_eval_limit, "max_new_tokens": args.task_eval_max_new_tokens,
-                         "batch_size": args.task_eval_batch_size, "style": args.task_eval_prompt}
+        self.settings = settings_of(args)
         self.out_dir, self.tokenizer, self.seed = Path(out_dir), tokenizer, seed
         self.trainer = None
 
@@ -107,30 +106,39 @@ class TaskEvalCallback(TrainerCallback):
         return metrics
 
     def _score(self, model, step: int) -> dict:
-        was_training = model.training
-        model.eval()
-        generator = HFGenerator(model, self.tokenizer, batch_size=self.settings["batch_size"],
-                                name=f"policy@step{step}")
-        metrics = {}
-        try:
-            with torch.no_grad():
-                for name in self.tasks:
-                    # 1. generate and grade (predictions saved: a crash mid-task resumes from them)
-                    out = self.out_dir / f"step-{step}" / name
-                    values, *_ = run_task(get_task(name), generator, out, limit=self.settings["limit"],
-                                          seed=self.seed, style=self.settings["style"],
-                                          max_new_tokens=self.settings["max_new_tokens"],
-                                          batch_size=self.settings["batch_size"], judge=None,
-                                          settings={"step": step, **self.settings})
-                    # 2. numeric metrics only (rates over no example are None: not measured, not logged)
-                    metrics.update({f"{name}/{k}": float(v) for k, v in values.items()
-                                    if isinstance(v, (int, float)) and not isinstance(v, bool)
-                                    and math.isfinite(v)})
-        finally:
-            model.train(was_training)
-        logger.info("task eval at step %d: %s", step,
-                    ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("_rate")) or metrics)
-        return metrics
+        return score_tasks(model, self.tokenizer, self.tasks, self.out_dir, self.settings, step=step, seed=self.seed)
+
+
+def settings_of(args: TaskEvalArgs) -> dict:
+    return {"limit": args.task_eval_limit, "max_new_tokens": args.task_eval_max_new_tokens,
+            "batch_size": args.task_eval_batch_size, "style": args.task_eval_prompt}
+
+
+def score_tasks(model, tokenizer, tasks: list[str], out_dir: Path, settings: dict, *, step: int, seed: int = 0
+                ) -> dict[str, float]:
+    """Greedy generation with ``model`` as it is now on each task; ``{"<task>/<metric>": value}`` (numbers only).
+
+    Files go to ``out_dir/step-<step>/<task>/``; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    generator = HFGenerator(model, tokenizer, batch_size=settings["batch_size"], name=f"policy@step{step}")
+    metrics = {}
+    try:
+        with torch.no_grad():
+            for name in tasks:
+                # 1. generate and grade (predictions saved: a crash mid-task resumes from them)
+                values, *_ = run_task(get_task(name), generator, Path(out_dir) / f"step-{step}" / name,
+                                      limit=settings["limit"], seed=seed, style=settings["style"],
+                                      max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"],
+                                      judge=None, settings={"step": step, **settings})
+                # 2. numeric metrics only (rates over no example are None: not measured, not logged)
+                metrics.update({f"{name}/{k}": float(v) for k, v in values.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+    finally:
+        model.train(was_training)
+    logger.info("task eval at step %d: %s", step,
+                ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("_rate")) or metrics)
+    return metrics
 
 
 def task_eval_callback(args, stage_dir: Path, tokenizer, *, seed: int = 0) -> TaskEvalCallback | None:
