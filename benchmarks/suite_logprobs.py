@@ -15,6 +15,7 @@ Secondary rows (the older comparison): alignkit's chunked ``selective_log_softma
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -28,6 +29,8 @@ from alignkit.losses import (
 )
 
 from .common import Context, Row, interleaved, peak_cpu_bytes
+
+logger = logging.getLogger("benchmarks")
 
 VOCAB = 49152  # SmolLM2's vocabulary
 HIDDEN = 576  # SmolLM2-135M's hidden size
@@ -105,7 +108,10 @@ def bench_lm_head(ctx: Context, batch: int, seq: int, hidden_size: int, rounds: 
     ours, base = step(lm_head_log_probs), step(trl_lm_head_log_probs)
     peak_ours, out_ours = peak_cpu_bytes(ours)
     peak_base, out_base = peak_cpu_bytes(base)
+    logger.info("logprobs T=%d: peak MiB alignkit %.0f, TRL %.0f; timing %d round(s)", seq, peak_ours / 2**20,
+                peak_base / 2**20, rounds)
     times = _alternating({"ours": ours, "base": base}, rounds=rounds)
+    logger.info("logprobs T=%d: s alignkit %.2f, TRL %.2f; float64 reference", seq, times["ours"], times["base"])
     # float64 gradients cost three float64 GEMMs of the full shape: up to T = 512; above, TRL's gradients are
     # the second implementation the gradients are checked against
     ref, *ref_grads = float64_reference(hidden, weight, labels, upstream, grads=seq <= 512)
