@@ -241,6 +241,11 @@ class _LMHeadLogProbs(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _LMHeadLogProbs._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         chunk_tokens, chunk_vocab, inv_t = ctx.sizes
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -312,11 +317,12 @@ def lm_head_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         raise ValueError(f"lm_head_log_probs: labels must be in [0, {vocab}) or {IGNORE_INDEX}")
     args = (weight, bias)
     sizes = (chunk_tokens, chunk_vocab, 1.0 / temperature)
-    if bool(valid.all()):
-        return _LMHeadLogProbs.apply(flat_h, *args, flat_labels, *sizes).view(labels.shape)
-    rows = valid.nonzero().squeeze(-1)  # (M,) the scored positions
-    picked = _LMHeadLogProbs.apply(flat_h.index_select(0, rows), *args, flat_labels[rows], *sizes)  # (M,)
-    return picked.new_zeros(flat_labels.shape).index_put((rows,), picked).view(labels.shape)
+    with torch.autocast(hidden.device.type, enabled=False):  # the tiles stay float32 under autocast too
+        if bool(valid.all()):
+            return _LMHeadLogProbs.apply(flat_h, *args, flat_labels, *sizes).view(labels.shape)
+        rows = valid.nonzero().squeeze(-1)  # (M,) the scored positions
+        picked = _LMHeadLogProbs.apply(flat_h.index_select(0, rows), *args, flat_labels[rows], *sizes)  # (M,)
+        return picked.new_zeros(flat_labels.shape).index_put((rows,), picked).view(labels.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------

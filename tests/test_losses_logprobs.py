@@ -78,6 +78,17 @@ def test_bf16_inputs_accumulate_in_float32():
         torch.testing.assert_close(ours.double(), theirs, atol=1e-3, rtol=8e-3)
 
 
+def test_autocast_keeps_float32_tiles():
+    hidden, weight, _, labels, upstream = _inputs(ignore_every=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lm_head_log_probs(hidden, weight, labels, chunk_tokens=8, chunk_vocab=30)
+    grads = torch.autograd.grad(got, (hidden, weight), upstream)
+    ref, ref_grads = _float64_reference(hidden, weight, None, labels, upstream)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=0)
+    for ours, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=1e-5)
+
+
 def test_gradcheck_float64():
     hidden, weight, bias, labels, _ = _inputs(n=7, h=3, v=11, ignore_every=3, bias=True, dtype=torch.float64)
 
