@@ -203,6 +203,21 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate:
         torch.mm(a, b, out=out)
 
 
+def _fold_tile(tile: torch.Tensor, stats: list) -> None:
+    """Fold one ``(n, v)`` logits tile (overwritten) into the online ``[max, sum exp(z - max), sum exp(z - max) z]``
+    (the last one only when it is not None): the old sums are rescaled by ``exp(old_max - new_max)``."""
+    run_max, run_sum, run_xs = stats
+    new_max = torch.maximum(run_max, tile.amax(-1))  # (n,)
+    rescale = torch.exp(run_max - new_max)
+    shifted = tile.sub_(new_max.unsqueeze(-1))  # z - new_max
+    e = shifted.exp() if run_xs is not None else shifted.exp_()
+    e_sum = e.sum(-1)
+    if run_xs is not None:
+        run_xs.mul_(rescale).add_((e * shifted).sum(-1) + new_max * e_sum)
+    run_sum.mul_(rescale).add_(e_sum)
+    stats[0] = new_max
+
+
 class _LMHeadLogProbs(torch.autograd.Function):
     """Per-token ``log_softmax((h @ W^T + b) / T)[label]`` over ``(tokens, vocab)`` tiles of the LM head.
 
@@ -215,33 +230,33 @@ class _LMHeadLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, chunk_vocab, inv_t):
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, chunk_vocab, inv_t, with_entropy):
         n_tok, acc = hidden.shape[0], _acc_dtype(hidden, weight)
-        lse = torch.empty(n_tok, dtype=acc, device=hidden.device)  # (N,)
-        picked = torch.empty(n_tok, dtype=acc, device=hidden.device)  # (N,)
-        tiles = _head_tiles(weight.shape[0], chunk_vocab)
+        lse, picked = (torch.empty(n_tok, dtype=acc, device=hidden.device) for _ in range(2))  # (N,)
+        entropy = torch.zeros(n_tok, dtype=acc, device=hidden.device)  # (N,), stays 0 unless asked for
         for start in range(0, n_tok, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h = hidden[rows].to(acc) * inv_t  # (n, H)
-            run_max = torch.full((h.shape[0],), float("-inf"), dtype=acc, device=h.device)  # (n,)
-            run_sum = torch.zeros(h.shape[0], dtype=acc, device=h.device)  # (n,)
-            for v0, v1 in tiles:
-                # online logsumexp: rescale the running sum to the new max, add this tile's exponentials
-                tile = _tile_logits(h, weight, bias, v0, v1, inv_t)  # (n, v)
-                new_max = torch.maximum(run_max, tile.amax(-1))
-                run_sum.mul_(torch.exp(run_max - new_max)).add_(tile.sub_(new_max.unsqueeze(-1)).exp_().sum(-1))
-                run_max = new_max
-            lse[rows] = run_max + run_sum.log()
+            # running max, sum of exp(z - max) and sum of exp(z - max) * z over the vocabulary tiles
+            stats = [torch.full((h.shape[0],), float("-inf"), dtype=acc, device=h.device),
+                     torch.zeros(h.shape[0], dtype=acc, device=h.device),
+                     torch.zeros(h.shape[0], dtype=acc, device=h.device) if with_entropy else None]
+            for v0, v1 in _head_tiles(weight.shape[0], chunk_vocab):
+                _fold_tile(_tile_logits(h, weight, bias, v0, v1, inv_t), stats)
+            lse[rows] = stats[0] + stats[1].log()
             picked[rows] = (h * weight[labels[rows]].to(acc)).sum(-1)  # label logit h_i . W[label_i]
             if bias is not None:
                 picked[rows] += bias[labels[rows]].to(acc) * inv_t
+            if with_entropy:
+                entropy[rows] = lse[rows] - stats[2] / stats[1]  # H = logsumexp(z) - E_p[z]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.sizes = (chunk_tokens, chunk_vocab, inv_t)
-        return picked - lse
+        ctx.mark_non_differentiable(entropy)
+        return picked - lse, entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_entropy):
         with torch.autocast(grad_out.device.type, enabled=False):
             return _LMHeadLogProbs._backward(ctx, grad_out)
 
@@ -275,12 +290,13 @@ class _LMHeadLogProbs(torch.autograd.Function):
                     grad_b[v0:v1] += g.sum(0)
         return (None if grad_h is None else grad_h.to(hidden.dtype),
                 None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
 
 
 def lm_head_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                       bias: torch.Tensor | None = None, chunk_tokens: int | None = None,
-                      chunk_vocab: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+                      chunk_vocab: int | None = None, temperature: float = 1.0, return_entropy: bool = False
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``log_softmax((hidden @ weight.T + bias) / temperature)[labels]`` without the ``(..., V)`` logits.
 
     The LM head runs inside the loop: ``(chunk_tokens, chunk_vocab)`` float32 logits tiles (defaults:
@@ -295,9 +311,12 @@ def lm_head_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         weight: ``(V, H)`` LM head (output embedding) weight; ``bias``: optional ``(V,)``.
         labels: ``(...)`` integer ids in ``[0, V)`` or ``-100``, the leading shape of ``hidden``.
         temperature: the logits are divided by it (GRPO's sampling temperature).
+        return_entropy: also return the per-token entropy of ``softmax(logits / temperature)`` (detached,
+            for logging; one more pass per tile; 0 at ignored positions).
     Returns:
         ``(...)`` float32 (float64 for float64 inputs) log-probabilities, differentiable in ``hidden``,
-        ``weight`` and ``bias``; gradients come back in the inputs' dtypes.
+        ``weight`` and ``bias`` (gradients come back in the inputs' dtypes); with ``return_entropy`` the pair
+        ``(log_probs, entropy)``.
     """
     if hidden.shape[:-1] != labels.shape or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -316,15 +335,16 @@ def lm_head_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     valid = flat_labels != IGNORE_INDEX
     if bool(((flat_labels < 0) | (flat_labels >= vocab))[valid].any()):
         raise ValueError(f"lm_head_log_probs: labels must be in [0, {vocab}) or {IGNORE_INDEX}")
-    args = (weight, bias)
-    sizes = (chunk_tokens, chunk_vocab, 1.0 / temperature)
+    sizes = (chunk_tokens, chunk_vocab, 1.0 / temperature, return_entropy)
     with torch.autocast(hidden.device.type, enabled=False):  # the tiles stay float32 under autocast too
         if bool(valid.all()):
-            return _LMHeadLogProbs.apply(flat_h, *args, flat_labels, *sizes).view(labels.shape)
-        rows = valid.nonzero().squeeze(-1)  # (M,) the scored positions
-        picked = _LMHeadLogProbs.apply(flat_h.index_select(0, rows), *args, flat_labels[rows], *sizes)  # (M,)
-        return picked.new_zeros(flat_labels.shape).index_put((rows,), picked).view(labels.shape)
-
+            out = _LMHeadLogProbs.apply(flat_h, weight, bias, flat_labels, *sizes)
+        else:
+            rows = valid.nonzero().squeeze(-1)  # (M,) the scored positions
+            scored = _LMHeadLogProbs.apply(flat_h.index_select(0, rows), weight, bias, flat_labels[rows], *sizes)
+            out = [x.new_zeros(flat_labels.shape).index_put((rows,), x) for x in scored]  # (N,) each
+    log_probs, entropy = (x.view(labels.shape) for x in out)
+    return (log_probs, entropy) if return_entropy else log_probs
 
 # ----------------------------------------------------------------------------------------------------------
 # Per-instance DPO (CS336 A5 supplement section 5.3)

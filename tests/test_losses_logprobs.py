@@ -48,6 +48,21 @@ def test_values_and_gradients_equal_float64_reference(chunk_tokens, chunk_vocab,
         torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_equals_float64_reference_and_log_probs_are_unchanged(temperature):
+    hidden, weight, bias, labels, _ = _inputs(ignore_every=5, bias=True, seed=2)
+    logps, entropy = lm_head_log_probs(hidden, weight, labels, bias=bias, chunk_tokens=8, chunk_vocab=30,
+                                       temperature=temperature, return_entropy=True)
+    logits = (hidden.double() @ weight.double().T + bias.double()) / temperature  # (N, V)
+    logp_all = torch.log_softmax(logits, -1)
+    expected = -(logp_all.exp() * logp_all).sum(-1) * (labels != -100)  # H = -sum p log p, 0 where ignored
+    torch.testing.assert_close(entropy.double(), expected.detach(), atol=1e-5, rtol=0)
+    assert not entropy.requires_grad and entropy.shape == labels.shape
+    plain = lm_head_log_probs(hidden, weight, labels, bias=bias, chunk_tokens=8, chunk_vocab=30,
+                              temperature=temperature)
+    torch.testing.assert_close(logps, plain, atol=0, rtol=0)
+
+
 def test_ignored_positions_get_no_gradient_and_leading_dims_are_kept():
     hidden, weight, _, labels, upstream = _inputs(n=24, ignore_every=3)
     got = lm_head_log_probs(hidden.view(2, 12, -1), weight, labels.view(2, 12), chunk_tokens=5, chunk_vocab=16)
@@ -115,6 +130,13 @@ def test_equals_trl_chunked_logprob_kernel(temperature):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     for a, b in zip(ours_grads, theirs_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # entropy: TRL's optional "entropy" output of the same kernel
+    _, ours_entropy = lm_head_log_probs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                        return_entropy=True)
+    with torch.no_grad():
+        trl_entropy = ChunkedLogProbFunction.apply(hidden, weight, bias, labels.clamp(min=0), temperature, 7, None,
+                                                   1.0, ("entropy",))[1].masked_fill(labels == -100, 0)
+    torch.testing.assert_close(ours_entropy, trl_entropy, atol=1e-5, rtol=0)
 
 
 def test_forward_and_backward_never_hold_the_logits():
