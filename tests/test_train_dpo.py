@@ -250,6 +250,7 @@ def test_padding_free_same_loss_and_gradient_as_trl_padded(tmp_path, tiny_model_
     theirs = _pf_pair_trainer(tmp_path, tiny_model_dir, ref_dir, cls=DPOTrainer, pairs=PF_PAIRS,
                               loss_type=["sigmoid"], precompute_ref_log_probs=precompute)
     assert ours.model.config._attn_implementation == "sdpa_varlen"  # switched from sdpa
+    assert ours._compact_head  # the LM head runs on the scored positions only
     assert theirs.model.config._attn_implementation == "sdpa"
     rows = _rows(ours)
     a = _loss_and_grads_on(ours, rows)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
+from trl.kernels import ChunkedLogProbFunction
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
+from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput, use_adapter
 
 from alignkit import losses as L
 from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
@@ -191,6 +193,42 @@ def per_document_attention(model) -> str:
     return impl
 
 
+#: text-config fields that rescale the logits (TRL's fused head reads them); a model with any: no compact head
+LOGIT_SCALING_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                        "logits_scaling", "output_router_logits")
+
+
+def add_compact_lm_head(model) -> bool:
+    """Give ``model`` a compact LM head: ``model(..., shift_labels=labels, compact_lm_head=True)`` runs the
+    backbone, then TRL's chunked log-prob kernel on the positions whose label is not -100 only (TRL's fused
+    head scores every position off CUDA, prompt tokens included), and returns a ``FusedCausalLMOutput`` whose
+    ``log_probs`` (1, N) is 0 elsewhere. Installed before TRL's fused head and PEFT wrap the model, so hooks,
+    adapters and autocast wrappers still apply. False (not installed) for models whose logits are rescaled or
+    that route experts (TRL's fused head then runs)."""
+    text_config = model.config.get_text_config()
+    if is_peft_model(model) or any(getattr(text_config, name, None) for name in LOGIT_SCALING_FIELDS):
+        return False
+    original = model.forward
+
+    def forward(self, *args, compact_lm_head=False, shift_labels=None, **kwargs):
+        if not compact_lm_head:
+            if shift_labels is not None:
+                kwargs["shift_labels"] = shift_labels
+            return original(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state  # (1, N, d)
+        head = self.get_output_embeddings()
+        mask = shift_labels != -100  # (1, N)
+        scored = hidden[mask].to(head.weight.device)  # (K, d)
+        log_probs = ChunkedLogProbFunction.apply(scored, head.weight, head.bias, shift_labels[mask], 1.0,
+                                                 _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs",))[0]
+        per_token = log_probs.new_zeros(mask.shape).masked_scatter(mask, log_probs)  # (1, N)
+        return FusedCausalLMOutput(loss=-per_token.sum(), log_probs=per_token, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
 class AlignkitDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer whose loss comes from :data:`alignkit.losses.PREFERENCE_LOSSES` (``args.loss``).
 
@@ -205,9 +243,12 @@ class AlignkitDPOTrainer(DPOTrainer):
         if not packed:
             super().__init__(model, ref_model, args, data_collator, *rest, **kwargs)
             return
+        compact = []
         for m in (model, ref_model):
             if m is not None:
                 per_document_attention(m)
+                compact.append(add_compact_lm_head(m))
+        self._compact_head = all(compact)  # read by the precompute pass inside TRL's __init__ already
         if data_collator is None:
             data_collator = PaddingFreePreferenceCollator(args.max_length, args.truncation_mode)
         args.padding_free = False  # TRL 1.16 would warn and pad; alignkit's collator and loss read it
@@ -226,8 +267,9 @@ class AlignkitDPOTrainer(DPOTrainer):
         if "segment_ids" in inputs:  # one row: shift_labels never cross a sequence boundary
             n = inputs["cu_seq_lens_q"].numel() - 1 if "cu_seq_lens_q" in inputs else int(inputs["segment_ids"].max()) + 1
             model_kwargs = {k: v for k, v in inputs.items() if k not in PACKED_ONLY_KEYS}
-            outputs = model(**model_kwargs, **extra, shift_labels=inputs["shift_labels"], use_cache=False,
-                            fused_lm_head=True)
+            head = {"compact_lm_head": True} if getattr(self, "_compact_head", False) and not extra else \
+                {"fused_lm_head": True}
+            outputs = model(**model_kwargs, **extra, shift_labels=inputs["shift_labels"], use_cache=False, **head)
             segments = inputs["segment_ids"]
             return (sequence_sums(outputs.log_probs, segments, n), sequence_sums(completion_mask, segments, n),
                     outputs)
