@@ -7,8 +7,9 @@
 2. alignkit's DPO step (``AlignkitDPOTrainer``, ``padding_free: true``: chosen and rejected of every pair end
    to end in one row without pads, per-sequence attention on ``sdpa_varlen``; precomputed reference) vs TRL's
    best DPOTrainer configuration (precomputed reference; TRL 1.16 turns ``padding_free`` off), at a batch a
-   TRL user would pick on CPU. The bound is the padding fraction of TRL's batches: dropping the pads saves
-   at most ``1 / (1 - pad share)`` of the token-proportional compute.
+   TRL user would pick on CPU, both without gradient checkpointing. Two savings: the pads (at most
+   ``1 / (1 - pad share)`` of the token-proportional compute) and the LM head, which alignkit runs on the
+   completion positions only (TRL's fused head scores every position, prompt and pads included, off CUDA).
 
 The per-step losses must agree (same data order, same reference log-probs up to float noise).
 """
@@ -92,11 +93,12 @@ def run_dpo(ctx: Context, pairs: list[dict], *, precompute: bool, batch: int, st
     per_step = {"step_s": (ends[-1][0] - ends[0][0]) / n, "ref_forward_s": (ends[-1][1] - ends[0][1]) / n,
                 "policy_forward_s": (ends[-1][2] - ends[0][2]) / n}
     per_step["backward_optimizer_other_s"] = per_step["step_s"] - per_step["ref_forward_s"] - per_step["policy_forward_s"]
-    timed = clock.tokens[len(clock.tokens) - n:]  # (row tokens, real tokens) of the timed steps' policy forwards
+    timed = clock.tokens[len(clock.tokens) - n:]  # (tokens, real tokens, head positions) of the timed policy forwards
     return {"losses": losses, "steps_per_s": 1 / per_step["step_s"], "init_s": init_s, "per_step": per_step,
             "ref_model_bytes": tensor_bytes(held_ref.parameters()) if held_ref is not None else 0,
-            "tokens_per_step": sum(t for t, _ in timed) / max(len(timed), 1),
-            "pad_fraction": 1 - sum(r for _, r in timed) / max(sum(t for t, _ in timed), 1)}
+            "tokens_per_step": sum(t[0] for t in timed) / max(len(timed), 1),
+            "head_positions_per_step": sum(t[2] for t in timed) / max(len(timed), 1),
+            "pad_fraction": 1 - sum(t[1] for t in timed) / max(sum(t[0] for t in timed), 1)}
 
 
 class ForwardClock:
@@ -105,7 +107,7 @@ class ForwardClock:
 
     def __init__(self):
         self.seconds = {False: 0.0, True: 0.0}
-        self.tokens: list[tuple[int, int]] = []  # (tokens in the batch, real tokens) of each grad-mode forward
+        self.tokens: list[tuple[int, int, int]] = []  # (batch tokens, real tokens, LM-head positions) per grad forward
         self._starts: list[float] = []
 
     def attach(self, module) -> None:
@@ -115,7 +117,9 @@ class ForwardClock:
     def _start(self, _module, args, kwargs):
         ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
         if torch.is_grad_enabled() and ids is not None:
-            self.tokens.append((ids.numel(), int(mask.sum()) if mask is not None else ids.numel()))
+            labels = kwargs.get("shift_labels")  # alignkit's compact head scores these; TRL's every position off CUDA
+            head = int((labels != -100).sum()) if kwargs.get("compact_lm_head") and labels is not None else ids.numel()
+            self.tokens.append((ids.numel(), int(mask.sum()) if mask is not None else ids.numel(), head))
         self._starts.append(time.perf_counter())
 
     def _stop(self, *_):
@@ -139,7 +143,7 @@ def _compare(ctx: Context, pairs: list[dict], *, batch: int, steps: int, lora: b
 def bench_alignkit_vs_trl(ctx: Context) -> Row:
     """alignkit (padding-free pairs + precomputed reference) vs TRL DPOTrainer's best (precomputed reference, no
     gradient checkpointing), same pairs, seed and batch; the per-step losses must agree."""
-    batch, steps = ctx.pick((4, 3), (4, 5))  # full: 4 timed steps of 4 pairs per path
+    batch, steps = ctx.pick((4, 3), (4, 4))  # full: 3 timed steps of 4 pairs per path
     pairs = gsm8k_preference_pairs(batch * steps)
     logger.info("dpo: TRL DPOTrainer, precomputed reference, %d steps of %d pairs", steps, batch)
     trl = run_dpo(ctx, pairs, precompute=True, batch=batch, steps=steps, checkpointing=False)
@@ -156,11 +160,14 @@ def bench_alignkit_vs_trl(ctx: Context) -> Row:
                details={"batch_pairs": batch, "steps_timed": steps - 1, "trl_pad_fraction": pad,
                         "tokens_per_step_trl": trl["tokens_per_step"],
                         "tokens_per_step_alignkit": ours["tokens_per_step"], "bound_from_padding": bound,
+                        "lm_head_positions_trl": trl["head_positions_per_step"],
+                        "lm_head_positions_alignkit": ours["head_positions_per_step"],
                         "per_step_trl": trl["per_step"], "per_step_alignkit": ours["per_step"],
                         "precompute_s_trl": trl["init_s"], "precompute_s_alignkit": ours["init_s"]},
                notes=f"TRL pads {pad:.0%} of its batch ({trl['tokens_per_step']:.0f} vs "
-                     f"{ours['tokens_per_step']:.0f} tokens a step), so dropping the pads gives at most ~{bound:.2f}x "
-                     f"of the token-proportional work (attention is per sequence on both paths); init "
+                     f"{ours['tokens_per_step']:.0f} tokens a step): ~{bound:.2f}x of the token-proportional work; "
+                     f"the LM head runs on {ours['head_positions_per_step']:.0f} completion positions vs TRL's "
+                     f"{trl['head_positions_per_step']:.0f} (its fused head scores every position off CUDA); init "
                      f"(precompute pass) {trl['init_s']:.1f} s TRL vs {ours['init_s']:.1f} s alignkit")
 
 

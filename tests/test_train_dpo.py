@@ -9,7 +9,7 @@ import torch
 from conftest import load_stage
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignkit.train.dpo import AlignkitDPOTrainer, DPOArgs, to_trl_pairs
+from alignkit.train.dpo import AlignkitDPOTrainer, DPOArgs, has_compact_lm_head, to_trl_pairs
 
 PAIRS = [("What is 2 plus 2?", "It is 4.", "It is 5, I think, or maybe 6."),
          ("Name a colour.", "Blue.", "A colour is a colour."),
@@ -250,7 +250,7 @@ def test_padding_free_same_loss_and_gradient_as_trl_padded(tmp_path, tiny_model_
     theirs = _pf_pair_trainer(tmp_path, tiny_model_dir, ref_dir, cls=DPOTrainer, pairs=PF_PAIRS,
                               loss_type=["sigmoid"], precompute_ref_log_probs=precompute)
     assert ours.model.config._attn_implementation == "sdpa_varlen"  # switched from sdpa
-    assert ours._compact_head  # the LM head runs on the scored positions only
+    assert has_compact_lm_head(ours.model)  # the LM head runs on the scored positions only
     assert theirs.model.config._attn_implementation == "sdpa"
     rows = _rows(ours)
     a = _loss_and_grads_on(ours, rows)

@@ -226,7 +226,14 @@ def add_compact_lm_head(model) -> bool:
         return FusedCausalLMOutput(loss=-per_token.sum(), log_probs=per_token, label_mask=mask)
 
     model.forward = types.MethodType(forward, model)
+    model._alignkit_compact_head = True
     return True
+
+
+def has_compact_lm_head(model) -> bool:
+    """Whether ``model`` (PEFT-wrapped or not) got :func:`add_compact_lm_head`."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    return bool(getattr(base, "_alignkit_compact_head", False))
 
 
 class AlignkitDPOTrainer(DPOTrainer):
@@ -243,12 +250,10 @@ class AlignkitDPOTrainer(DPOTrainer):
         if not packed:
             super().__init__(model, ref_model, args, data_collator, *rest, **kwargs)
             return
-        compact = []
         for m in (model, ref_model):
             if m is not None:
                 per_document_attention(m)
-                compact.append(add_compact_lm_head(m))
-        self._compact_head = all(compact)  # read by the precompute pass inside TRL's __init__ already
+                add_compact_lm_head(m)
         if data_collator is None:
             data_collator = PaddingFreePreferenceCollator(args.max_length, args.truncation_mode)
         args.padding_free = False  # TRL 1.16 would warn and pad; alignkit's collator and loss read it
@@ -257,6 +262,10 @@ class AlignkitDPOTrainer(DPOTrainer):
         finally:
             args.padding_free = True
         self.padding_free = True
+        if self.ref_model is not None and not has_compact_lm_head(self.accelerator.unwrap_model(self.ref_model)):
+            ref = self.accelerator.unwrap_model(self.ref_model)  # built by TRL from the policy's path
+            per_document_attention(ref)
+            add_compact_lm_head(ref)
 
     # -- per-sequence log-probs ----------------------------------------------------------------------
 
@@ -267,8 +276,8 @@ class AlignkitDPOTrainer(DPOTrainer):
         if "segment_ids" in inputs:  # one row: shift_labels never cross a sequence boundary
             n = inputs["cu_seq_lens_q"].numel() - 1 if "cu_seq_lens_q" in inputs else int(inputs["segment_ids"].max()) + 1
             model_kwargs = {k: v for k, v in inputs.items() if k not in PACKED_ONLY_KEYS}
-            head = {"compact_lm_head": True} if getattr(self, "_compact_head", False) and not extra else \
-                {"fused_lm_head": True}
+            compact = not extra and has_compact_lm_head(self.accelerator.unwrap_model(model))
+            head = {"compact_lm_head": True} if compact else {"fused_lm_head": True}
             outputs = model(**model_kwargs, **extra, shift_labels=inputs["shift_labels"], use_cache=False, **head)
             segments = inputs["segment_ids"]
             return (sequence_sums(outputs.log_probs, segments, n), sequence_sums(completion_mask, segments, n),
