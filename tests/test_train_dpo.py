@@ -142,7 +142,10 @@ def _recipe(tmp_path, model_dir, data, overrides):
     ["train.loss=simpo"],
     ["lora.enabled=true", "train.loss=orpo"],
     ["train.loss=cdpo", "train.label_smoothing=0.1"],
-], ids=["lora-dpo", "full-ipo-precomputed", "full-simpo", "lora-orpo", "full-cdpo"])
+    ["lora.enabled=true", "lora.r=4", "train.loss=dpo", "train.padding_free=true"],
+    ["train.loss=dpo", "train.padding_free=true", "train.precompute_ref_log_probs=true", "train.ref_cache_dir=off"],
+], ids=["lora-dpo", "full-ipo-precomputed", "full-simpo", "lora-orpo", "full-cdpo", "lora-dpo-padding-free",
+        "full-dpo-padding-free-precomputed"])
 def test_run_stage(tmp_path, tiny_model_dir, overrides):
     from alignkit.train import dpo
 

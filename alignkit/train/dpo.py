@@ -410,7 +410,8 @@ def run(recipe, stage_dir, model_path=None) -> dict:
     trainer = AlignkitDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
                                  eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config,
                                  callbacks=common.stage_callbacks(stage_dir))
-    logger.info("DPO loss %s (beta=%g), reference: %s", args.loss, args.beta,
+    logger.info("DPO loss %s (beta=%g, %s), reference: %s", args.loss, args.beta,
+                "padding-free pairs" if trainer.padding_free else "padded pairs",
                 "none (reference-free)" if args.loss in L.REFERENCE_FREE else
                 "precomputed" if args.precompute_ref_log_probs else
                 "policy with adapter disabled" if peft_config else "explicit copy")
