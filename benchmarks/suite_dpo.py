@@ -143,7 +143,7 @@ def _compare(ctx: Context, pairs: list[dict], *, batch: int, steps: int, lora: b
 def bench_alignkit_vs_trl(ctx: Context) -> Row:
     """alignkit (padding-free pairs + precomputed reference) vs TRL DPOTrainer's best (precomputed reference, no
     gradient checkpointing), same pairs, seed and batch; the per-step losses must agree."""
-    batch, steps = ctx.pick((4, 3), (4, 4))  # full: 3 timed steps of 4 pairs per path
+    batch, steps = ctx.pick((2, 3), (4, 4))  # full: 3 timed steps of 4 pairs per path (smoke: small, fast)
     pairs = gsm8k_preference_pairs(batch * steps)
     logger.info("dpo: TRL DPOTrainer, precomputed reference, %d steps of %d pairs", steps, batch)
     trl = run_dpo(ctx, pairs, precompute=True, batch=batch, steps=steps, checkpointing=False)
