@@ -8,6 +8,13 @@ and hands the tensors to ``alignkit.losses.PREFERENCE_LOSSES[loss]`` with exactl
 declares. ``loss: trl`` keeps TRL's own ``loss_type``. Logged like TRL: rewards/chosen|rejected|accuracies|
 margins, logps/chosen|rejected.
 
+Speed (issue #16): ``train.padding_free`` lays each batch's chosen and rejected sequences end to end in one row
+without pads (:class:`alignkit.data.dpo_packing.PaddingFreePreferenceCollator`), attention per sequence (sdpa ->
+sdpa_varlen, :func:`per_document_attention`), and the LM head runs on the scored completion positions only
+(:func:`add_compact_lm_head`); loss and gradients equal TRL's padded path (tests/test_train_dpo.py). With
+``precompute_ref_log_probs`` the reference values are cached on disk (``train.ref_cache_dir``,
+:mod:`alignkit.train.ref_cache`) and reused by later runs (another beta, loss or learning rate).
+
 Which loss runs (:func:`resolve_loss`): ``train.loss`` when set; otherwise TRL's ``loss_type`` as TRL users
 write it: mapped onto the alignkit loss with the same definition (sigmoid -> dpo, robust, hinge, ipo) unless
 a TRL-only knob is in use, else TRL's own loss (``trl``). Settings the chosen loss does not read are refused
