@@ -9,7 +9,7 @@ import torch
 from conftest import load_stage
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignkit.train.dpo import AlignkitDPOTrainer, DPOArgs, to_trl_pairs
+from alignkit.train.dpo import AlignkitDPOTrainer, DPOArgs, has_compact_lm_head, to_trl_pairs
 
 PAIRS = [("What is 2 plus 2?", "It is 4.", "It is 5, I think, or maybe 6."),
          ("Name a colour.", "Blue.", "A colour is a colour."),
@@ -142,7 +142,10 @@ def _recipe(tmp_path, model_dir, data, overrides):
     ["train.loss=simpo"],
     ["lora.enabled=true", "train.loss=orpo"],
     ["train.loss=cdpo", "train.label_smoothing=0.1"],
-], ids=["lora-dpo", "full-ipo-precomputed", "full-simpo", "lora-orpo", "full-cdpo"])
+    ["lora.enabled=true", "lora.r=4", "train.loss=dpo", "train.padding_free=true"],
+    ["train.loss=dpo", "train.padding_free=true", "train.precompute_ref_log_probs=true", "train.ref_cache_dir=off"],
+], ids=["lora-dpo", "full-ipo-precomputed", "full-simpo", "lora-orpo", "full-cdpo", "lora-dpo-padding-free",
+        "full-dpo-padding-free-precomputed"])
 def test_run_stage(tmp_path, tiny_model_dir, overrides):
     from alignkit.train import dpo
 
@@ -188,3 +191,118 @@ def test_ignored_keys_contract(tmp_path, tiny_model_dir):
     assert all(k.startswith("train.") and msg.startswith(k + " is ") and "\n" not in msg for k, msg in keys.items())
     assert "train.simpo_gamma" not in keys and "train.label_smoothing" not in keys  # simpo reads both
     assert {"train.loss_type", "train.use_weighting", "train.precompute_ref_log_probs"} <= keys.keys()
+
+
+# -- padding-free pairs (train.padding_free) -------------------------------------------------------------
+
+LONG_PROMPT = ("Here is a long shared prompt about arithmetic, colours and counting that every token of both "
+               "replies must see, and nothing else: what is seven times six?")
+
+
+def _pf_pair_trainer(tmp_path, model_dir, ref_dir, cls=AlignkitDPOTrainer, pairs=PAIRS, **kw):
+    """A DPO trainer on ``pairs`` (tiny Llama policy, seed-1 reference), float32, beta 0.5."""
+    from alignkit.data.preference import PreferencePair
+
+    torch.manual_seed(0)
+    args_cls = DPOArgs if cls is AlignkitDPOTrainer else __import__("trl").DPOConfig
+    args = args_cls(output_dir=str(tmp_path / f"{cls.__name__}-{len(kw)}"), per_device_train_batch_size=4,
+                    max_length=64, report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                    beta=0.5, **kw)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
+    data = to_trl_pairs([PreferencePair(p, c, r) for p, c, r in pairs], None)
+    return cls(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
+
+
+def _loss_and_grads_on(trainer, rows):
+    """Loss and gradients of ``trainer`` on the batch its own collator makes of ``rows`` (same rows for both)."""
+    inputs = trainer._prepare_inputs(trainer.data_collator(rows))
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, inputs
+
+
+def _rows(trainer):
+    return [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+
+
+def _assert_same(a, b):
+    loss_a, grads_a, _ = a
+    loss_b, grads_b, _ = b
+    assert loss_a.item() > 0 and torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6), (loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for key in grads_a:
+        assert torch.allclose(grads_a[key], grads_b[key], rtol=1e-4, atol=1e-6), key
+
+
+PF_PAIRS = [*PAIRS, (LONG_PROMPT, "Forty-two.", "Seven times six is a hard one; I would say fifty.")]
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["live-ref", "precomputed-ref"])
+def test_padding_free_same_loss_and_gradient_as_trl_padded(tmp_path, tiny_model_dir, ref_dir, precompute):
+    from trl import DPOTrainer
+
+    extra = {"precompute_ref_log_probs": True, "ref_cache_dir": "off"} if precompute else {}
+    ours = _pf_pair_trainer(tmp_path, tiny_model_dir, ref_dir, pairs=PF_PAIRS, loss="dpo", padding_free=True,
+                            **extra)
+    theirs = _pf_pair_trainer(tmp_path, tiny_model_dir, ref_dir, cls=DPOTrainer, pairs=PF_PAIRS,
+                              loss_type=["sigmoid"], precompute_ref_log_probs=precompute)
+    assert ours.model.config._attn_implementation == "sdpa_varlen"  # switched from sdpa
+    assert has_compact_lm_head(ours.model)  # the LM head runs on the scored positions only
+    assert theirs.model.config._attn_implementation == "sdpa"
+    rows = _rows(ours)
+    a = _loss_and_grads_on(ours, rows)
+    b = _loss_and_grads_on(theirs, [theirs.train_dataset[i] for i in range(len(rows))])
+    assert a[2]["input_ids"].shape[0] == 1 and b[2]["input_ids"].shape[0] == 2 * len(rows)  # one row vs padded
+    assert a[2]["input_ids"].numel() == int(b[2]["attention_mask"].sum())  # no pads in the row
+    if precompute:  # the precompute pass ran on padding-free rows: TRL's padded values
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            assert torch.allclose(a[2][key], b[2][key], atol=1e-5), key
+    _assert_same(a, b)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert ours._metrics["train"][key] == pytest.approx(theirs._metrics["train"][key], abs=1e-4)
+
+
+def test_padding_free_keeps_sequences_apart(tmp_path, tiny_model_dir, ref_dir):
+    """One pair with a long prompt: the rejected sequence follows the chosen one in the row, so attention over the
+    whole row (no restarting positions, no cu_seq_lens) would let it read the chosen tokens: that loss differs from
+    TRL's, the per-sequence one equals it."""
+    from trl import DPOTrainer
+
+    pair = [(LONG_PROMPT, "Forty-two.", "Fifty.")]
+    ours = _pf_pair_trainer(tmp_path, tiny_model_dir, ref_dir, pairs=pair, loss="dpo", padding_free=True)
+    theirs = _pf_pair_trainer(tmp_path, tiny_model_dir, ref_dir, cls=DPOTrainer, pairs=pair)
+    rows = _rows(ours)
+    expected = _loss_and_grads_on(theirs, rows)
+    _assert_same(_loss_and_grads_on(ours, rows), expected)
+    wrong = dict(ours.data_collator(rows))
+    for key in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+        wrong.pop(key)
+    ours.model.zero_grad()
+    leaked = ours.compute_loss(ours.model, ours._prepare_inputs(wrong)).detach()
+    assert abs(leaked.item() - expected[0].item()) > 1e-3  # the check above would catch cross-attention
+
+
+def test_padding_free_refusals(tmp_path):
+    base = {"output_dir": str(tmp_path), "use_cpu": True, "bf16": False}
+    with pytest.raises(ValueError, match=r"train\.padding_free is read by alignkit's losses"):
+        DPOArgs(loss="trl", padding_free=True, **base)
+    with pytest.raises(ValueError, match=r"train\.ref_cache_dir is read with train\.precompute_ref_log_probs"):
+        DPOArgs(loss="dpo", ref_cache_dir=str(tmp_path), **base)
+    assert DPOArgs(loss="dpo", padding_free=True, precompute_ref_log_probs=True, ref_cache_dir="off", **base)
+
+
+def test_padding_free_refuses_attention_across_documents(tiny_model_dir, monkeypatch):
+    from alignkit.train import dpo
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.set_attn_implementation("eager")
+    monkeypatch.setattr(dpo.masks, "PER_DOCUMENT_ATTENTION", frozenset())  # force the probe
+    monkeypatch.setattr(dpo.masks, "attends_per_document", lambda m: False)
+    with pytest.raises(ValueError, match=r"model\.attn_implementation 'eager' attends across the sequences"):
+        dpo.per_document_attention(model)

@@ -8,6 +8,13 @@ and hands the tensors to ``alignkit.losses.PREFERENCE_LOSSES[loss]`` with exactl
 declares. ``loss: trl`` keeps TRL's own ``loss_type``. Logged like TRL: rewards/chosen|rejected|accuracies|
 margins, logps/chosen|rejected.
 
+Speed (issue #16): ``train.padding_free`` lays each batch's chosen and rejected sequences end to end in one row
+without pads (:class:`alignkit.data.dpo_packing.PaddingFreePreferenceCollator`), attention per sequence (sdpa ->
+sdpa_varlen, :func:`per_document_attention`), and the LM head runs on the scored completion positions only
+(:func:`add_compact_lm_head`); loss and gradients equal TRL's padded path (tests/test_train_dpo.py). With
+``precompute_ref_log_probs`` the reference values are cached on disk (``train.ref_cache_dir``,
+:mod:`alignkit.train.ref_cache`) and reused by later runs (another beta, loss or learning rate).
+
 Which loss runs (:func:`resolve_loss`): ``train.loss`` when set; otherwise TRL's ``loss_type`` as TRL users
 write it: mapped onto the alignkit loss with the same definition (sigmoid -> dpo, robust, hinge, ipo) unless
 a TRL-only knob is in use, else TRL's own loss (``trl``). Settings the chosen loss does not read are refused
@@ -15,17 +22,28 @@ a TRL-only knob is in use, else TRL's own loss (``trl``). Settings the chosen lo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from accelerate.utils import is_peft_model
+from datasets import IterableDataset
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
+from trl.kernels import ChunkedLogProbFunction
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput, use_adapter
 
 from alignkit import losses as L
+from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
+from alignkit.data import masks
+from alignkit.data.dpo_packing import PACKED_ONLY_KEYS, PaddingFreePreferenceCollator, sequence_sums
 from alignkit.data.preference import to_trl_dataset
-from alignkit.train import common
+from alignkit.train import common, ref_cache
 
 logger = logging.getLogger("alignkit.train")
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -41,7 +59,7 @@ TRL_LOSS_FIELDS = ("loss_type", "loss_weights", "ld_alpha", "f_divergence_type",
 TRL_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
 #: settings of the reference model, unread by a reference-free loss
 REFERENCE_FIELDS = ("precompute_ref_log_probs", "precompute_ref_batch_size", "sync_ref_model",
-                    "ref_model_mixup_alpha", "ref_model_sync_steps")
+                    "ref_model_mixup_alpha", "ref_model_sync_steps", "ref_cache_dir")
 #: the data.* keys this stage reads (common.load_split + preference_loader); others are refused
 DATA_KEYS = frozenset({"path", "split", "format", "columns", "eval_path", "eval_split", "val_size", "max_rows",
                        "max_eval_rows", "max_length", "template", "on_error", "decontaminate"})
@@ -64,6 +82,16 @@ class DPOArgs(DPOConfig):
                 "hinge, ipo; other TRL losses or TRL-only knobs -> trl).",
         "choices": [None, *L.PREFERENCE_LOSSES, "trl"]})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin gamma."})
+    padding_free: bool = field(default=False, metadata={
+        "help": "alignkit: lay each batch's chosen and rejected sequences end to end in one row without pads "
+                "(alignkit.data.dpo_packing), attention per sequence (sdpa is switched to sdpa_varlen). Same "
+                "loss and gradients as the padded batch, less compute. Read by alignkit's losses (TRL 1.16's "
+                "own loss, loss: trl, turns it off)."})
+    ref_cache_dir: str | None = field(default=None, metadata={
+        "help": "With precompute_ref_log_probs: folder of the on-disk cache of the reference log-probs, keyed "
+                "by the reference weights, tokenizer, tokenized data, max_length/truncation and precision, so "
+                "later runs (another beta, lr, loss) skip the reference pass. Unset: "
+                "$XDG_CACHE_HOME/alignkit/ref_logps (~/.cache/alignkit/ref_logps); 'off': no cache."})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={
         "help": "Loggers: tensorboard (default), wandb, mlflow (when installed), none, or a list."})
 
@@ -118,6 +146,8 @@ def unread_settings(args) -> dict[str, str]:
             out["f_alpha_divergence_coef"] = ("read by loss trl with f_divergence_type alpha_divergence; this "
                                               f"recipe's f_divergence_type is {args.f_divergence_type}")
         out["simpo_gamma"] = _readers("gamma", trl_path)
+        out["padding_free"] = (f"read by alignkit's losses (padding-free pairs); this recipe's loss is {trl_path} "
+                               "(TRL 1.16's DPOTrainer turns padding_free off)")
     else:
         spec = L.get_loss_spec(name)
         for param, attr in LOSS_PARAM_FIELDS.items():
@@ -130,6 +160,9 @@ def unread_settings(args) -> dict[str, str]:
         if spec.reference_free:
             for attr in REFERENCE_FIELDS:
                 out[attr] = f"read by reference-based losses; this recipe's loss {name} is reference-free"
+    if not args.precompute_ref_log_probs:
+        out.setdefault("ref_cache_dir", "read with train.precompute_ref_log_probs: true; this recipe runs the "
+                                        "reference forward live")
     return {attr: f"train.{attr} is {reason}" for attr, reason in out.items()}
 
 
@@ -148,8 +181,166 @@ def ignored_keys(stage) -> dict[str, str]:
     return {f"train.{name}": message for name, message in unread_settings(stage.train).items()}
 
 
+def per_document_attention(model) -> str:
+    """Make ``model`` attend per sequence on a padding-free row: ``sdpa`` is switched to ``sdpa_varlen``
+    (causal SDPA per sequence, no dense (N, N) mask); an implementation outside
+    :data:`alignkit.data.masks.PER_DOCUMENT_ATTENTION` must pass :func:`masks.attends_per_document`, else
+    ValueError. Returns the implementation in use."""
+    if isinstance(model, str):
+        raise TypeError("train.padding_free: AlignkitDPOTrainer needs a loaded model, not a name, to set its "
+                         "attention")
+    impl = model.config._attn_implementation
+    if impl == "sdpa":
+        model.set_attn_implementation(register_varlen_sdpa())
+        logger.info("padding-free DPO on sdpa: attention set to %s (per-sequence SDPA)", VARLEN_SDPA)
+        return VARLEN_SDPA
+    if impl not in masks.PER_DOCUMENT_ATTENTION and not masks.attends_per_document(model):
+        raise ValueError(f"train.padding_free: model.attn_implementation {impl!r} attends across the sequences of "
+                         "a padding-free row; use sdpa_varlen, sdpa or flash_attention_2")
+    return impl
+
+
+#: text-config fields that rescale the logits (TRL's fused head reads them); a model with any: no compact head
+LOGIT_SCALING_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                        "logits_scaling", "output_router_logits")
+
+
+def add_compact_lm_head(model) -> bool:
+    """Give ``model`` a compact LM head: ``model(..., shift_labels=labels, compact_lm_head=True)`` runs the
+    backbone, then TRL's chunked log-prob kernel on the positions whose label is not -100 only (TRL's fused
+    head scores every position off CUDA, prompt tokens included), and returns a ``FusedCausalLMOutput`` whose
+    ``log_probs`` (1, N) is 0 elsewhere. Installed before TRL's fused head and PEFT wrap the model, so hooks,
+    adapters and autocast wrappers still apply. False (not installed) for models whose logits are rescaled or
+    that route experts (TRL's fused head then runs)."""
+    text_config = model.config.get_text_config()
+    if is_peft_model(model) or any(getattr(text_config, name, None) for name in LOGIT_SCALING_FIELDS):
+        return False
+    original = model.forward
+
+    def forward(self, *args, compact_lm_head=False, shift_labels=None, **kwargs):
+        if not compact_lm_head:
+            if shift_labels is not None:
+                kwargs["shift_labels"] = shift_labels
+            return original(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state  # (1, N, d)
+        head = self.get_output_embeddings()
+        mask = shift_labels != -100  # (1, N)
+        scored = hidden[mask].to(head.weight.device)  # (K, d)
+        log_probs = ChunkedLogProbFunction.apply(scored, head.weight, head.bias, shift_labels[mask], 1.0,
+                                                 _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs",))[0]
+        per_token = log_probs.new_zeros(mask.shape).masked_scatter(mask, log_probs)  # (1, N)
+        return FusedCausalLMOutput(loss=-per_token.sum(), log_probs=per_token, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+    model._alignkit_compact_head = True
+    return True
+
+
+def has_compact_lm_head(model) -> bool:
+    """Whether ``model`` (PEFT-wrapped or not) got :func:`add_compact_lm_head`."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    return bool(getattr(base, "_alignkit_compact_head", False))
+
+
 class AlignkitDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer whose loss comes from :data:`alignkit.losses.PREFERENCE_LOSSES` (``args.loss``)."""
+    """TRL's DPOTrainer whose loss comes from :data:`alignkit.losses.PREFERENCE_LOSSES` (``args.loss``).
+
+    ``args.padding_free`` (alignkit losses): batches from
+    :class:`alignkit.data.dpo_packing.PaddingFreePreferenceCollator` (one row, no pads) instead of TRL's padded
+    collator (TRL 1.16 turns padding_free off); the model (and reference) attend per sequence
+    (:func:`per_document_attention`). ``args.ref_cache_dir``: TRL's precomputed reference log-probs are kept
+    on disk (:mod:`alignkit.train.ref_cache`) and reused by later runs."""
+
+    def __init__(self, model=None, ref_model=None, args=None, data_collator=None, *rest, **kwargs):
+        packed = bool(getattr(args, "padding_free", False)) and getattr(args, "loss", "trl") != "trl"
+        if not packed:
+            super().__init__(model, ref_model, args, data_collator, *rest, **kwargs)
+            return
+        for m in (model, ref_model):
+            if m is not None:
+                per_document_attention(m)
+                add_compact_lm_head(m)
+        if data_collator is None:
+            data_collator = PaddingFreePreferenceCollator(args.max_length, args.truncation_mode)
+        args.padding_free = False  # TRL 1.16 would warn and pad; alignkit's collator and loss read it
+        try:
+            super().__init__(model, ref_model, args, data_collator, *rest, **kwargs)
+        finally:
+            args.padding_free = True
+        self.padding_free = True
+        if self.ref_model is not None and not has_compact_lm_head(self.accelerator.unwrap_model(self.ref_model)):
+            ref = self.accelerator.unwrap_model(self.ref_model)  # built by TRL from the policy's path
+            per_document_attention(ref)
+            add_compact_lm_head(ref)
+
+    # -- per-sequence log-probs ----------------------------------------------------------------------
+
+    def _sequence_logps(self, model, inputs, **extra):
+        """``(summed completion log-probs (2B,), completion lengths (2B,), model outputs)`` of a padded
+        ``[chosen; rejected]`` batch or a padding-free row (``segment_ids`` present)."""
+        completion_mask = inputs["completion_mask"]
+        if "segment_ids" in inputs:  # one row: shift_labels never cross a sequence boundary
+            n = inputs["cu_seq_lens_q"].numel() - 1 if "cu_seq_lens_q" in inputs else int(inputs["segment_ids"].max()) + 1
+            model_kwargs = {k: v for k, v in inputs.items() if k not in PACKED_ONLY_KEYS}
+            compact = not extra and has_compact_lm_head(self.accelerator.unwrap_model(model))
+            head = {"compact_lm_head": True} if compact else {"fused_lm_head": True}
+            outputs = model(**model_kwargs, **extra, shift_labels=inputs["shift_labels"], use_cache=False, **head)
+            segments = inputs["segment_ids"]
+            return (sequence_sums(outputs.log_probs, segments, n), sequence_sums(completion_mask, segments, n),
+                    outputs)
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)  # (2B, T)
+        outputs = model(**model_kwargs, **extra, labels=labels, use_cache=False, fused_lm_head=True)
+        per_token = outputs.log_probs[:, -(completion_mask.size(1) - 1):]  # (2B, T-1), 0 where label -100
+        return per_token.sum(dim=1), completion_mask.sum(dim=1), outputs
+
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's reference log-probs, for a padding-free row too (the precompute pass uses this trainer's
+        collator, so it sees the same rows as training)."""
+        if "segment_ids" not in inputs:
+            return super().compute_ref_log_probs(model, inputs)
+        adapter = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                adapter, self.accelerator.autocast():
+            logps, _, _ = self._sequence_logps(model, inputs)
+        return logps.chunk(2)
+
+    # -- reference cache -----------------------------------------------------------------------------
+
+    def _ref_cache_settings(self) -> dict:
+        """What the reference values depend on besides weights, tokenizer and data (ref_cache.cache_key)."""
+        ref = self.ref_model or self.model
+        dtype = next(ref.parameters()).dtype
+        return {"max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode,
+                "ld_alpha": self.args.ld_alpha, "dtype": str(dtype), "bf16": bool(self.args.bf16),
+                "fp16": bool(self.args.fp16)}
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's precompute pass behind the on-disk cache of ``args.ref_cache_dir`` (hit: no reference
+        forward; miss: TRL's pass, then saved)."""
+        folder = ref_cache.resolve_dir(getattr(self.args, "ref_cache_dir", None))
+        if folder is None or isinstance(dataset, IterableDataset) or "ref_chosen_logps" in dataset.column_names:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        key = ref_cache.cache_key(model_hash=self._precompute_model_hash, tokenizer=self._tokenizer,
+                                  dataset=dataset, settings=self._ref_cache_settings())
+        cached = ref_cache.load(folder, key, len(dataset))
+        if cached is not None:
+            logger.info("reference log-probs (%s, %d pairs): cache hit %s/%s.json", name, len(dataset), folder, key)
+            return dataset.add_column("ref_chosen_logps", cached[0]).add_column("ref_rejected_logps", cached[1])
+        logger.info("reference log-probs (%s, %d pairs): cache miss in %s, computing", name, len(dataset), folder)
+        out = super()._precompute_ref_logps(dataset, name, batch_size)
+        if self.accelerator.is_main_process:
+            path = ref_cache.save(folder, key, [float(x) for x in out["ref_chosen_logps"]],
+                                  [float(x) for x in out["ref_rejected_logps"]],
+                                  {"split": name, "pairs": len(dataset), **self._ref_cache_settings()})
+            logger.info("reference log-probs (%s) cached in %s", name, path)
+        return out
+
+    # -- the loss ------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs, return_outputs):
         name = getattr(self.args, "loss", "trl")
@@ -158,16 +349,11 @@ class AlignkitDPOTrainer(DPOTrainer):
         if return_outputs:
             raise ValueError("AlignkitDPOTrainer does not return logits (set prediction_loss_only=True)")
         mode = "train" if self.model.training else "eval"
-        completion_mask = inputs["completion_mask"]  # (2B, T), batch is [chosen; rejected]
-        # 1. policy per-token log-probs of the completion tokens (TRL's fused head: no (2B, T, V) logits)
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        if self.aux_loss_enabled:  # MoE: TRL's router load-balancing loss, as TRL's own _compute_loss adds it
-            model_kwargs["output_router_logits"] = True
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)  # (2B, T)
-        outputs = model(**model_kwargs, labels=labels, use_cache=False, fused_lm_head=True)
-        per_token = outputs.log_probs[:, -(completion_mask.size(1) - 1):]  # (2B, T-1), 0 where label -100
-        chosen_logps, rejected_logps = per_token.sum(dim=1).chunk(2)  # (B,), (B,)
-        chosen_len, rejected_len = completion_mask.sum(dim=1).chunk(2)  # (B,), (B,) completion tokens
+        # 1. policy per-sequence log-probs of the completion tokens (TRL's fused head: no (2B, T, V) logits)
+        extra = {"output_router_logits": True} if self.aux_loss_enabled else {}  # MoE: TRL's router aux loss
+        logps, lengths, outputs = self._sequence_logps(model, inputs, **extra)
+        chosen_logps, rejected_logps = logps.chunk(2)  # (B,), (B,)
+        chosen_len, rejected_len = lengths.chunk(2)  # (B,), (B,) completion tokens
         # 2. reference log-probs (skipped for reference-free losses)
         spec = L.get_loss_spec(name)
         ref_chosen = ref_rejected = None
@@ -231,7 +417,8 @@ def run(recipe, stage_dir, model_path=None) -> dict:
     trainer = AlignkitDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
                                  eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config,
                                  callbacks=common.stage_callbacks(stage_dir))
-    logger.info("DPO loss %s (beta=%g), reference: %s", args.loss, args.beta,
+    logger.info("DPO loss %s (beta=%g, %s), reference: %s", args.loss, args.beta,
+                "padding-free pairs" if trainer.padding_free else "padded pairs",
                 "none (reference-free)" if args.loss in L.REFERENCE_FREE else
                 "precomputed" if args.precompute_ref_log_probs else
                 "policy with adapter disabled" if peft_config else "explicit copy")
