@@ -50,8 +50,10 @@ def test_sft_logs_safety_at_step_0_and_every_n_steps(tmp_path, tiny_model_dir):
     stage = _sft(tmp_path, tiny_model_dir)
     out = tmp_path / "out" / "sft"
     result = sft.run(stage, out, None)
-    measured = [r for r in read_metrics(out / "metrics.jsonl") if SAFETY_KEYS[0] in r]
+    rows = read_metrics(out / "metrics.jsonl")
+    measured = [r for r in rows if SAFETY_KEYS[0] in r]
     assert [r["step"] for r in measured] == [0, 2, 4]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # the trainer's own lines are all there
     for row in measured:
         assert all(0.0 <= row[k] <= 1.0 for k in SAFETY_KEYS)
         # per-template rates: 1 SimpleSafetyTests prompt asked plainly = a 0/1 outcome
@@ -99,3 +101,23 @@ def test_settings_that_cannot_work_are_refused(tmp_path, tiny_model_dir, overrid
 def test_task_eval_settings_without_a_task_are_refused(tmp_path, tiny_model_dir):
     with pytest.raises(RecipeError, match=r"train.task_eval_limit is read by the task-eval callback"):
         _sft(tmp_path, tiny_model_dir, "train.task_eval=[]", "train.task_eval_steps=0")
+
+
+def test_dpo_run_shows_both_curves(tmp_path, tiny_model_dir):
+    """A DPO run with train.task_eval: the safety rates and the reward margin in the same metrics.jsonl."""
+    from alignkit.train import dpo
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": f"Yes {i}.", "rejected": f"No {i} no."}) + "\n"
+                            for i in range(8)))
+    stage = load_stage(tmp_path, "dpo", f"stage: dpo\nmodel: {{name_or_path: {tiny_model_dir}, dtype: float32}}\n"
+                       f"data: {{path: {data}}}\n"
+                       "train: {max_steps: 2, per_device_train_batch_size: 2, max_length: 48, logging_steps: 1, "
+                       "report_to: none, gradient_checkpointing: false, save_strategy: 'no', "
+                       "task_eval: [safety], task_eval_steps: 1, task_eval_limit: 1, task_eval_max_new_tokens: 2}\n")
+    out = tmp_path / "out" / "dpo"
+    dpo.run(stage, out, None)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if SAFETY_KEYS[0] in r] == [0, 1, 2]
+    assert [r["step"] for r in rows if "rewards/margins" in r] == [1, 2]
+    assert (out / "curves.png").stat().st_size > 1000

@@ -43,7 +43,7 @@ from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
 from alignkit.data import masks
 from alignkit.data.dpo_packing import PACKED_ONLY_KEYS, PaddingFreePreferenceCollator, sequence_sums
 from alignkit.data.preference import to_trl_dataset
-from alignkit.train import common, ref_cache
+from alignkit.train import common, ref_cache, task_eval
 
 logger = logging.getLogger("alignkit.train")
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -66,7 +66,7 @@ DATA_KEYS = frozenset({"path", "split", "format", "columns", "eval_path", "eval_
 
 
 @dataclass
-class DPOArgs(DPOConfig):
+class DPOArgs(DPOConfig, task_eval.TaskEvalArgs):
     """``trl.DPOConfig`` (fields 1:1) plus alignkit's loss choice.
 
     Reference settings (CS336 A5 supplement, section 5.4): beta 0.1, lr 1e-6, effective batch 64,
@@ -97,6 +97,7 @@ class DPOArgs(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()  # TRL turns a loss_type string into a list
+        self.check_task_eval()
         self.loss = resolve_loss(self)
         changed = {name: reason for name, reason in unread_settings(self).items()
                    if getattr(self, name) != _default(name)}
@@ -178,7 +179,8 @@ def _readers(param: str, current: str) -> str:
 def ignored_keys(stage) -> dict[str, str]:
     """Stage-module strictness hook (contract in alignkit/train/__init__.py): the recipe keys the selected
     loss does not read, ``{"train.label_smoothing": "train.label_smoothing is read by ...; ..."}``."""
-    return {f"train.{name}": message for name, message in unread_settings(stage.train).items()}
+    return {**{f"train.{name}": message for name, message in unread_settings(stage.train).items()},
+            **task_eval.ignored_keys(stage.train)}
 
 
 def per_document_attention(model) -> str:

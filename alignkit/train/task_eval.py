@@ -89,19 +89,27 @@ class TaskEvalCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:  # a resumed run already measured its step 0
-            self.measure(state.global_step)
+            self.measure(state.global_step, control)
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.every and state.global_step % self.every == 0:
-            self.measure(state.global_step)
+            self.measure(state.global_step, control)
+        return control
 
-    def measure(self, step: int) -> dict:
-        """Score every task at ``step`` (main process) and log the numeric metrics; returns them."""
+    def measure(self, step: int, control=None) -> dict:
+        """Score every task at ``step`` (main process) and log the numeric metrics; returns them.
+
+        Logging resets ``control.should_log``, which the Trainer's flow callback may have just set for this
+        step's own log line (loss, rewards): it is put back, so that line is still written."""
         trainer = self.trainer
         metrics = {}
         if trainer.is_world_process_zero():
             metrics = self._score(trainer.accelerator.unwrap_model(trainer.model), step)
+            should_log = control.should_log if control is not None else False
             Trainer.log(trainer, dict(metrics))
+            if control is not None:
+                control.should_log = should_log
         trainer.accelerator.wait_for_everyone()
         return metrics
 
