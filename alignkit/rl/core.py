@@ -9,6 +9,7 @@ training"), which drops the std normalisation and the per-sequence length mean.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -102,16 +103,50 @@ def compute_entropy(logits: torch.Tensor, chunk_size: int | None = None) -> torc
 
 def get_response_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor,
                            return_token_entropy: bool = False, attention_mask: torch.Tensor | None = None,
-                           ) -> dict[str, torch.Tensor]:
-    """``log_probs`` ``(B, T)``: log p(labels[t] | input_ids[:t+1]); ``token_entropy`` ``(B, T)`` if asked."""
-    _same_shape("get_response_log_probs", input_ids=input_ids, labels=labels, attention_mask=attention_mask)
+                           response_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``log_probs`` ``(B, T)``: log p(labels[t] | input_ids[:t+1]); ``token_entropy`` ``(B, T)`` if asked.
+
+    With ``response_mask`` ``(B, T)`` only the positions from the first response position of any row on
+    go through the LM head, log-softmax and entropy (``logits_to_keep``, as TRL does): the prompt
+    positions before it hold 0 in both outputs (a loss masks them out anyway). The kept positions'
+    values equal the full computation's (the same hidden states, the same head)."""
+    _same_shape("get_response_log_probs", input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                response_mask=response_mask)
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    logits = model(input_ids, **kwargs).logits  # (B, T, V)
-    result = {"log_probs": selective_log_softmax(logits, labels)}
+    first = _first_response_column(response_mask) if response_mask is not None else 0
+    if first > 0 and _takes_logits_to_keep(model):
+        kwargs["logits_to_keep"] = input_ids.shape[1] - first
+    else:
+        first = 0
+    logits = model(input_ids, **kwargs).logits[:, -(input_ids.shape[1] - first):]  # (B, T - first, V)
+    result = {"log_probs": _left_pad(selective_log_softmax(logits, labels[:, first:]), first)}
     if return_token_entropy:
         with torch.no_grad():
-            result["token_entropy"] = compute_entropy(logits)
+            result["token_entropy"] = _left_pad(compute_entropy(logits), first)
     return result
+
+
+def _first_response_column(response_mask: torch.Tensor) -> int:
+    """The first column where any row has a response token (0 for an empty mask)."""
+    cols = response_mask.bool().any(dim=0).nonzero()
+    return int(cols[0]) if cols.numel() else 0
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the (PEFT-unwrapped) model's ``forward`` takes ``logits_to_keep`` (transformers causal LMs)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = getattr(base, "forward", None)
+    try:
+        return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
+def _left_pad(values: torch.Tensor, n: int) -> torch.Tensor:
+    """``(B, K)`` -> ``(B, n + K)`` with zeros in the first ``n`` columns (differentiable)."""
+    if n == 0:
+        return values
+    return torch.cat([values.new_zeros(values.shape[0], n), values], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
