@@ -35,6 +35,7 @@ from .common import Context, Row
 
 logger = logging.getLogger("benchmarks")
 
+SMOKE_PROMPT = "User: {question}\nAssistant: <think>"
 QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "grpo_quickstart.yaml"
 
 
@@ -42,7 +43,7 @@ def _settings(ctx: Context):
     """The quickstart recipe's ``train:`` section (GRPOArgs) and ``lora:``, cut to benchmark size."""
     from alignkit.config import load_recipe
 
-    over = {"n_grpo_steps": ctx.pick(2, 5), "rollout_batch_size": ctx.pick(4, 8), "group_size": ctx.pick(2, 4),
+    over = {"n_grpo_steps": ctx.pick(2, 4), "rollout_batch_size": ctx.pick(4, 8), "group_size": ctx.pick(2, 4),
             "train_batch_size": ctx.pick(4, 8), "gradient_accumulation_steps": 2,
             "max_new_tokens": ctx.pick(6, 64), "min_new_tokens": 1, "n_train": ctx.pick(2, 2),
             "rollout_table_every": 0, "log_every": 1, "use_cpu": True}
@@ -140,6 +141,7 @@ def _trl_trainer(policy, tok, args, preset, prompts, answers, workdir: Path, rew
     funcs[0] = _recording(funcs[0], reward_sink)
     cfg = trl_config(args, workdir / "trl")
     cfg.save_strategy, cfg.disable_tqdm = SaveStrategy.NO, True  # no checkpoint inside the timed run
+    cfg.activation_checkpointing = cfg.gradient_checkpointing = False  # TRL's default is on (memory for time): its fastest setting is off
     tok.padding_side = "left"
     return GRPOTrainer(model=policy, reward_funcs=funcs, args=cfg, processing_class=tok,
                        train_dataset=Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]))
@@ -227,7 +229,7 @@ def bench_grpo(ctx: Context) -> list[Row]:
     from alignkit.train.grpo import format_prompts, load_examples, prompt_template
 
     stage = _settings(ctx)
-    args = stage.train
+    args = dataclasses.replace(stage.train, prompt=SMOKE_PROMPT) if ctx.smoke else stage.train  # smoke: seconds
     preset = get_reward(args.reward)
     rows, _ = load_examples(args, stage.data)
     prompts, answers = format_prompts(rows, prompt_template(args, preset))
