@@ -43,9 +43,9 @@ def _settings(ctx: Context):
     """The quickstart recipe's ``train:`` section (GRPOArgs) and ``lora:``, cut to benchmark size."""
     from alignkit.config import load_recipe
 
-    over = {"n_grpo_steps": ctx.pick(2, 4), "rollout_batch_size": ctx.pick(4, 8), "group_size": ctx.pick(2, 4),
+    over = {"n_grpo_steps": ctx.pick(2, 3), "rollout_batch_size": ctx.pick(4, 8), "group_size": ctx.pick(2, 4),
             "train_batch_size": ctx.pick(4, 8), "gradient_accumulation_steps": 2,
-            "max_new_tokens": ctx.pick(6, 64), "min_new_tokens": 1, "n_train": ctx.pick(2, 2),
+            "max_new_tokens": ctx.pick(6, 48), "min_new_tokens": 1, "n_train": ctx.pick(2, 2),
             "rollout_table_every": 0, "log_every": 1, "use_cpu": True}
     recipe = load_recipe(QUICKSTART, [f"train.{k}={v}" for k, v in over.items()])
     return recipe.stages["grpo"]
@@ -104,6 +104,8 @@ def _alignkit_stepper(policy, tok, args, preset, prompts, answers):
         per_call.clear()
         record["steps"].append({**split, "other": wall - sum(split.values()), "reward": m["reward"],
                                 "loss": m["loss"], "response_length": m["response_length"]})
+        logger.info("grpo: alignkit step %d: %.2fs (%s), reward %.3f", len(record["walls"]), wall,
+                    ", ".join(f"{k} {v:.2f}s" for k, v in split.items()), m["reward"])
 
     return step, record
 
@@ -166,6 +168,8 @@ def _run_trl(trainer, reward_sink: list, between) -> dict:
         def on_step_end(self, *a, **k):
             walls.append(time.perf_counter() - self.t0)
             steps.append(dict(timer.current))
+            logger.info("grpo: TRL step %d: %.2fs (%s)", len(walls), walls[-1],
+                        ", ".join(f"{k} {v:.2f}s" for k, v in timer.current.items()))
             between()
 
     trainer.add_callback(Steps())

@@ -28,6 +28,7 @@ from alignkit.rl import (
     masked_whiten,
     ppo_microbatch_train_step,
     sft_microbatch_train_step,
+    shared_prompt_log_probs,
     tokenize_prompt_and_output,
 )
 
@@ -463,3 +464,30 @@ def test_response_log_probs_without_logits_to_keep_fall_back_to_full():
     a = get_response_log_probs(model, ids, ids, response_mask=mask)["log_probs"]
     b = get_response_log_probs(model, ids, ids)["log_probs"]
     torch.testing.assert_close(a, b)
+
+
+def test_shared_prompt_log_probs_equal_per_row_values_and_gradients(tiny_model, gpt2_tokenizer):
+    """Rows sharing a prompt (a GRPO group): the prompt once + its repeated KV cache gives the per-row
+    padded computation's log-probs, entropies and gradients of a masked loss; None when nothing repeats."""
+    model = copy.deepcopy(tiny_model).eval()
+    p = ["User: 1 + 1\nAssistant:", "User: what is 22 + 3?\nAssistant:"]
+    batch = tokenize_prompt_and_output([p[0], p[1], p[0], p[1], p[1]],
+                                       [" two", " it is 25 ok", " 2 </answer>", " 25", " twenty five"], gpt2_tokenizer)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["response_mask"]
+
+    def run(fn):
+        model.zero_grad()
+        out = fn()
+        masked_mean(out["log_probs"], mask).backward()
+        return out, [q.grad.clone() for q in model.parameters() if q.grad is not None]
+
+    shared, g_shared = run(lambda: shared_prompt_log_probs(model, ids, labels, mask, return_token_entropy=True))
+    full, g_full = run(lambda: get_response_log_probs(model, ids, labels, return_token_entropy=True))
+    torch.testing.assert_close(shared["log_probs"][mask], full["log_probs"][mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared["token_entropy"][mask], full["token_entropy"][mask], atol=1e-4, rtol=0)
+    assert torch.all(shared["log_probs"][~mask] == 0)
+    assert len(g_shared) == len(g_full) > 0
+    for a, b in zip(g_shared, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    distinct = tokenize_prompt_and_output(p, [" two", " 25"], gpt2_tokenizer)
+    assert shared_prompt_log_probs(model, distinct["input_ids"], distinct["labels"], distinct["response_mask"]) is None

@@ -39,6 +39,7 @@ from alignkit.rl.core import (
     get_response_log_probs,
     grpo_microbatch_train_step,
     masked_mean,
+    shared_prompt_log_probs,
     tokenize_prompt_and_output,
 )
 
@@ -354,7 +355,8 @@ class GRPOLoop:
     def _make_microbatches(self, prompts, responses, advantages, raw_rewards) -> list[Microbatch]:
         """Shuffle once, cut into micro-batches, add old/ref log-probs under no_grad where needed."""
         order = list(range(len(prompts)))
-        random.Random(self.s.seed + 7919 * self.step + self.rank).shuffle(order)
+        if not self._on_policy():  # on-policy every micro-batch feeds one optimizer step: keep groups together
+            random.Random(self.s.seed + 7919 * self.step + self.rank).shuffle(order)
         need_old, need_ref = self._needs_old_and_ref()
         batches = []
         for start in range(0, len(order), self.micro_batch_size):
@@ -395,6 +397,17 @@ class GRPOLoop:
             return get_response_log_probs(model, mb.input_ids, mb.labels,
                                           response_mask=mb.response_mask)["log_probs"].detach()  # (b, T)
 
+    def _log_probs_with_grad(self, mb: Microbatch) -> dict:
+        """The policy's log-probs and entropies of a micro-batch: each shared prompt (a group's) run once
+        with its cache repeated for the group's responses (:func:`shared_prompt_log_probs`), else the
+        padded batch from the first response column on (same values either way)."""
+        out = shared_prompt_log_probs(self.policy, mb.input_ids, mb.labels, mb.response_mask,
+                                      return_token_entropy=True)
+        if out is None:
+            out = get_response_log_probs(self.policy, mb.input_ids, mb.labels, return_token_entropy=True,
+                                         response_mask=mb.response_mask)
+        return out
+
     def _train_on_rollouts(self, micro: list[Microbatch]) -> dict:
         s, ga = self.s, self.s.gradient_accumulation_steps
         self.policy.eval()  # no dropout: old and new log-probs must agree for equal weights
@@ -406,8 +419,7 @@ class GRPOLoop:
                 loss_sum = 0.0
                 for mb in micro[start:start + ga]:
                     # 2. log-probs with grad (+ entropy for logging)
-                    out = get_response_log_probs(self.policy, mb.input_ids, mb.labels, return_token_entropy=True,
-                                                 response_mask=mb.response_mask)
+                    out = self._log_probs_with_grad(mb)
                     # 3. policy-gradient loss (+ k3 KL), backward inside; on-policy, old = current, detached
                     old = mb.old_log_probs
                     if old is None and s.loss_type == "grpo_clip":
