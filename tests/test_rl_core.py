@@ -491,3 +491,26 @@ def test_shared_prompt_log_probs_equal_per_row_values_and_gradients(tiny_model, 
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     distinct = tokenize_prompt_and_output(p, [" two", " 25"], gpt2_tokenizer)
     assert shared_prompt_log_probs(model, distinct["input_ids"], distinct["labels"], distinct["response_mask"]) is None
+
+
+def test_shared_prompt_log_probs_through_a_lora_adapter(tiny_model, gpt2_tokenizer):
+    """The PEFT wrapper passes the cache through: same values and adapter gradients as the padded path."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(copy.deepcopy(tiny_model), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    batch = tokenize_prompt_and_output(["Q: 1+1\nA:"] * 3, [" two", " it is 2 ok", " 2"], gpt2_tokenizer)
+    mask = batch["response_mask"]
+
+    def run(fn):
+        model.zero_grad()
+        out = fn()
+        masked_mean(out["log_probs"], mask).backward()
+        return out, [q.grad.clone() for q in model.parameters() if q.grad is not None]
+
+    shared, g_shared = run(lambda: shared_prompt_log_probs(model, batch["input_ids"], batch["labels"], mask))
+    full, g_full = run(lambda: get_response_log_probs(model, batch["input_ids"], batch["labels"]))
+    torch.testing.assert_close(shared["log_probs"][mask], full["log_probs"][mask], atol=1e-5, rtol=0)
+    assert len(g_shared) == len(g_full) > 0
+    for a, b in zip(g_shared, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
