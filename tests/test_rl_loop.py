@@ -151,7 +151,11 @@ def test_on_policy_clip_takes_old_log_probs_from_the_training_forward(tiny_model
         metrics = loop.train_step()
         return loop, metrics, [p.detach().clone() for p in model.parameters()]
 
+    shared = []
+    real = loop_mod.shared_prompt_log_probs
+    monkeypatch.setattr(loop_mod, "shared_prompt_log_probs", lambda *a, **k: shared.append(real(*a, **k)) or shared[-1])
     fast, m_fast, w_fast = one_step(False)
+    assert len(shared) == 2 and all(out is not None for out in shared)  # on-policy: each group's prompt once
     ref, m_ref, w_ref = one_step(True)
     assert fast.n_old_log_prob_passes == 0 and ref.n_old_log_prob_passes == 2  # 4 rollouts / micro-batch 2
     assert m_fast["loss"] == pytest.approx(m_ref["loss"], abs=1e-6)

@@ -398,11 +398,14 @@ class GRPOLoop:
                                           response_mask=mb.response_mask)["log_probs"].detach()  # (b, T)
 
     def _log_probs_with_grad(self, mb: Microbatch) -> dict:
-        """The policy's log-probs and entropies of a micro-batch: each shared prompt (a group's) run once
-        with its cache repeated for the group's responses (:func:`shared_prompt_log_probs`), else the
-        padded batch from the first response column on (same values either way)."""
-        out = shared_prompt_log_probs(self.policy, mb.input_ids, mb.labels, mb.response_mask,
-                                      return_token_entropy=True)
+        """The policy's log-probs and entropies of a micro-batch. On-policy (no old log-probs to match bit
+        for bit; groups kept together) each shared prompt runs once with its cache repeated for the group's
+        responses (:func:`shared_prompt_log_probs`); else, like the no-grad passes, the padded batch from
+        the first response column on (the same values up to float rounding)."""
+        out = None
+        if self._on_policy():
+            out = shared_prompt_log_probs(self.policy, mb.input_ids, mb.labels, mb.response_mask,
+                                          return_token_entropy=True)
         if out is None:
             out = get_response_log_probs(self.policy, mb.input_ids, mb.labels, return_token_entropy=True,
                                          response_mask=mb.response_mask)
