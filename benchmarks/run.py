@@ -29,7 +29,16 @@ logger = logging.getLogger("benchmarks")
 
 
 def _registry() -> dict:
-    from . import gpu, suite_dpo, suite_generation, suite_logprobs, suite_memory, suite_rl_data, suite_sft
+    from . import (
+        gpu,
+        suite_dpo,
+        suite_generation,
+        suite_grpo,
+        suite_logprobs,
+        suite_memory,
+        suite_rl_data,
+        suite_sft,
+    )
 
     return {
         "sft": suite_sft.bench_sft_throughput,
@@ -37,7 +46,7 @@ def _registry() -> dict:
         "logprobs": suite_logprobs.bench_logprobs,
         "generation": suite_generation.bench_eval_generation,
         "http": suite_generation.bench_http,
-        "grpo": suite_rl_data.bench_grpo,
+        "grpo": suite_grpo.bench_grpo,
         "data": suite_rl_data.bench_data_loading,
         "memory": suite_memory.bench_memory,
         "scaling": suite_sft.bench_sft_scaling,

@@ -1,8 +1,5 @@
-"""GRPO step time split and data loading (cached token stream vs re-tokenizing).
+"""Data loading (cached token stream vs re-tokenizing); the GRPO benchmark is in ``suite_grpo``.
 
-* GRPO (Shao et al. 2024): one ``alignkit.rl.loop.GRPOLoop.train_step`` (grpo_clip, so the old
-  log-probs pass runs) on GSM8K prompts with ``HFGenerator`` sharing the policy; the loop's own
-  time split: generation vs no-grad log-probs vs forward+backward, and tokens/s of each.
 * data: ``PackedSFTDataset`` tokenizes a file once and caches the token stream; the baseline
   re-tokenizes every epoch (``cache_dir=False``). Second-epoch cost, and tokenization time vs rows.
 """
@@ -10,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 
 import torch
@@ -20,41 +16,6 @@ from alignkit.resources import data_path
 from .common import Context, Plot, Row, fit_exponent
 
 logger = logging.getLogger("benchmarks")
-
-
-def bench_grpo(ctx: Context) -> list[Row]:
-    from alignkit.generation.hf import HFGenerator
-    from alignkit.rl.loop import GRPOConfig, GRPOLoop
-    from alignkit.rl.rewards import gsm8k_reward
-
-    model, tok = ctx.load()
-    with open(data_path("gsm8k", "train.jsonl")) as fh:
-        rows = [json.loads(line) for line, _ in zip(fh, range(16))]
-    prompts = [f"Question: {r['question']}\nAnswer:" for r in rows]
-    settings = GRPOConfig(n_grpo_steps=1, rollout_batch_size=ctx.pick(4, 4), group_size=ctx.pick(2, 2),
-                            train_batch_size=ctx.pick(4, 4), gradient_accumulation_steps=ctx.pick(2, 2),
-                            loss_type="grpo_clip", max_new_tokens=ctx.pick(8, 16), min_new_tokens=1,
-                            rollout_table_every=0, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    loop = GRPOLoop(model, tok, HFGenerator(model, tok, batch_size=8), gsm8k_reward, prompts,
-                    [r["answer"] for r in rows], opt, settings)
-    t0 = time.perf_counter()
-    m = loop.train_step()
-    wall = time.perf_counter() - t0
-    split = {k: m[k] for k in ("time_generation_s", "time_log_probs_s", "time_train_s")}
-    ok = math.isfinite(m["loss"]) and sum(split.values()) <= wall * 1.01
-    details = {**split, "wall_s": wall, "loss": m["loss"],
-               **{k: m[k] for k in ("generation_tokens_per_s", "log_prob_tokens_per_s", "train_tokens_per_s")},
-               "settings": {k: getattr(settings, k) for k in ("rollout_batch_size", "group_size",
-                                                             "gradient_accumulation_steps", "max_new_tokens")}}
-    agreement = {"loss": m["loss"], "split_sum_s": sum(split.values()), "wall_s": wall, "ok": ok}
-    shares = ", ".join(f"{k[5:-2]} {100 * v / wall:.0f}%" for k, v in split.items())
-    return [Row(f"GRPO step: {name}", m[key], None, "tok/s", agreement=agreement, details=details,
-                notes=f"{m[tkey]:.2f} s of a {wall:.2f} s step ({shares})" if name == "generation" else
-                f"{m[tkey]:.2f} s")
-            for name, key, tkey in (("generation", "generation_tokens_per_s", "time_generation_s"),
-                                    ("old log-probs (no grad)", "log_prob_tokens_per_s", "time_log_probs_s"),
-                                    ("forward + backward", "train_tokens_per_s", "time_train_s"))]
 
 
 def _write_rows(path, n: int) -> None:

@@ -1,6 +1,7 @@
 """alignkit.rl.core (GRPO and PPO maths) against hand numbers, float64 re-implementations and invariants."""
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 
@@ -27,6 +28,7 @@ from alignkit.rl import (
     masked_whiten,
     ppo_microbatch_train_step,
     sft_microbatch_train_step,
+    shared_prompt_log_probs,
     tokenize_prompt_and_output,
 )
 
@@ -413,3 +415,102 @@ def test_token_values_are_the_score_head_at_every_position(tiny_model_dir):
         pooled = model(ids).logits[:, 0]  # HF pools the last position here (no pad id in the rows)
     torch.testing.assert_close(values, expected)
     torch.testing.assert_close(values[:, -1], pooled)
+
+
+def test_response_log_probs_from_first_response_column_equal_full_and_same_gradients(tiny_model):
+    """``response_mask`` (logits only from the first response column on, as TRL's logits_to_keep): the
+    masked log-probs, entropies and the gradients of a masked loss equal the full computation's; the
+    prompt columns before it are 0."""
+    model = copy.deepcopy(tiny_model).eval()
+    torch.manual_seed(0)
+    input_ids, labels = torch.randint(0, 1000, (2, 9)), torch.randint(0, 1000, (2, 9))
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 4:8], mask[1, 6:9] = True, True  # first response column: 4
+
+    def run(**kw):
+        model.zero_grad()
+        out = get_response_log_probs(model, input_ids, labels, return_token_entropy=True, **kw)
+        masked_mean(out["log_probs"], mask).backward()
+        return out, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full, full_grads = run()
+    kept, kept_grads = run(response_mask=mask)
+    torch.testing.assert_close(kept["log_probs"][mask], full["log_probs"][mask], atol=1e-6, rtol=0)
+    torch.testing.assert_close(kept["token_entropy"][mask], full["token_entropy"][mask], atol=1e-5, rtol=0)
+    assert kept["log_probs"].shape == (2, 9) and torch.all(kept["log_probs"][:, :4] == 0)
+    assert torch.all(kept["token_entropy"][:, :4] == 0)
+    assert len(kept_grads) == len(full_grads) > 0
+    for a, b in zip(kept_grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # the log-probs against a float64 log-softmax of the model's own logits
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids).logits.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(kept["log_probs"][mask].double(), lp[mask], atol=1e-5, rtol=0)
+
+
+def test_response_log_probs_without_logits_to_keep_fall_back_to_full():
+    """A model whose forward has no ``logits_to_keep`` gets the full computation (same values)."""
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(11, 5)
+
+        def forward(self, input_ids):
+            return type("Out", (), {"logits": self.emb(input_ids) @ self.emb.weight.T})()
+
+    torch.manual_seed(0)
+    model, ids = Plain(), torch.randint(0, 11, (2, 4))
+    mask = torch.tensor([[False, False, True, True], [False, True, True, False]])
+    a = get_response_log_probs(model, ids, ids, response_mask=mask)["log_probs"]
+    b = get_response_log_probs(model, ids, ids)["log_probs"]
+    torch.testing.assert_close(a, b)
+
+
+def test_shared_prompt_log_probs_equal_per_row_values_and_gradients(tiny_model, gpt2_tokenizer):
+    """Rows sharing a prompt (a GRPO group): the prompt once + its repeated KV cache gives the per-row
+    padded computation's log-probs, entropies and gradients of a masked loss; None when nothing repeats."""
+    model = copy.deepcopy(tiny_model).eval()
+    p = ["User: 1 + 1\nAssistant:", "User: what is 22 + 3?\nAssistant:"]
+    batch = tokenize_prompt_and_output([p[0], p[1], p[0], p[1], p[1]],
+                                       [" two", " it is 25 ok", " 2 </answer>", " 25", " twenty five"], gpt2_tokenizer)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["response_mask"]
+
+    def run(fn):
+        model.zero_grad()
+        out = fn()
+        masked_mean(out["log_probs"], mask).backward()
+        return out, [q.grad.clone() for q in model.parameters() if q.grad is not None]
+
+    shared, g_shared = run(lambda: shared_prompt_log_probs(model, ids, labels, mask, return_token_entropy=True))
+    full, g_full = run(lambda: get_response_log_probs(model, ids, labels, return_token_entropy=True))
+    torch.testing.assert_close(shared["log_probs"][mask], full["log_probs"][mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared["token_entropy"][mask], full["token_entropy"][mask], atol=1e-4, rtol=0)
+    assert torch.all(shared["log_probs"][~mask] == 0)
+    assert len(g_shared) == len(g_full) > 0
+    for a, b in zip(g_shared, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    distinct = tokenize_prompt_and_output(p, [" two", " 25"], gpt2_tokenizer)
+    assert shared_prompt_log_probs(model, distinct["input_ids"], distinct["labels"], distinct["response_mask"]) is None
+
+
+def test_shared_prompt_log_probs_through_a_lora_adapter(tiny_model, gpt2_tokenizer):
+    """The PEFT wrapper passes the cache through: same values and adapter gradients as the padded path."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(copy.deepcopy(tiny_model), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    batch = tokenize_prompt_and_output(["Q: 1+1\nA:"] * 3, [" two", " it is 2 ok", " 2"], gpt2_tokenizer)
+    mask = batch["response_mask"]
+
+    def run(fn):
+        model.zero_grad()
+        out = fn()
+        masked_mean(out["log_probs"], mask).backward()
+        return out, [q.grad.clone() for q in model.parameters() if q.grad is not None]
+
+    shared, g_shared = run(lambda: shared_prompt_log_probs(model, batch["input_ids"], batch["labels"], mask))
+    full, g_full = run(lambda: get_response_log_probs(model, batch["input_ids"], batch["labels"]))
+    torch.testing.assert_close(shared["log_probs"][mask], full["log_probs"][mask], atol=1e-5, rtol=0)
+    assert len(g_shared) == len(g_full) > 0
+    for a, b in zip(g_shared, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -137,6 +137,39 @@ def test_off_policy_old_log_probs_computed_once_never_differentiated(tiny_model,
     assert metrics["grad_norm"] > 0
 
 
+def test_on_policy_clip_takes_old_log_probs_from_the_training_forward(tiny_model, gpt2_tokenizer, monkeypatch):
+    """grpo_clip on-policy (one epoch, train batch = rollout batch): no no-grad old-log-prob pass, and the
+    loss and the updated weights equal those of the path with the separate pass (the policy has not moved
+    since it generated, so both old log-probs are the same numbers). Off-policy still runs the pass."""
+    s = _settings(loss_type="grpo_clip")
+
+    def one_step(force_old_pass: bool):
+        model = copy.deepcopy(tiny_model)
+        loop, _ = _loop(model, gpt2_tokenizer, s)
+        if force_old_pass:
+            monkeypatch.setattr(loop, "_needs_old_and_ref", lambda: (True, False))
+        metrics = loop.train_step()
+        return loop, metrics, [p.detach().clone() for p in model.parameters()]
+
+    shared = []
+    real = loop_mod.shared_prompt_log_probs
+    monkeypatch.setattr(loop_mod, "shared_prompt_log_probs", lambda *a, **k: shared.append(real(*a, **k)) or shared[-1])
+    fast, m_fast, w_fast = one_step(False)
+    assert len(shared) == 2 and all(out is not None for out in shared)  # on-policy: each group's prompt once
+    ref, m_ref, w_ref = one_step(True)
+    assert fast.n_old_log_prob_passes == 0 and ref.n_old_log_prob_passes == 2  # 4 rollouts / micro-batch 2
+    assert m_fast["loss"] == pytest.approx(m_ref["loss"], abs=1e-6)
+    assert m_fast["clip_fraction"] == m_ref["clip_fraction"] == 0.0
+    assert m_fast["loss"] == pytest.approx(_expected_loss_f64(tiny_model, gpt2_tokenizer, "grpo_clip"), abs=1e-5)
+    for a, b in zip(w_fast, w_ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # two optimizer steps per rollout batch: the second is off-policy, so the pass runs
+    off, _ = _loop(copy.deepcopy(tiny_model), gpt2_tokenizer,
+                   _settings(loss_type="grpo_clip", train_batch_size=2, gradient_accumulation_steps=1))
+    off.train_step()
+    assert off.n_old_log_prob_passes == 2
+
+
 def test_kl_penalty_uses_reference_model(tiny_model, gpt2_tokenizer):
     model = copy.deepcopy(tiny_model)
     s = _settings(beta=0.1, epochs_per_rollout_batch=2)

@@ -9,6 +9,7 @@ training"), which drops the std normalisation and the per-sequence length mean.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "masked_whiten",
     "ppo_microbatch_train_step",
     "sft_microbatch_train_step",
+    "shared_prompt_log_probs",
     "tokenize_prompt_and_output",
 ]
 
@@ -102,16 +104,112 @@ def compute_entropy(logits: torch.Tensor, chunk_size: int | None = None) -> torc
 
 def get_response_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor,
                            return_token_entropy: bool = False, attention_mask: torch.Tensor | None = None,
-                           ) -> dict[str, torch.Tensor]:
-    """``log_probs`` ``(B, T)``: log p(labels[t] | input_ids[:t+1]); ``token_entropy`` ``(B, T)`` if asked."""
-    _same_shape("get_response_log_probs", input_ids=input_ids, labels=labels, attention_mask=attention_mask)
+                           response_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``log_probs`` ``(B, T)``: log p(labels[t] | input_ids[:t+1]); ``token_entropy`` ``(B, T)`` if asked.
+
+    With ``response_mask`` ``(B, T)`` only the positions from the first response position of any row on
+    go through the LM head, log-softmax and entropy (``logits_to_keep``, as TRL does): the prompt
+    positions before it hold 0 in both outputs (a loss masks them out anyway). The kept positions'
+    values equal the full computation's (the same hidden states, the same head)."""
+    _same_shape("get_response_log_probs", input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                response_mask=response_mask)
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    logits = model(input_ids, **kwargs).logits  # (B, T, V)
-    result = {"log_probs": selective_log_softmax(logits, labels)}
+    first = _first_response_column(response_mask) if response_mask is not None else 0
+    if first > 0 and _takes_logits_to_keep(model):
+        kwargs["logits_to_keep"] = input_ids.shape[1] - first
+    else:
+        first = 0
+    logits = model(input_ids, **kwargs).logits[:, -(input_ids.shape[1] - first):]  # (B, T - first, V)
+    result = {"log_probs": _left_pad(selective_log_softmax(logits, labels[:, first:]), first)}
     if return_token_entropy:
         with torch.no_grad():
-            result["token_entropy"] = compute_entropy(logits)
+            result["token_entropy"] = _left_pad(compute_entropy(logits), first)
     return result
+
+
+def shared_prompt_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor, response_mask: torch.Tensor,
+                            return_token_entropy: bool = False) -> dict[str, torch.Tensor] | None:
+    """:func:`get_response_log_probs` with ``response_mask`` for rows that share prompts (a GRPO group):
+    each distinct prompt goes through the model once (with grad), its KV cache is repeated for the rows
+    that share it, and only their response tokens are run on top. The values (and gradients) equal the
+    per-row computation's on the response positions; the rest hold 0. Rows are right-padded as
+    :func:`tokenize_prompt_and_output` makes them (prompt, then one contiguous response). Returns None
+    (use :func:`get_response_log_probs`) when no prompt repeats or the model takes no KV cache argument."""
+    _same_shape("shared_prompt_log_probs", input_ids=input_ids, labels=labels, response_mask=response_mask)
+    groups = _prompt_groups(input_ids, labels, response_mask)
+    cache_arg = next((a for a in ("cache", "past_key_values") if _takes(model, a)), None)  # transformers 5.x / 4.x
+    if groups is None or cache_arg is None or not _takes(model, "logits_to_keep"):
+        return None
+    log_probs = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    entropy = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device) if return_token_entropy else None
+    for prompt, rows, start, lengths in groups:
+        # 1. the prompt once: its cache, and the logits of its last position (the first response token's)
+        first = model(prompt.unsqueeze(0), use_cache=True, logits_to_keep=1)
+        cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
+        cache.batch_repeat_interleave(len(rows))
+        # 2. the rows' responses (right-padded; causal attention never looks at the pads after a token)
+        width = max(lengths)
+        response = labels[rows, start:start + width]  # (g, R)
+        rest = model(response[:, :-1], **{cache_arg: cache}, use_cache=True).logits if width > 1 else None
+        logits = first.logits.expand(len(rows), 1, -1)
+        logits = logits if rest is None else torch.cat([logits, rest], dim=1)  # (g, R, V)
+        lp = selective_log_softmax(logits, response)  # (g, R)
+        r_idx = torch.tensor(rows, device=labels.device).repeat_interleave(torch.tensor(lengths)).to(labels.device)
+        c_idx = torch.cat([torch.arange(start, start + n, device=labels.device) for n in lengths])
+        keep = torch.cat([torch.arange(n, device=labels.device) + j * width for j, n in enumerate(lengths)])
+        log_probs = log_probs.index_put((r_idx, c_idx), lp.reshape(-1)[keep].float())
+        if entropy is not None:
+            with torch.no_grad():
+                entropy[r_idx, c_idx] = compute_entropy(logits).reshape(-1)[keep]
+    return {"log_probs": log_probs, **({"token_entropy": entropy} if entropy is not None else {})}
+
+
+def _prompt_groups(input_ids, labels, response_mask) -> list | None:
+    """``[(prompt ids (P,), rows, first response column, response lengths)]`` for rows with the same
+    prompt; None when no prompt repeats (nothing to share) or a row's response is not contiguous."""
+    mask = response_mask.bool()
+    lengths = mask.sum(dim=1).tolist()
+    starts = mask.float().argmax(dim=1).tolist()  # first response column (label index)
+    by_prompt: dict[tuple, list[int]] = {}
+    for row, (start, n) in enumerate(zip(starts, lengths)):
+        if n == 0 or not bool(mask[row, start:start + n].all()):
+            return None
+        prompt = torch.cat([input_ids[row, :1], labels[row, :start]])  # full sequence's first start + 1 ids
+        by_prompt.setdefault(tuple(prompt.tolist()), []).append(row)
+    if len(by_prompt) == len(lengths):
+        return None
+    out = []
+    for prompt, rows in by_prompt.items():
+        out.append((torch.tensor(prompt, device=input_ids.device), rows, starts[rows[0]], [lengths[r] for r in rows]))
+    return out
+
+
+def _first_response_column(response_mask: torch.Tensor) -> int:
+    """The first column where any row has a response token (0 for an empty mask)."""
+    cols = response_mask.bool().any(dim=0).nonzero()
+    return int(cols[0]) if cols.numel() else 0
+
+
+def _takes_logits_to_keep(model) -> bool:
+    return _takes(model, "logits_to_keep")
+
+
+def _takes(model, argument: str) -> bool:
+    """Whether the (PEFT-unwrapped) model's ``forward`` takes ``argument`` (transformers causal LMs do
+    ``logits_to_keep`` and ``past_key_values``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = getattr(base, "forward", None)
+    try:
+        return forward is not None and argument in inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
+def _left_pad(values: torch.Tensor, n: int) -> torch.Tensor:
+    """``(B, K)`` -> ``(B, n + K)`` with zeros in the first ``n`` columns (differentiable)."""
+    if n == 0:
+        return values
+    return torch.cat([values.new_zeros(values.shape[0], n), values], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------

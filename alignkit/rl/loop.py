@@ -39,6 +39,7 @@ from alignkit.rl.core import (
     get_response_log_probs,
     grpo_microbatch_train_step,
     masked_mean,
+    shared_prompt_log_probs,
     tokenize_prompt_and_output,
 )
 
@@ -354,7 +355,8 @@ class GRPOLoop:
     def _make_microbatches(self, prompts, responses, advantages, raw_rewards) -> list[Microbatch]:
         """Shuffle once, cut into micro-batches, add old/ref log-probs under no_grad where needed."""
         order = list(range(len(prompts)))
-        random.Random(self.s.seed + 7919 * self.step + self.rank).shuffle(order)
+        if not self._on_policy():  # on-policy every micro-batch feeds one optimizer step: keep groups together
+            random.Random(self.s.seed + 7919 * self.step + self.rank).shuffle(order)
         need_old, need_ref = self._needs_old_and_ref()
         batches = []
         for start in range(0, len(order), self.micro_batch_size):
@@ -377,13 +379,37 @@ class GRPOLoop:
         return batches
 
     def _needs_old_and_ref(self) -> tuple[bool, bool]:
-        """GRPO: old log-probs when off-policy or clipped; reference log-probs for the k3 penalty."""
-        return self.s.epochs_per_rollout_batch > 1 or self.s.loss_type == "grpo_clip", self.s.beta > 0
+        """GRPO: old log-probs when off-policy (grpo_clip only reads them), reference log-probs for the k3
+        penalty. On-policy (one epoch, one optimizer step per rollout batch: :meth:`_on_policy`) the policy
+        has not moved since it generated, so the old log-probs are the current ones, detached, taken from
+        the training forward itself (as TRL does): no separate no-grad pass."""
+        need_old = self.s.epochs_per_rollout_batch > 1 or (self.s.loss_type == "grpo_clip" and not self._on_policy())
+        return need_old, self.s.beta > 0
+
+    def _on_policy(self) -> bool:
+        """One pass over the rollout batch in one optimizer step: every micro-batch is trained on with the
+        weights that generated it."""
+        return self.s.epochs_per_rollout_batch == 1 and self.s.train_batch_size == self.s.rollout_batch_size
 
     @staticmethod
     def _no_grad_log_probs(model, mb: Microbatch) -> torch.Tensor:
         with torch.no_grad():
-            return get_response_log_probs(model, mb.input_ids, mb.labels)["log_probs"].detach()  # (b, T)
+            return get_response_log_probs(model, mb.input_ids, mb.labels,
+                                          response_mask=mb.response_mask)["log_probs"].detach()  # (b, T)
+
+    def _log_probs_with_grad(self, mb: Microbatch) -> dict:
+        """The policy's log-probs and entropies of a micro-batch. On-policy (no old log-probs to match bit
+        for bit; groups kept together) each shared prompt runs once with its cache repeated for the group's
+        responses (:func:`shared_prompt_log_probs`); else, like the no-grad passes, the padded batch from
+        the first response column on (the same values up to float rounding)."""
+        out = None
+        if self._on_policy():
+            out = shared_prompt_log_probs(self.policy, mb.input_ids, mb.labels, mb.response_mask,
+                                          return_token_entropy=True)
+        if out is None:
+            out = get_response_log_probs(self.policy, mb.input_ids, mb.labels, return_token_entropy=True,
+                                         response_mask=mb.response_mask)
+        return out
 
     def _train_on_rollouts(self, micro: list[Microbatch]) -> dict:
         s, ga = self.s, self.s.gradient_accumulation_steps
@@ -396,11 +422,14 @@ class GRPOLoop:
                 loss_sum = 0.0
                 for mb in micro[start:start + ga]:
                     # 2. log-probs with grad (+ entropy for logging)
-                    out = get_response_log_probs(self.policy, mb.input_ids, mb.labels, return_token_entropy=True)
-                    # 3. policy-gradient loss (+ k3 KL), backward inside
+                    out = self._log_probs_with_grad(mb)
+                    # 3. policy-gradient loss (+ k3 KL), backward inside; on-policy, old = current, detached
+                    old = mb.old_log_probs
+                    if old is None and s.loss_type == "grpo_clip":
+                        old = out["log_probs"].detach()
                     loss, meta = grpo_microbatch_train_step(
                         out["log_probs"], mb.response_mask, ga, s.loss_type, raw_rewards=mb.raw_rewards,
-                        advantages=mb.advantages, old_log_probs=mb.old_log_probs, cliprange=s.cliprange,
+                        advantages=mb.advantages, old_log_probs=old, cliprange=s.cliprange,
                         length_normalization=s.length_normalization,
                         normalize_constant=float(s.normalize_constant or s.max_new_tokens),
                         ref_log_probs=mb.ref_log_probs, kl_beta=s.beta)
