@@ -245,12 +245,18 @@ def _train_keys(ignored: dict) -> set[str]:
     return {k for k in ignored if k.startswith("train.")}
 
 
+# the task-eval sizes are unread without train.task_eval; engine trl reads none of the task-eval keys
+TASK_EVAL_SIZES = {"train.task_eval_limit", "train.task_eval_max_new_tokens", "train.task_eval_batch_size",
+                   "train.task_eval_prompt"}
+
+
 def test_ignored_keys_default_alignkit_hf():
     ignored = grpo.ignored_keys(_stage())
     assert _train_keys(ignored) == DERIVED | {"train.http_base_url", "train.http_model",
                                              "train.vllm_gpu_memory_utilization", "train.bf16",
                                              "train.cliprange", "train.normalize_constant",
-                                             "train.arithmetic_max"}
+                                             "train.arithmetic_max"} | TASK_EVAL_SIZES
+    assert "read by the task-eval callback" in ignored["train.task_eval_limit"]
     assert ignored["train.bf16"] == "train.bf16 is read by engine trl; this recipe's engine is alignkit"
     assert ignored["train.cliprange"] == ("train.cliprange is read by engine alignkit with loss_type grpo_clip; this recipe's "
                                           "loss_type is reinforce_with_baseline")
@@ -271,7 +277,9 @@ def test_ignored_keys_engine_trl():
                                              "train.vllm_gpu_memory_utilization", "train.advantage_eps",
                                              "train.normalize_constant", "train.val_samples", "train.eval_every",
                                              "train.rollout_table_every", "train.rollout_table_size",
-                                             "train.improvement_sigmas", "train.arithmetic_max"}
+                                             "train.improvement_sigmas", "train.arithmetic_max",
+                                             "train.task_eval", "train.task_eval_steps"} | TASK_EVAL_SIZES
+    assert ignored["train.task_eval"].startswith("train.task_eval is read by engine alignkit (the task-eval hook")
     assert ignored["train.eval_every"].startswith("train.eval_every is read by engine alignkit (") and ignored[
         "train.eval_every"].endswith("this recipe's engine is trl")
     assert ignored["train.http_base_url"] == "train.http_base_url is read by engine alignkit; this recipe's engine is trl"

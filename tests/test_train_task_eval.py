@@ -121,3 +121,34 @@ def test_dpo_run_shows_both_curves(tmp_path, tiny_model_dir):
     assert [r["step"] for r in rows if SAFETY_KEYS[0] in r] == [0, 1, 2]
     assert [r["step"] for r in rows if "rewards/margins" in r] == [1, 2]
     assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_grpo_loop_scores_tasks_every_n_steps(tmp_path, tiny_model_dir):
+    """alignkit's RL loop (GRPO; PPO shares it): the safety rates on the metrics lines of steps 0, 2 and 4, the
+    reward beside them; engine trl refuses the keys (its GRPOTrainer has no such hook)."""
+    import yaml
+
+    from alignkit.config import load_recipe
+    from alignkit.train import grpo
+
+    raw = {"stage": "grpo", "output_dir": str(tmp_path / "run"), "seed": 0,
+           "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"},
+           "train": {"task": "arithmetic", "reward": "r1_zero", "n_grpo_steps": 4, "rollout_batch_size": 4,
+                     "group_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 2, "max_new_tokens": 4,
+                     "min_new_tokens": 1, "n_val": 2, "n_train": 8, "use_cpu": True, "learning_rate": 1e-3,
+                     "task_eval": ["safety"], "task_eval_steps": 2, "task_eval_limit": 1,
+                     "task_eval_max_new_tokens": 2}}
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    stage = load_recipe(path).stages["grpo"]
+    out = tmp_path / "run"
+    grpo.run(stage, out, None)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if SAFETY_KEYS[0] in r] == [0, 2, 4]
+    assert all("reward" in r and "loss" in r for r in rows if r["step"] in (2, 4) and SAFETY_KEYS[0] in r)
+    assert "val_reward" in rows[0] and SAFETY_KEYS[1] in rows[0]  # step 0: validation and the safety rates
+    assert sorted(p.name for p in (out / "task_eval").iterdir()) == ["step-0", "step-2", "step-4"]
+    raw["train"]["engine"] = "trl"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match=r"train.task_eval.*engine alignkit"):
+        load_recipe(path)

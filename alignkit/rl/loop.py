@@ -189,7 +189,11 @@ class GRPOLoop:
     def __init__(self, policy, tokenizer, generator, reward_fn: Callable[[str, str], dict],
                  train_prompts: Sequence[str], train_answers: Sequence[str], optimizer,
                  settings: RLLoopConfig, *, val_prompts: Sequence[str] = (), val_answers: Sequence[str] = (),
-                 ref_model=None, accelerator=None) -> None:
+                 ref_model=None, accelerator=None, extra_eval: Callable[[object, int], dict] | None = None,
+                 extra_eval_every: int = 0) -> None:
+        """``extra_eval(policy, step) -> {name: number}``: more measurements of the policy (e.g. eval tasks such
+        as the safety see-saw), run on process 0 before the first step and every ``extra_eval_every`` steps,
+        logged on that step's metrics line."""
         if len(train_prompts) != len(train_answers) or not train_prompts:
             raise ValueError(f"{type(self).__name__}: {len(train_prompts)} train prompts but "
                              f"{len(train_answers)} answers (need the same number, at least one)")
@@ -206,6 +210,7 @@ class GRPOLoop:
         self.train_prompts, self.train_answers = list(train_prompts), list(train_answers)
         self.val_prompts, self.val_answers = list(val_prompts), list(val_answers)
         self.out = Path(settings.output_dir) if settings.output_dir else None
+        self.extra_eval, self.extra_eval_every = extra_eval, int(extra_eval_every)
         self.step = 0
         self.history: dict = {}
         self.n_old_log_prob_passes = 0  # forward passes for old log-probs (tests check "computed once")
@@ -230,10 +235,12 @@ class GRPOLoop:
             self._start_fresh()
         self.val_per_prompt: list[float] | None = None
         history: dict = self.history
+        extra = {}
         if self.step == 0:
             history["val_before"] = self.evaluate()
             history["val_before_per_prompt"] = self.val_per_prompt
-        self._log_metrics({"step": self.step, **(history.get("val_before") or {})}, if_new=True)
+            extra = self._extra_eval()
+        self._log_metrics({"step": self.step, **(history.get("val_before") or {}), **extra}, if_new=True)
         metrics: dict = {}
         while self.step < self.s.n_grpo_steps:
             # 1. one step (rollout, rewards, update, weight sync)
@@ -241,6 +248,8 @@ class GRPOLoop:
             # 2. validation at its interval
             if self.s.eval_every and self.step % self.s.eval_every == 0 and self.step < self.s.n_grpo_steps:
                 metrics.update(self.evaluate())
+            if self.extra_eval_every and self.step % self.extra_eval_every == 0:
+                metrics.update(self._extra_eval())
             # 3. log, then checkpoint (a checkpoint at step N implies the line of step N is written)
             self._log_metrics(metrics)
             if self.step % self.s.log_every == 0 or self.step == self.s.n_grpo_steps:
@@ -255,6 +264,15 @@ class GRPOLoop:
             self.save_checkpoint()
         history["last_step"] = metrics
         return history
+
+    def _extra_eval(self) -> dict:
+        """``extra_eval`` on process 0 (the others wait); {} when there is none."""
+        if self.extra_eval is None:
+            return {}
+        out = self.extra_eval(self._unwrapped(), self.step) if self.rank == 0 else {}
+        if self.acc is not None:
+            self.acc.wait_for_everyone()
+        return out
 
     def _start_fresh(self) -> None:
         """A fresh run starts fresh logs; old checkpoints move to ``checkpoints.prev`` (never resumed from)."""

@@ -38,6 +38,9 @@ from alignkit.rl.loop import GRPOConfig, GRPOLoop
 from alignkit.rl.rewards import RewardPreset, get_reward
 from alignkit.train.callbacks import plot_metrics
 from alignkit.train.common import load_for_training, lora_config, resume_training, stage_callbacks
+from alignkit.train.task_eval import KEYS as TASK_EVAL_KEYS
+from alignkit.train.task_eval import TaskEvalArgs, score_tasks, settings_of
+from alignkit.train.task_eval import ignored_keys as task_eval_ignored
 
 logger = logging.getLogger("alignkit.train.grpo")
 
@@ -53,9 +56,10 @@ def _arg(default, help: str, **meta):
 
 
 @dataclass
-class RLStageArgs:
+class RLStageArgs(TaskEvalArgs):
     """The stage-level fields the RL stages share (``grpo`` and ``ppo``): data task, prompt, optimizer, checks,
-    rollout backend, device. Each stage's ``train:`` class inherits them with its loop's config."""
+    rollout backend, device, eval tasks scored during training (``task_eval``). Each stage's ``train:`` class
+    inherits them with its loop's config."""
 
     # --- data and prompt
     task: str = _arg("gsm8k", "gsm8k (bundled or data.path rows with question/answer; data.columns maps other "
@@ -117,6 +121,7 @@ class GRPOArgs(GRPOConfig, RLStageArgs):
         for name, valid in (("engine", ENGINES), ("rollout_backend", BACKENDS), ("task", TASKS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"train.{name}={getattr(self, name)!r}: valid values are {', '.join(valid)}")
+        self.check_task_eval()
         if self.engine == "trl":
             trl_check(self)
 
@@ -158,6 +163,7 @@ TRL_UNREAD = {
     "eval_every": "engine trl scores the held-out set before and after training only",
     "rollout_table_every": "engine trl writes no rollout table",
     "rollout_table_size": "engine trl writes no rollout table",
+    **{key: "the task-eval hook of alignkit's loop" for key in TASK_EVAL_KEYS},
 }
 DATA_READ = ("path", "eval_path", "columns")  # task gsm8k only (data.template: every task)
 
@@ -205,6 +211,7 @@ def rl_ignored_keys(stage, name: str, data_tasks: tuple[str, ...], unread) -> di
     args = stage.train
     tasks = " or ".join(data_tasks)
     out = {f"train.{f.name}": why for f in fields(args) if (why := unread(args, f)) is not None}
+    out.update({k: v for k, v in task_eval_ignored(args).items() if k not in out})
     for f in fields(stage.data):
         if f.name == "template":
             continue  # the prompt's rendering: read by every task
@@ -402,6 +409,20 @@ def _save(policy, tokenizer, stage_dir: Path, lora: bool) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Stage entry point
 # ----------------------------------------------------------------------------------------------------------
+def extra_eval_hook(args, tokenizer, stage_dir: Path) -> dict:
+    """The loop's ``extra_eval``/``extra_eval_every`` for ``train.task_eval`` (e.g. the safety see-saw every N
+    steps; files in ``<stage_dir>/task_eval/step-N/``), or nothing when no task is scored during training."""
+    if not args.task_eval:
+        return {}
+    settings = settings_of(args)
+
+    def hook(model, step: int) -> dict:
+        return score_tasks(model, tokenizer, args.task_eval, stage_dir / "task_eval", settings, step=step,
+                           seed=args.seed)
+
+    return {"extra_eval": hook, "extra_eval_every": args.task_eval_steps}
+
+
 def run(recipe, stage_dir, model_path=None) -> dict:
     """Train with GRPO; returns ``{"model_dir", "metrics", "model_source", ...}``."""
     args: GRPOArgs = recipe.train
@@ -436,7 +457,8 @@ def run(recipe, stage_dir, model_path=None) -> dict:
                                   betas=(args.adam_beta1, args.adam_beta2))
     config = args.loop_config(preset, resume=bool(recipe.resume), output_dir=str(stage_dir))
     loop = GRPOLoop(policy, tokenizer, generator, preset.fn, train_p, train_a, optimizer,
-                    config, val_prompts=val_p, val_answers=val_a, ref_model=ref, accelerator=acc)
+                    config, val_prompts=val_p, val_answers=val_a, ref_model=ref, accelerator=acc,
+                    **extra_eval_hook(args, tokenizer, stage_dir))
     history = loop.train()
     # 4. save, summarise, check
     result = {"model_source": source.to_dict(), **_summary(history, args.improvement_sigmas)}

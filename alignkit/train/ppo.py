@@ -66,6 +66,7 @@ class PPOArgs(PPOConfig, grpo.RLStageArgs):
         for name, valid in (("rollout_backend", grpo.BACKENDS), ("task", TASKS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"train.{name}={getattr(self, name)!r}: valid values are {', '.join(valid)}")
+        self.check_task_eval()
 
 
 ARGS_CLASS = PPOArgs
@@ -243,7 +244,7 @@ def run(recipe, stage_dir, model_path=None) -> dict:
     config = args.loop_config(preset, resume=bool(recipe.resume), output_dir=str(stage_dir))
     loop = PPOLoop(policy, tokenizer, generator, preset.fn, train_p, train_a, _optimizer(args, policy, value),
                    config, value_model=value, ref_model=ref, val_prompts=val_p, val_answers=val_a,
-                   accelerator=acc)
+                   accelerator=acc, **grpo.extra_eval_hook(args, tokenizer, stage_dir))
     history = loop.train()
     # 4. save, summarise, check
     result = {"model_source": source.to_dict(), **grpo._summary(history, args.improvement_sigmas)}
