@@ -146,11 +146,21 @@ def test_smoke_values_match_independent_checks(smoke_results):
     sft = rows["SFT throughput: padding-free (TRL collator, position ids) vs padded"]["agreement"]
     assert sft["abs_diff_padding_free"] <= 1e-4 < sft["abs_diff_cross_doc"]
     assert sft["abs_diff_varlen"] <= 1e-4  # per-document SDPA: the same loss as the padded batch
-    # chunked log-probs vs a float64 reference
+    # chunked log-probs vs a float64 reference; the LM-head kernel and TRL's chunked kernel vs float64 too
     assert rows["per-token log-probs: peak memory"]["agreement"]["max_abs_diff_vs_float64"] <= 1e-5
+    head = [r for path, r in rows.items() if path.startswith("per-token log-probs fwd+bwd: alignkit vs TRL")]
+    assert head and all(r["agreement"]["max_abs_diff_vs_float64"] <= 1e-5 for r in head)
+    assert all(r["agreement"]["trl_max_abs_diff_vs_float64"] <= 1e-5 for r in head)
+    # GRPO: alignkit's and TRL's per-token log-probs of one fixed batch
+    grpo_row = rows["GRPO steps/s: alignkit loop vs TRL GRPOTrainer (HF generate, LoRA)"]["agreement"]
+    assert grpo_row["log_prob_max_abs_diff"] <= 1e-4
     # DPO with precomputed reference log-probs: the same per-step losses as with a live reference
     dpo = rows["DPO step: precomputed ref log-probs vs live ref forward (TRL)"]["agreement"]
     assert dpo["losses_live_ref"] == pytest.approx(dpo["losses_precomputed"], abs=1e-5)
+    # alignkit's padding-free DPO and TRL's padded DPOTrainer: the same per-step losses
+    ours = rows["DPO step: alignkit (padding-free + precomputed ref) vs TRL DPOTrainer best (precomputed ref)"]
+    assert ours["agreement"]["losses_alignkit"] == pytest.approx(ours["agreement"]["losses_trl"], abs=1e-4)
+    assert ours["details"]["tokens_per_step_alignkit"] < ours["details"]["tokens_per_step_trl"]  # no pads
     # full fine-tuning: 16 bytes per parameter (fp32 weights + grads + two AdamW moments)
     full = rows["memory: full (params + grads + AdamW), measured vs computed"]
     assert full["alignkit"] * 2**20 == pytest.approx(16 * full["details"]["base_params"], rel=1e-6)
