@@ -301,7 +301,7 @@ class ContinuousBatch:
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys.expand(k, -1, -1, -1), values.expand(k, -1, -1, -1)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, p:]  # (k, S), as model.generate
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{self.cache_kw: cache},
                          use_cache=True, **self.keep_logits)
         rows = [_Row(i, len(encoded[i])) for i in new]
         keep, chosen = self._advance(rows, out.logits[:, -1])
