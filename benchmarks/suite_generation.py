@@ -106,10 +106,11 @@ def bench_eval_generation(ctx: Context) -> list[Row]:
     model.eval()
     if not tok.chat_template:  # the tiny smoke model's GPT-2 tokenizer
         tok.chat_template = PLAIN_CHAT_TEMPLATE
-    n, n_ref = ctx.pick(8, 16), ctx.pick(2, 3)
+    n, n_ref = ctx.pick(8, 24), ctx.pick(2, 2)
     gen = HFGenerator(model, tok, batch_size=8)
     rows, ours_all, ref_all, t_ours_all, t_ref_all = [], [], [], 0.0, 0.0
-    for label, task, max_new in _eval_tasks(ctx):
+    tasks = _eval_tasks(ctx)
+    for label, task, max_new in tasks:
         texts, params = chat_texts(tok, task, n), task.sampling_params("chat", max_new)
         static_generate(model, tok, texts[:2], SamplingParams(max_new_tokens=2, stop=params.stop), 8)  # warm-up
         gen.generate(texts[:2], SamplingParams(max_new_tokens=2, stop=params.stop))
@@ -132,9 +133,9 @@ def bench_eval_generation(ctx: Context) -> list[Row]:
                               f"order, left-padded, stop_strings; {sum(lengths) / n:.0f} new tokens per example "
                               f"(min {min(lengths)}, max {max(lengths)}); texts compared one by one"))
     k = len(ref_all)
-    rows.append(Row("eval generation: alignkit vs one prompt at a time (reference)", 2 * n / t_ours_all,
+    rows.append(Row("eval generation: alignkit vs one prompt at a time (reference)", len(tasks) * n / t_ours_all,
                     k / t_ref_all, "examples/s", agreement=_text_agreement(ours_all, ref_all),
-                    details={"n_one_at_a_time": k, "n_alignkit": 2 * n},
+                    details={"n_one_at_a_time": k, "n_alignkit": len(tasks) * n},
                     notes=f"model.generate one prompt at a time on the first {n_ref} prompts of each task; "
                           "alignkit's texts of those prompts compared one by one; reported only"))
     return rows
