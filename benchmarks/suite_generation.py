@@ -103,7 +103,7 @@ def _eval_tasks(ctx: Context) -> list[tuple[str, object, int, int]]:
     """(label, task, prompts, max_new_tokens) of the generation rows: more prompts than the batch's 8 slots,
     so that freed slots are refilled (about 6 minutes in all at full size on two idle cores)."""
     return [("GSM8K", GSM8K(), ctx.pick(10, 24), ctx.pick(16, 256)),
-            ("AlpacaEval", AlpacaEval(), ctx.pick(10, 20), ctx.pick(16, 256))]
+            ("AlpacaEval", AlpacaEval(), ctx.pick(10, 16), ctx.pick(16, 256))]
 
 
 def bench_eval_generation(ctx: Context) -> list[Row]:
