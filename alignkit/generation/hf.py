@@ -277,7 +277,7 @@ class ContinuousBatch:
         p = next((k for k in range(n) if any(e[k] != first[k] for e in encoded)), n)
         if p == 0:
             return 0, []
-        cache = DynamicCache(config=self.model.config)
+        cache = _new_cache(self.model.config)
         ids = torch.tensor([first[:p]], device=self.device)  # (1, P)
         self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(p, device=self.device)[None],
                    **{self.cache_kw: cache}, use_cache=True, **self.keep_logits)
@@ -296,7 +296,7 @@ class ContinuousBatch:
             ids[row, width - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[row, p + width - len(r):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = DynamicCache(config=self.model.config)
+        cache = _new_cache(self.model.config)
         for layer, (keys, values) in zip(cache.layers, self.prefix_kv):
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys.expand(k, -1, -1, -1), values.expand(k, -1, -1, -1)
@@ -372,6 +372,38 @@ class ContinuousBatch:
         self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
         self.rows = self.rows + rows
         self.last = torch.cat([self.last, torch.tensor(chosen, dtype=torch.long, device=self.device)])
+
+
+class _AppendLayer(DynamicLayer):
+    """A :class:`DynamicLayer` that appends into spare room (``_ROOM`` more positions at a time) instead of
+    copying the whole cache with ``torch.cat`` at every step; ``keys``/``values`` are views of the filled part.
+    A cache tensor assigned from outside (row selection, merges, the shared prefix) is copied in once."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        n, buf = key_states.shape[-2], getattr(self, "_buf", None)
+        if (buf is None or buf[0].data_ptr() != self.keys.data_ptr() or t + n > buf[0].shape[-2]
+                or buf[0].shape[:2] != key_states.shape[:2]):
+            b, h, _, d = key_states.shape
+            buf = (key_states.new_empty((b, h, t + n + _ROOM, d)), value_states.new_empty((b, h, t + n + _ROOM, d)))
+            if t:
+                buf[0][:, :, :t], buf[1][:, :, :t] = self.keys, self.values
+            self._buf = buf
+        buf[0][:, :, t:t + n], buf[1][:, :, t:t + n] = key_states, value_states
+        self.keys, self.values = buf[0][:, :, :t + n], buf[1][:, :, :t + n]
+        return self.keys, self.values
+
+
+_ROOM = 128  # cache positions added at a time by _AppendLayer
+
+
+def _new_cache(config) -> DynamicCache:
+    """A DynamicCache of :class:`_AppendLayer` s (the model's layers are all plain: :func:`_plain_cache`)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_AppendLayer() for _ in cache.layers]
+    return cache
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
