@@ -234,6 +234,7 @@ class ContinuousBatch:
     prefilled and joins. The common token prefix of all prompts is prefilled once
     (``share_prefix``): each row's cache then holds [prefix][padding][rest of its prompt][generated].
     A row ends at EOS, at ``max_new_tokens``, or when a stop string appears in its decoded text.
+    The cache layers (:class:`_AppendLayer`) append each step's keys/values in place.
     """
 
     def __init__(self, gen: HFGenerator, params: SamplingParams) -> None:
