@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.generation import Generator
 from alignkit.generation.base import SamplingParams
-from alignkit.generation.hf import HFGenerator
+from alignkit.generation.hf import ContinuousBatch, HFGenerator
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "a", "One two three four five six seven eight",
            "Why?"]
@@ -225,3 +225,107 @@ def test_smollm2_chat_batched_equals_single_and_eos_is_pad():
     assert [c.token_ids for c in batched] == [c.token_ids for c in single]
     assert "5" in batched[1].text and batched[1].finish_reason == "stop" and "<|im_end|>" not in batched[1].text
     assert batched[2].finish_reason == "length" and batched[2].num_tokens == 40
+
+
+# ------------------------------------------------------------------ continuous batching
+def _rows_per_forward(model):
+    """A list that collects the batch size of every forward of ``model``'s decoder (and the hook handle)."""
+    seen: list[int] = []
+    handle = model.model.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["input_ids"].shape[0]),
+                                                   with_kwargs=True)
+    return seen, handle
+
+
+def test_continuous_refills_slots_and_drops_finished_rows(model, tok, references):
+    # EOS = the 2nd greedy token of one prompt: that row ends after 1 token, its slot takes the next prompt.
+    eos = references[PROMPTS[1]][1]
+    m = _with_eos(model, eos)
+    expected = {p: (references[p][:references[p].index(eos)] if eos in references[p] else references[p])
+                for p in PROMPTS}
+    assert len({len(v) for v in expected.values()}) > 1  # uneven lengths: the check below is not trivial
+    static = HFGenerator(m, tok, batch_size=2, continuous=False).generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    seen, handle = _rows_per_forward(m)
+    try:
+        out = HFGenerator(m, tok, batch_size=2).generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    finally:
+        handle.remove()
+    for prompt, c, s in zip(PROMPTS, out, static):
+        assert c.token_ids == expected[prompt] == s.token_ids, prompt
+        assert c.text == tok.decode(expected[prompt]) == s.text
+        assert c.finish_reason == ("stop" if eos in references[prompt] else "length") == s.finish_reason
+    assert max(seen) <= 2  # never more rows than slots
+    # Rows fed to forwards: one per prompt in its prefill (which picks its 1st token), then one per further
+    # token it picks (its EOS included); a finished row is never fed again.
+    steps = {p: len(expected[p]) if eos in references[p] else len(expected[p]) - 1 for p in PROMPTS}
+    assert sum(seen) == len(PROMPTS) + sum(steps.values())
+    assert seen[-1] == 1  # the last row decodes alone: finished rows left the batch
+
+
+def test_continuous_shared_prefix_prefilled_once(model, tok):
+    prompts = ["The quick brown fox jumps over the lazy dog and then",
+               "The quick brown fox jumps over the lazy dog but",
+               "The quick brown fox jumps over a fence"]
+    refs = [reference_greedy(model, tok, p, 6) for p in prompts]
+    seen = []
+    gen = HFGenerator(model, tok, batch_size=2)
+    orig = ContinuousBatch._prefix
+
+    def spy(self, encoded):
+        out = orig(self, encoded)
+        seen.append(out[0])
+        return out
+
+    ContinuousBatch._prefix = spy
+    try:
+        out = gen.generate(prompts, SamplingParams(max_new_tokens=6))
+        unshared = HFGenerator(model, tok, batch_size=2, share_prefix=False).generate(prompts,
+                                                                                    SamplingParams(max_new_tokens=6))
+    finally:
+        ContinuousBatch._prefix = orig
+    ids = [tok(p)["input_ids"] for p in prompts]
+    common = next(k for k in range(len(ids[2])) if len({tuple(i[:k + 1]) for i in ids}) > 1)
+    assert seen == [common, 0] and common >= 5
+    assert [c.token_ids for c in out] == refs == [c.token_ids for c in unshared]
+
+
+def test_continuous_stop_string_ends_row_early(model, tok, references):
+    ref = references[PROMPTS[1]]
+    ref_text = tok.decode(ref)
+    stop = tok.decode(ref[2]).strip() or tok.decode(ref[2])  # a piece of the 3rd generated token
+    params = SamplingParams(max_new_tokens=8, stop=[stop])
+    seen, handle = _rows_per_forward(model)
+    try:
+        out = HFGenerator(model, tok, batch_size=2).generate([PROMPTS[1]], params)[0]
+    finally:
+        handle.remove()
+    static = HFGenerator(model, tok, batch_size=2, continuous=False).generate([PROMPTS[1]], params)[0]
+    assert out.text == ref_text[:ref_text.find(stop)] == static.text
+    assert out.token_ids == static.token_ids and out.finish_reason == "stop" == static.finish_reason
+    assert len(seen) == 3  # prefill + 2 decode steps: the row left when its text showed the stop string
+
+
+def test_continuous_min_new_tokens_and_length(model, tok, references):
+    eos = references[PROMPTS[3]][0]
+    m = _with_eos(model, eos)
+    params = SamplingParams(max_new_tokens=5, min_new_tokens=3)
+    cont = HFGenerator(m, tok, batch_size=2).generate(PROMPTS, params)
+    static = HFGenerator(m, tok, batch_size=2, continuous=False).generate(PROMPTS, params)
+    assert [c.token_ids for c in cont] == [c.token_ids for c in static]
+    assert [c.finish_reason for c in cont] == [c.finish_reason for c in static]
+    assert all(3 <= c.num_tokens <= 5 or c.finish_reason == "stop" for c in cont)
+    assert eos not in cont[3].token_ids[:3]
+
+
+def test_sliding_window_model_uses_static_path(tmp_path, tok):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    torch.manual_seed(0)
+    m = MistralForCausalLM(cfg).eval()
+    called = []
+    orig = HFGenerator._generate_static
+    gen = HFGenerator(m, tok, batch_size=2)
+    gen._generate_static = lambda enc, params: called.append(1) or orig(gen, enc, params)
+    out = gen.generate(PROMPTS[:2], SamplingParams(max_new_tokens=3))
+    assert called and [c.token_ids for c in out] == [reference_greedy(m, tok, p, 3) for p in PROMPTS[:2]]
