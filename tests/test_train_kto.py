@@ -102,11 +102,14 @@ def test_refused_settings(tmp_path, tiny_model_dir):
 def test_ignored_keys_contract(tmp_path, tiny_model_dir):
     stage = _recipe(tmp_path, tiny_model_dir, _unpaired(tmp_path / "kto.jsonl"))
     keys = kto.ignored_keys(stage)
+    task_eval_sizes = {"train.task_eval_limit", "train.task_eval_max_new_tokens", "train.task_eval_batch_size",
+                       "train.task_eval_prompt"}  # read only with train.task_eval
     assert set(keys) == {"train.ref_model_mixup_alpha", "train.ref_model_sync_steps",
-                         "train.precompute_ref_batch_size"}
+                         "train.precompute_ref_batch_size"} | task_eval_sizes
     assert all(msg.startswith(k + " is ") and "\n" not in msg for k, msg in keys.items())
     synced = _recipe(tmp_path, tiny_model_dir, _unpaired(tmp_path / "kto.jsonl"),
-                     ["train.sync_ref_model=true", "train.precompute_ref_log_probs=true"])
+                     ["train.sync_ref_model=true", "train.precompute_ref_log_probs=true",
+                      "train.task_eval=[safety]", "train.task_eval_steps=10"])
     assert kto.ignored_keys(synced) == {}
 
 
