@@ -485,3 +485,29 @@ def test_a_failed_sample_fails_only_its_example_and_a_rerun_retries_all_its_samp
     assert m["n"] == limit and all(len(r["samples"]) == n for r in read_jsonl(pred))
     for k in (1, 2, 3):
         assert m[f"pass@{k}"] == pytest.approx(comb_pass_at_k(counts, n, k), abs=1e-12)
+
+
+def test_backends_reporting_each_result_get_longer_chunks(tmp_path):
+    """A generator that takes on_result (HF continuous batching, HTTP) gets CHUNK_BATCHES batches per call, so
+    a finished row's slot is refilled from the same call; every record is still saved once, in the log."""
+    from alignkit.eval.runner import CHUNK_BATCHES, generate_task
+
+    calls = []
+
+    class Reporting:
+        name = "reporting"
+
+        def generate(self, prompts, params, on_result=None):
+            calls.append(len(prompts))
+            out = [Completion("The answer is 4.", token_ids=[1]) for _ in prompts]
+            for i, c in enumerate(out):
+                on_result(i, c)
+            return out
+
+    task = get_task("gsm8k")
+    examples = task.load(2 * CHUNK_BATCHES + 3, 0)
+    log = PredictionLog(tmp_path / "predictions.jsonl", resume=True)
+    segment, failures = generate_task(Reporting(), task, examples, log, style="zero_shot", max_new_tokens=8,
+                                      batch_size=1)
+    assert calls == [CHUNK_BATCHES, CHUNK_BATCHES, 3] and failures == [] and segment["examples"] == len(examples)
+    assert sorted(r["id"] for r in log.read()) == sorted(e["id"] for e in examples)

@@ -326,6 +326,19 @@ def test_sliding_window_model_uses_static_path(tmp_path, tok):
     called = []
     orig = HFGenerator._generate_static
     gen = HFGenerator(m, tok, batch_size=2)
-    gen._generate_static = lambda enc, params: called.append(1) or orig(gen, enc, params)
+    gen._generate_static = lambda enc, params, on_result=None: called.append(1) or orig(gen, enc, params, on_result)
     out = gen.generate(PROMPTS[:2], SamplingParams(max_new_tokens=3))
     assert called and [c.token_ids for c in out] == [reference_greedy(m, tok, p, 3) for p in PROMPTS[:2]]
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_on_result_reports_each_completion_once_as_it_finishes(tiny_model, gpt2_tokenizer, continuous):
+    """on_result(i, completion): every prompt once, the same completion generate returns; on the continuous
+    path a short row is reported before the batch's longest one has finished."""
+    gen = HFGenerator(tiny_model, gpt2_tokenizer, batch_size=2, continuous=continuous)
+    prompts = ["a b c", "d", "e f", "g h i j"]
+    caps = SamplingParams(max_new_tokens=6, temperature=0.0)
+    seen = []
+    out = gen.generate(prompts, caps, on_result=lambda i, c: seen.append((i, c)))
+    assert sorted(i for i, _ in seen) == [0, 1, 2, 3]
+    assert all(out[i] is c for i, c in seen)

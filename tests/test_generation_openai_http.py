@@ -119,12 +119,14 @@ def test_malformed_answers_say_what_was_received(body, match):
         OpenAIHTTPGenerator(srv.base_url, "m", **FAST).generate(["x"], SamplingParams(max_new_tokens=2))
 
 
-def test_on_result_is_an_optional_keyword_of_the_http_backend_only():
+def test_on_result_is_an_optional_keyword_of_the_http_and_hf_backends():
     from alignkit.generation.base import accepts_on_result
+    from alignkit.generation.vllm import VLLMGenerator
 
     gen = OpenAIHTTPGenerator("http://127.0.0.1:1/v1", "m")
     assert accepts_on_result(gen.generate) and accepts_on_result(gen.chat)
-    assert not accepts_on_result(HFGenerator.generate) and not accepts_on_result(len)
+    assert accepts_on_result(HFGenerator.generate) and accepts_on_result(HFGenerator.chat)
+    assert not accepts_on_result(VLLMGenerator.generate) and not accepts_on_result(len)
 
 
 def test_update_weights_unsupported_and_bad_args():

@@ -185,6 +185,10 @@ def _record(task: Task, example: dict, prompt, completion, style: str) -> dict:
             "finish_reason": completion.finish_reason, "num_tokens": completion.num_tokens}
 
 
+#: batches per generate call for backends that take ``on_result`` (progress is logged once per call)
+CHUNK_BATCHES = 8
+
+
 def sample_seed(seed: int, j: int) -> int:
     """The generation seed of sample ``j`` (0-based) of a run with ``--seed seed``."""
     return seed * 1_000_003 + j
@@ -280,9 +284,13 @@ def generate_task(generator, task: Task, examples: list[dict], log: PredictionLo
         if on_progress is not None:
             on_progress(segment, failures)
 
+    # a backend that reports each result as it finishes (HTTP, HF continuous batching) gets longer chunks: records
+    # are still saved one by one, and HF refills a finished row's slot from the same call
+    fn = generator.chat if style == "chat" else generator.generate
+    chunk = batch_size * (CHUNK_BATCHES if accepts_on_result(fn) else 1)
     try:
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i : i + batch_size]
+        for i in range(0, len(todo), chunk):
+            batch = todo[i : i + chunk]
             if samples > 1:
                 failed = _generate_samples(generator, task, batch, style, params_of, samples, save)
             else:

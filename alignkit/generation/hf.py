@@ -76,13 +76,16 @@ class HFGenerator:
         self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
 
     # ------------------------------------------------------------------ public API
-    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
-        """Raw prompt strings (no chat template); the tokenizer's special tokens (e.g. BOS) are added."""
+    def generate(self, prompts: Sequence[str], params: SamplingParams, on_result=None) -> list[Completion]:
+        """Raw prompt strings (no chat template); the tokenizer's special tokens (e.g. BOS) are added.
+        ``on_result(i, completion)``: called for prompt ``i`` as soon as its completion is finished (the
+        continuous path: when its row ends; the static path: when its batch ends)."""
         encoded = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in _as_list(prompts)]
-        return self._generate_ids(encoded, params)
+        return self._generate_ids(encoded, params, on_result)
 
-    def chat(self, conversations: Sequence[list[dict]], params: SamplingParams) -> list[Completion]:
-        """Message lists, formatted with the tokenizer's chat template and a generation prompt."""
+    def chat(self, conversations: Sequence[list[dict]], params: SamplingParams, on_result=None) -> list[Completion]:
+        """Message lists, formatted with the tokenizer's chat template and a generation prompt
+        (``on_result``: as in :meth:`generate`)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(
                 f"HFGenerator.chat: tokenizer {getattr(self.tokenizer, 'name_or_path', '')!r} has no "
@@ -93,7 +96,7 @@ class HFGenerator:
             text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
             # The template already wrote the special tokens it wants.
             encoded.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return self._generate_ids(encoded, params)
+        return self._generate_ids(encoded, params, on_result)
 
     def update_weights(self, model) -> None:
         """No-op when ``model`` is (or wraps, e.g. PEFT) the module we generate with; else copy its weights."""
@@ -106,22 +109,23 @@ class HFGenerator:
                              f"match the generator's {type(self.model).__name__}: {err}") from err
 
     # ------------------------------------------------------------------ internals
-    def _generate_ids(self, encoded: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _generate_ids(self, encoded: list[list[int]], params: SamplingParams, on_result=None) -> list[Completion]:
         for i, ids in enumerate(encoded):
             if not ids:
                 raise ValueError(f"HFGenerator: prompt {i} is empty after tokenization")
         started = time.perf_counter()
         with self._generation_mode(), _seeded(params.seed, _device(self.model)):
             if self.continuous and _plain_cache(self.model):
-                results = ContinuousBatch(self, params).run(encoded)
+                results = ContinuousBatch(self, params, on_result).run(encoded)
             else:
-                results = self._generate_static(encoded, params)
+                results = self._generate_static(encoded, params, on_result)
         self.stats.add(requests=len(encoded), prompt_tokens=sum(len(e) for e in encoded),
                        generated_tokens=sum(c.num_tokens for c in results),
                        seconds=time.perf_counter() - started)
         return results
 
-    def _generate_static(self, encoded: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _generate_static(self, encoded: list[list[int]], params: SamplingParams, on_result=None
+                         ) -> list[Completion]:
         """``model.generate`` on batches of ``batch_size`` prompts, longest first; results in input order."""
         # Longest first: similar lengths share a batch (less padding); results go back in input order.
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
@@ -135,6 +139,8 @@ class HFGenerator:
             # 2. Put each completion back at its prompt's position.
             for i, completion in zip(idx, completions):
                 results[i] = completion
+                if on_result is not None:
+                    on_result(i, completion)
             # 3. Report progress.
             n_tok = sum(c.num_tokens for c in completions)
             logger.log(logging.INFO if self.log_batches else logging.DEBUG,
@@ -237,8 +243,8 @@ class ContinuousBatch:
     The cache layers (:class:`_AppendLayer`) append each step's keys/values in place.
     """
 
-    def __init__(self, gen: HFGenerator, params: SamplingParams) -> None:
-        self.gen, self.params, self.model = gen, params, gen.model
+    def __init__(self, gen: HFGenerator, params: SamplingParams, on_result=None) -> None:
+        self.gen, self.params, self.model, self.on_result = gen, params, gen.model, on_result
         self.device = _device(gen.model)
         self.eos = set(gen.eos_token_ids)
         params_of_forward = _forward_parameters(gen.model)
@@ -335,6 +341,8 @@ class ContinuousBatch:
                     or (params.stop and truncate_at_stop(gen._decode(row.tokens), params.stop)[1]))
             if done:
                 self.results[row.index] = gen._finished(row.tokens, params, row.prompt_tokens, eos)
+                if self.on_result is not None:
+                    self.on_result(row.index, self.results[row.index])
             else:
                 keep.append(r)
                 chosen.append(tok)
