@@ -158,7 +158,9 @@ def test_sft_refuses_what_its_data_path_ignores(tmp_path, tiny_model_dir):
     stage, _ = _stage(tmp_path, tiny_model_dir, data, "train.packing=true", "train.packing_strategy=wrapped")
     assert stage.train.packing_strategy == "wrapped"
     assert _stage(tmp_path, tiny_model_dir, data, "data.max_length=64")[0].data.max_length == 64
-    assert sft.ignored_keys(stage).keys() == {"data.max_length"}
+    task_eval_sizes = {"train.task_eval_limit", "train.task_eval_max_new_tokens", "train.task_eval_batch_size",
+                       "train.task_eval_prompt"}  # read only with train.task_eval
+    assert sft.ignored_keys(stage).keys() == {"data.max_length"} | task_eval_sizes
 
 
 def test_shipped_recipe_packs_on_per_document_attention(tmp_path, tiny_model_dir):
