@@ -193,11 +193,11 @@ def timed(fn: Callable[[], object], repeats: int = 1, warmup: int = 0) -> tuple[
     return best, result
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: bool = True) -> dict[str, float]:
     """Median time of each fn over ``rounds`` rounds run A, B, A, B...: load changes on a shared machine
-    hit both paths alike (after one untimed warm-up call each)."""
+    hit both paths alike (after one untimed warm-up call each unless ``warmup=False``)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
+    for fn in fns.values() if warmup else ():
         fn()
     for _ in range(rounds):
         for key, fn in fns.items():

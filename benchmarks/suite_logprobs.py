@@ -16,7 +16,6 @@ Secondary rows (the older comparison): alignkit's chunked ``selective_log_softma
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
@@ -79,18 +78,6 @@ def _grad_err(grads, ref_grads) -> float:
     return max(((g.double() - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, ref_grads))
 
 
-def _alternating(fns: dict, rounds: int) -> dict[str, float]:
-    """Median time of each fn over ``rounds`` rounds run A, B, A, B... (no warm-up: the caller's peak-memory
-    calls ran each path once already, which matters at T = 2048 where one call takes seconds)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-
-
 def bench_lm_head(ctx: Context, batch: int, seq: int, hidden_size: int, rounds: int) -> list[Row]:
     """Rows for one shape: forward + backward time and peak memory, alignkit vs TRL's chunked kernel."""
     gen = torch.Generator().manual_seed(seq)
@@ -110,7 +97,7 @@ def bench_lm_head(ctx: Context, batch: int, seq: int, hidden_size: int, rounds: 
     peak_base, out_base = peak_cpu_bytes(base)
     logger.info("logprobs T=%d: peak MiB alignkit %.0f, TRL %.0f; timing %d round(s)", seq, peak_ours / 2**20,
                 peak_base / 2**20, rounds)
-    times = _alternating({"ours": ours, "base": base}, rounds=rounds)
+    times = interleaved({"ours": ours, "base": base}, rounds=rounds, warmup=False)  # the peak-memory calls warmed both
     logger.info("logprobs T=%d: s alignkit %.2f, TRL %.2f; float64 reference", seq, times["ours"], times["base"])
     # float64 gradients cost three float64 GEMMs of the full shape: up to T = 512; above, TRL's gradients are
     # the second implementation the gradients are checked against

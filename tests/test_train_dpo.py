@@ -37,8 +37,11 @@ def _trainer(tmp_path, model_dir, ref_dir, *, batch=2, **kw):
 
 
 def _loss_and_grads(trainer):
-    batch = next(iter(trainer.get_train_dataloader()))
-    inputs = trainer._prepare_inputs(batch)
+    """Loss and gradients of ``trainer`` on the first batch of its own dataloader."""
+    return _loss_and_grads_of(trainer, trainer._prepare_inputs(next(iter(trainer.get_train_dataloader()))))
+
+
+def _loss_and_grads_of(trainer, inputs):
     trainer.model.train()
     trainer.model.zero_grad()
     loss = trainer.compute_loss(trainer.model, inputs)
@@ -218,13 +221,7 @@ def _pf_pair_trainer(tmp_path, model_dir, ref_dir, cls=AlignkitDPOTrainer, pairs
 
 def _loss_and_grads_on(trainer, rows):
     """Loss and gradients of ``trainer`` on the batch its own collator makes of ``rows`` (same rows for both)."""
-    inputs = trainer._prepare_inputs(trainer.data_collator(rows))
-    trainer.model.train()
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, inputs)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, inputs
+    return _loss_and_grads_of(trainer, trainer._prepare_inputs(trainer.data_collator(rows)))
 
 
 def _rows(trainer):
