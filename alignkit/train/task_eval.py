@@ -7,8 +7,9 @@ measurement, keys ``<task>/<metric>``), the curves PNG, TensorBoard and MLflow (
 does not redo the steps its checkpoint already covers, and a measurement cut by a crash continues from its
 saved predictions (the eval runner's resume). Files: ``<stage_dir>/task_eval/step-<N>/<task>/``.
 
-Generation runs on the main process with the unwrapped model (the other ranks wait); a sharded model
-(FSDP, DeepSpeed ZeRO-3) cannot generate that way and is refused by :func:`check_launch`.
+Generation runs on the main process with the unwrapped model (the other ranks wait). A sharded model
+(FSDP, DeepSpeed ZeRO-3) cannot generate that way; no check refuses that combination yet (on a machine
+without CUDA such a launch is refused anyway by :func:`alignkit.config.check_launch`).
 """
 from __future__ import annotations
 
