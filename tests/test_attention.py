@@ -113,3 +113,53 @@ def test_matches_plain_sdpa_on_one_document():
     scores = (q @ kk.transpose(-1, -2)) / 8 ** 0.5 + torch.full((5, 5), float("-inf")).triu(1)
     expected = (F.softmax(scores, -1) @ vv).transpose(1, 2)  # (1, 5, 4, 8)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+
+
+def test_shared_prefix_equals_the_document_with_its_prefix_alone(tiny_model_dir):
+    """``shared_prefix_lens``: documents that read the first k tokens of the document before them give the
+    float64 logits, and the gradients of a loss on them, that each gets run alone with those k tokens in front."""
+    _, sdpa, varlen = _models(tiny_model_dir)
+    g = torch.Generator().manual_seed(3)
+    first, second, third, fourth = (torch.randint(0, 1000, (n,), generator=g) for n in (9, 4, 6, 2))
+    k2, k4 = 5, 3  # the second reads first[:5]; the third stands alone; the fourth reads third[:3]
+    flat = torch.cat([first, second, third, fourth])[None]  # (1, 21)
+    pos = torch.cat([torch.arange(9), torch.arange(k2, k2 + 4), torch.arange(6), torch.arange(k4, k4 + 2)])[None]
+    cu = torch.tensor([0, 9, 13, 19, 21], dtype=torch.int32)
+    kw = {"position_ids": pos, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 9, "max_length_k": 9,
+          "shared_prefix_lens": torch.tensor([0, k2, 0, k4]), "use_cache": False}
+    got = varlen(input_ids=flat, **kw).logits[0]  # (21, V)
+    alone = [sdpa(input_ids=first[None]).logits[0],
+             sdpa(input_ids=torch.cat([first[:k2], second])[None]).logits[0, k2:],
+             sdpa(input_ids=third[None]).logits[0],
+             sdpa(input_ids=torch.cat([third[:k4], fourth])[None]).logits[0, k4:]]
+    torch.testing.assert_close(got, torch.cat(alone), atol=1e-10, rtol=0)
+    weights = torch.linspace(-1, 1, got.shape[-1], dtype=torch.float64)  # a loss that reads every logit
+    grads = []
+    for model, loss in ((varlen, lambda: (got * weights).sum()), (sdpa, lambda: (torch.cat(alone) * weights).sum())):
+        model.zero_grad()
+        loss().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:  # Llama's RMSNorm runs in float32: a prefix token's two gradient sums round apart
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        ignored = varlen(input_ids=flat, **{**kw, "shared_prefix_lens": None}).logits[0]
+    assert (ignored[9:13] - got[9:13]).abs().max() > 1e-4  # the prefix really changes the values
+
+
+def test_shared_prefix_lens_are_checked_and_probed(tiny_model_dir):
+    import pytest
+
+    from alignkit.attention import honours_shared_prefix, prefix_causal_mask
+
+    _, sdpa, varlen = _models(tiny_model_dir)
+    assert prefix_causal_mask(2, 3).tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    ids, cu = torch.arange(1, 10)[None], torch.tensor([0, 5, 7, 9], dtype=torch.int32)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 2, 3, 1, 2]])
+    # longer than the document before; on the first; not one per document; a prefix of a document with a prefix
+    for bad in ([0, 6, 0], [1, 2, 0], [0, 2], [0, 2, 1]):
+        with pytest.raises(ValueError, match="shared_prefix_lens"), torch.no_grad():
+            varlen(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5,
+                   max_length_k=5, shared_prefix_lens=torch.tensor(bad), use_cache=False)
+    assert honours_shared_prefix(varlen)
+    assert not honours_shared_prefix(sdpa)  # plain sdpa ignores the keyword (and reads no cu_seq_lens)

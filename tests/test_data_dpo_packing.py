@@ -42,3 +42,34 @@ def test_sequence_sums_and_padding_fraction():
     assert sequence_sums(values, torch.tensor([[0, 0, 2, 2]]), 3).tolist() == [3.0, 0.0, 7.0]
     # lengths 5, 3, 4, 4 padded to 5: 16 of 20 tokens are real
     assert padding_fraction(EXAMPLES) == pytest.approx(1 - 16 / 20)
+
+
+def test_shared_prompt_layout_by_hand():
+    b = PaddingFreePreferenceCollator(share_prompt=True)(EXAMPLES)
+    # chosen 1, rejected 1 from the last prompt token (position 2), chosen 2, rejected 2 from position 1
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 3, 6, 7, 8, 9, 8, 10, 11]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 1, 2, 3]]
+    assert b["shared_prefix_lens"].tolist() == [0, 2, 0, 1]
+    assert b["segment_ids"].tolist() == [[0] * 5 + [2] * 2 + [1] * 3 + [3] * 3]
+    assert b["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 0, 1, 0, 0, 1, 0, 1, 1]]
+    x = -100  # the rejected copy's first token (the last prompt token) predicts its first reply token
+    assert b["shift_labels"].tolist() == [[x, x, 4, 5, x, 6, x, x, 9, x, 10, 11, x]]
+    assert b["cu_seq_lens_q"].tolist() == [0, 5, 7, 10, 13]
+    # the same labels as the unshared row, sequence by sequence
+    plain = PaddingFreePreferenceCollator()(EXAMPLES)
+    for seg in range(4):
+        ours = b["shift_labels"][b["segment_ids"] == seg]
+        theirs = plain["shift_labels"][plain["segment_ids"] == seg]
+        assert ours[ours != -100].tolist() == theirs[theirs != -100].tolist()
+
+
+@pytest.mark.parametrize("c,r,expected", [
+    (([1, 2, 3, 4], [0, 0, 0, 1]), ([1, 2, 3, 5], [0, 0, 0, 1]), 2),  # prompt of 3: share 2, keep the last
+    (([1, 2, 3, 4], [0, 0, 1, 1]), ([1, 2, 3, 4], [0, 0, 1, 1]), 1),  # the same reply start is not shared
+    (([9, 2, 3, 4], [0, 0, 0, 1]), ([1, 2, 3, 5], [0, 0, 0, 1]), 0),  # keep_end cut the prompts apart
+    (([1, 4], [0, 1]), ([1, 5], [0, 1]), 0),  # a one-token prompt: nothing to share
+])
+def test_shared_prefix_stops_at_the_prompt(c, r, expected):
+    from alignkit.data.dpo_packing import shared_prefix
+
+    assert shared_prefix(*c, *r) == expected

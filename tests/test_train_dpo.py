@@ -256,7 +256,9 @@ def test_padding_free_same_loss_and_gradient_as_trl_padded(tmp_path, tiny_model_
     a = _loss_and_grads_on(ours, rows)
     b = _loss_and_grads_on(theirs, [theirs.train_dataset[i] for i in range(len(rows))])
     assert a[2]["input_ids"].shape[0] == 1 and b[2]["input_ids"].shape[0] == 2 * len(rows)  # one row vs padded
-    assert a[2]["input_ids"].numel() == int(b[2]["attention_mask"].sum())  # no pads in the row
+    assert ours.data_collator.share_prompt  # sdpa_varlen reads shared prompts: each pair's prompt runs once
+    shared = sum(len(r["prompt_ids"]) - 1 for r in rows)  # the rejected copy keeps only the last prompt token
+    assert a[2]["input_ids"].numel() == int(b[2]["attention_mask"].sum()) - shared  # no pads, prompts once
     if precompute:  # the precompute pass ran on padding-free rows: TRL's padded values
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             assert torch.allclose(a[2][key], b[2][key], atol=1e-5), key
@@ -278,7 +280,8 @@ def test_padding_free_keeps_sequences_apart(tmp_path, tiny_model_dir, ref_dir):
     expected = _loss_and_grads_on(theirs, rows)
     _assert_same(_loss_and_grads_on(ours, rows), expected)
     wrong = dict(ours.data_collator(rows))
-    for key in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+    for key in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                "shared_prefix_lens"):
         wrong.pop(key)
     ours.model.zero_grad()
     leaked = ours.compute_loss(ours.model, ours._prepare_inputs(wrong)).detach()
@@ -303,3 +306,26 @@ def test_padding_free_refuses_attention_across_documents(tiny_model_dir, monkeyp
     monkeypatch.setattr(dpo.masks, "attends_per_document", lambda m: False)
     with pytest.raises(ValueError, match=r"model\.attn_implementation 'eager' attends across the sequences"):
         dpo.per_document_attention(model)
+
+
+@pytest.mark.parametrize("mode,shares", [("keep_start", True), ("keep_end", True), ("keep_start", False)])
+def test_shared_prompt_under_truncation_and_without_it(tmp_path, tiny_model_dir, ref_dir, monkeypatch, mode, shares):
+    """Sequences cut to 24 tokens (keep_end cuts into the prompts, differently for chosen and rejected), and a
+    model whose attention fails the shared-prefix probe (each sequence keeps its prompt): TRL's loss and gradients."""
+    from trl import DPOTrainer
+
+    from alignkit.train import dpo
+
+    if not shares:
+        monkeypatch.setattr(dpo, "honours_shared_prefix", lambda model: False)
+    kw = {"max_length": 24, "truncation_mode": mode}
+    ours = _pf_pair_trainer(tmp_path, tiny_model_dir, ref_dir, pairs=PF_PAIRS, loss="dpo", padding_free=True)
+    theirs = _pf_pair_trainer(tmp_path, tiny_model_dir, ref_dir, cls=DPOTrainer, pairs=PF_PAIRS)
+    for trainer in (ours, theirs):
+        trainer.args.max_length, trainer.args.truncation_mode = 24, mode
+        trainer.data_collator.max_length, trainer.data_collator.truncation_mode = kw["max_length"], mode
+    assert ours.data_collator.share_prompt is shares
+    rows = _rows(ours)
+    a, b = _loss_and_grads_on(ours, rows), _loss_and_grads_on(theirs, rows)
+    assert b[2]["input_ids"].shape[1] == 24  # the long pair was cut
+    _assert_same(a, b)

@@ -13,6 +13,14 @@ TRL truncates them) one after the other in a single row ``(1, N)``, ``N`` = the 
   else ``-100`` (so no log-prob ever crosses a sequence boundary);
 * ``ref_chosen_logps`` / ``ref_rejected_logps`` ``(B,)`` when the examples carry them (TRL's precompute pass).
 
+With ``share_prompt=True`` (models on ``sdpa_varlen`` that honour it, :func:`alignkit.attention.honours_shared_prefix`)
+each pair's rejected sequence follows its chosen one and drops the prompt tokens they share but the last: it
+starts at the last shared prompt token (position ``k``, so that token predicts the first reply token), and
+``shared_prefix_lens`` (one int per sequence) tells the attention to read the first ``k`` tokens of the
+chosen sequence in front of it. The prompt is run once per pair instead of twice; every hidden state, and so
+every log-prob and gradient, equals the unshared row's (``k`` = the shared prompt prefix minus one, so no
+shared position is ever scored).
+
 Per-sequence log-probs are then ``zeros(2B).index_add(0, segment_ids[0], per_token[0])``
 (:func:`sequence_sums`).
 """
@@ -36,6 +44,7 @@ class PaddingFreePreferenceCollator:
 
     max_length: int | None = None
     truncation_mode: str = "keep_start"
+    share_prompt: bool = False
 
     def _cut(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
         if self.max_length is None:
@@ -55,13 +64,27 @@ class PaddingFreePreferenceCollator:
                 out.append(self._cut(prompt + completion, [0] * len(prompt) + [1] * len(completion)))
         return out
 
+    def documents(self, examples: list[dict]) -> list[tuple[int, int, list[int], list[int]]]:
+        """The row's documents ``(segment, first position, token ids, completion mask)`` in row order: chosen
+        sequences then rejected ones, or with ``share_prompt`` each chosen one followed by its rejected one
+        from position ``k`` (:func:`shared_prefix`) on."""
+        seqs, n = self.sequences(examples), len(examples)
+        if not self.share_prompt:
+            return [(i, 0, ids, mask) for i, (ids, mask) in enumerate(seqs)]
+        docs = []
+        for i in range(n):
+            (c_ids, c_mask), (r_ids, r_mask) = seqs[i], seqs[n + i]
+            k = shared_prefix(c_ids, c_mask, r_ids, r_mask)
+            docs += [(i, 0, c_ids, c_mask), (n + i, k, r_ids[k:], r_mask[k:])]
+        return docs
+
     def __call__(self, examples: list[dict]) -> dict:
-        seqs = self.sequences(examples)
-        lengths = [len(ids) for ids, _ in seqs]
-        ids = torch.tensor([t for s, _ in seqs for t in s], dtype=torch.long)  # (N,)
-        mask = torch.tensor([m for _, s in seqs for m in s], dtype=torch.long)  # (N,)
-        segment = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(lengths))  # (N,)
-        positions = torch.cat([torch.arange(n) for n in lengths])  # (N,)
+        docs = self.documents(examples)
+        lengths = [len(ids) for _, _, ids, _ in docs]
+        ids = torch.tensor([t for _, _, s, _ in docs for t in s], dtype=torch.long)  # (N,)
+        mask = torch.tensor([m for _, _, _, s in docs for m in s], dtype=torch.long)  # (N,)
+        segment = torch.repeat_interleave(torch.tensor([d[0] for d in docs]), torch.tensor(lengths))  # (N,)
+        positions = torch.cat([torch.arange(k, k + n) for (_, k, _, _), n in zip(docs, lengths)])  # (N,)
         same_next = torch.zeros_like(mask, dtype=torch.bool)  # token t+1 exists and is in t's sequence
         same_next[:-1] = segment[1:] == segment[:-1]
         scored = torch.zeros_like(same_next)
@@ -72,10 +95,24 @@ class PaddingFreePreferenceCollator:
         batch = {"input_ids": ids[None], "position_ids": positions[None], "completion_mask": mask[None],
                  "segment_ids": segment[None], "shift_labels": labels[None], "cu_seq_lens_q": cu,
                  "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+        if self.share_prompt:
+            batch["shared_prefix_lens"] = torch.tensor([k for _, k, _, _ in docs])  # (2B,) read by sdpa_varlen
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([ex[key] for ex in examples])
         return batch
+
+
+def shared_prefix(c_ids: list[int], c_mask: list[int], r_ids: list[int], r_mask: list[int]) -> int:
+    """How many leading tokens the rejected sequence can read from the chosen one: the tokens both sequences
+    share at their start and neither scores (prompt tokens), minus the last one (it must predict each reply's
+    first token in its own sequence); 0 when they share at most one."""
+    k = 0
+    for a, b, ma, mb in zip(c_ids, r_ids, c_mask, r_mask):
+        if a != b or ma or mb:
+            break
+        k += 1
+    return max(k - 1, 0)
 
 
 def sequence_sums(values: torch.Tensor, segment_ids: torch.Tensor, n_sequences: int) -> torch.Tensor:

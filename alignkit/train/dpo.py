@@ -34,12 +34,11 @@ from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
-from trl.kernels import ChunkedLogProbFunction
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput, use_adapter
+from trl.trainer.utils import FusedCausalLMOutput, use_adapter
 
 from alignkit import losses as L
-from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
+from alignkit.attention import VARLEN_SDPA, honours_shared_prefix, register_varlen_sdpa
 from alignkit.data import masks
 from alignkit.data.dpo_packing import PACKED_ONLY_KEYS, PaddingFreePreferenceCollator, sequence_sums
 from alignkit.data.preference import to_trl_dataset
@@ -202,6 +201,13 @@ def per_document_attention(model) -> str:
     return impl
 
 
+def shares_prompt(model) -> bool:
+    """Whether padding-free rows may share each pair's prompt for ``model``: its attention is ``sdpa_varlen``
+    and a probe shows it reads ``shared_prefix_lens`` (:func:`alignkit.attention.honours_shared_prefix`)."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    return base.config._attn_implementation == VARLEN_SDPA and honours_shared_prefix(model)
+
+
 #: text-config fields that rescale the logits (TRL's fused head reads them); a model with any: no compact head
 LOGIT_SCALING_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                         "logits_scaling", "output_router_logits")
@@ -209,8 +215,9 @@ LOGIT_SCALING_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multip
 
 def add_compact_lm_head(model) -> bool:
     """Give ``model`` a compact LM head: ``model(..., shift_labels=labels, compact_lm_head=True)`` runs the
-    backbone, then TRL's chunked log-prob kernel on the positions whose label is not -100 only (TRL's fused
-    head scores every position off CUDA, prompt tokens included), and returns a ``FusedCausalLMOutput`` whose
+    backbone, then :func:`alignkit.losses.lm_head_log_probs` (the LM head inside token x vocabulary tiles, no
+    ``(N, V)`` logits, recomputing backward) on the positions whose label is not -100 only (TRL's fused head
+    scores every position off CUDA, prompt tokens included), and returns a ``FusedCausalLMOutput`` whose
     ``log_probs`` (1, N) is 0 elsewhere. Installed before TRL's fused head and PEFT wrap the model, so hooks,
     adapters and autocast wrappers still apply. False (not installed) for models whose logits are rescaled or
     that route experts (TRL's fused head then runs)."""
@@ -227,11 +234,9 @@ def add_compact_lm_head(model) -> bool:
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state  # (1, N, d)
         head = self.get_output_embeddings()
+        per_token = L.lm_head_log_probs(hidden.to(head.weight.device), head.weight, shift_labels,
+                                        bias=head.bias)  # (1, N), 0 where the label is -100
         mask = shift_labels != -100  # (1, N)
-        scored = hidden[mask].to(head.weight.device)  # (K, d)
-        log_probs = ChunkedLogProbFunction.apply(scored, head.weight, head.bias, shift_labels[mask], 1.0,
-                                                 _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs",))[0]
-        per_token = log_probs.new_zeros(mask.shape).masked_scatter(mask, log_probs)  # (1, N)
         return FusedCausalLMOutput(loss=-per_token.sum(), log_probs=per_token, label_mask=mask)
 
     model.forward = types.MethodType(forward, model)
@@ -259,12 +264,13 @@ class AlignkitDPOTrainer(DPOTrainer):
         if not packed:
             super().__init__(model, ref_model, args, data_collator, *rest, **kwargs)
             return
-        for m in (model, ref_model):
-            if m is not None:
-                per_document_attention(m)
-                add_compact_lm_head(m)
+        given = [m for m in (model, ref_model) if m is not None]
+        for m in given:
+            per_document_attention(m)
+            add_compact_lm_head(m)
         if data_collator is None:
-            data_collator = PaddingFreePreferenceCollator(args.max_length, args.truncation_mode)
+            data_collator = PaddingFreePreferenceCollator(args.max_length, args.truncation_mode,
+                                                          share_prompt=all(map(shares_prompt, given)))
         args.padding_free = False  # TRL 1.16 would warn and pad; alignkit's collator and loss read it
         try:
             super().__init__(model, ref_model, args, data_collator, *rest, **kwargs)
@@ -275,6 +281,11 @@ class AlignkitDPOTrainer(DPOTrainer):
             ref = self.accelerator.unwrap_model(self.ref_model)  # built by TRL from the policy's path
             per_document_attention(ref)
             add_compact_lm_head(ref)
+            if getattr(self.data_collator, "share_prompt", False) and not shares_prompt(ref):
+                raise RuntimeError(f"train.padding_free: the reference model TRL built runs "
+                                   f"{ref.config._attn_implementation!r}, which does not read shared prompts")
+        logger.info("padding-free DPO: %s", "prompt shared by chosen and rejected (one prompt pass per pair)"
+                    if getattr(self.data_collator, "share_prompt", False) else "prompt run per sequence")
 
     # -- per-sequence log-probs ----------------------------------------------------------------------
 
