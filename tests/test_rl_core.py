@@ -682,3 +682,16 @@ def test_shared_prompt_head_path_equals_float64_full_logits(tiny_model, gpt2_tok
     assert len(calls) == 2  # one per distinct prompt
     assert torch.all(out["log_probs"][~mask] == 0)
     _assert_matches_reference(model, out, mask, reference)
+
+
+def test_a_head_placed_by_an_accelerate_hook_keeps_the_logits_path(tiny_model, monkeypatch):
+    """A head with accelerate's device_map hook (its weight may be offloaded between calls): the logits path."""
+    model = copy.deepcopy(tiny_model).eval()
+    model.lm_head._hf_hook = object()
+    input_ids = torch.randint(0, 1000, (1, 4))
+    calls = _head_calls(monkeypatch)
+    out = get_response_log_probs(model, input_ids, input_ids)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids).logits.double(), -1).gather(-1, input_ids[..., None])[..., 0]
+    assert calls == []
+    torch.testing.assert_close(out["log_probs"].double(), lp, atol=1e-5, rtol=0)
