@@ -516,3 +516,182 @@ def test_shared_prompt_log_probs_through_a_lora_adapter(tiny_model, gpt2_tokeniz
     assert len(g_shared) == len(g_full) > 0
     for a, b in zip(g_shared, g_full):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- LM head path
+def _head_calls(monkeypatch) -> list:
+    """Record each call of ``lm_head_log_probs`` from alignkit.rl.core (the logits-free head path)."""
+    from alignkit.rl import core
+
+    calls, real = [], core.lm_head_log_probs
+    monkeypatch.setattr(core, "lm_head_log_probs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _f64_reference(model, input_ids, labels, mask, temperature=1.0):
+    """log-probs and entropies of ``softmax(logits / T)`` from a float64 copy's full logits, and the float64
+    gradients of ``masked_mean(log_probs, mask)`` by parameter name."""
+    ref = copy.deepcopy(model).double()
+    lp = torch.log_softmax(ref(input_ids).logits / temperature, -1)  # (B, T, V) float64
+    log_probs = lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    entropy = -(lp.exp() * lp).sum(-1)
+    masked_mean(log_probs, mask).backward()
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    return log_probs.detach(), entropy.detach(), grads
+
+
+def _grads(model, log_probs, mask) -> dict:
+    model.zero_grad()
+    masked_mean(log_probs, mask).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_matches_reference(model, out, mask, reference, entropy=True):
+    ref_lp, ref_entropy, ref_grads = reference
+    torch.testing.assert_close(out["log_probs"][mask].double(), ref_lp[mask], atol=2e-5, rtol=0)
+    if entropy:
+        torch.testing.assert_close(out["token_entropy"][mask].double(), ref_entropy[mask], atol=1e-4, rtol=0)
+    grads = _grads(model, out["log_probs"], mask)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():  # float32 against float64
+        torch.testing.assert_close(grad.double(), ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _lora(model, **kw):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    return peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                      **kw)).eval()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_lm_head_path_equals_float64_full_logits(tiny_model, monkeypatch, lora, temperature):
+    """The head inside lm_head_log_probs (no (B, T, V) logits): log-probs, entropies and gradients of a
+    masked loss equal a float64 log-softmax of the full logits divided by the temperature, with and
+    without a LoRA adapter on every linear layer below the head; the prompt columns hold 0."""
+    model = _lora(tiny_model, target_modules="all-linear") if lora else copy.deepcopy(tiny_model).eval()
+    torch.manual_seed(0)
+    input_ids, labels = torch.randint(0, 1000, (2, 9)), torch.randint(0, 1000, (2, 9))
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 3:8], mask[1, 5:9] = True, True
+    reference = _f64_reference(model, input_ids, labels, mask, temperature)
+    calls = _head_calls(monkeypatch)
+    out = get_response_log_probs(model, input_ids, labels, return_token_entropy=True, response_mask=mask,
+                                 temperature=temperature)
+    assert calls == [1] and out["log_probs"].dtype == out["token_entropy"].dtype == torch.float32
+    assert torch.all(out["log_probs"][:, :3] == 0) and torch.all(out["token_entropy"][:, :3] == 0)
+    _assert_matches_reference(model, out, mask, reference)
+    with torch.no_grad():  # the old / reference log-prob passes, no entropy asked
+        no_grad = get_response_log_probs(model, input_ids, labels, response_mask=mask, temperature=temperature)
+    assert set(no_grad) == {"log_probs"} and calls == [1, 1]
+    torch.testing.assert_close(no_grad["log_probs"][mask].double(), reference[0][mask], atol=2e-5, rtol=0)
+
+
+def test_lora_on_the_lm_head_keeps_the_logits_path(tiny_model, monkeypatch):
+    """A LoRA adapter on lm_head (the head is a PEFT layer): the model's own logits are scored, the adapter
+    included (float64 reference, gradients into the head's adapter)."""
+    model = _lora(tiny_model, target_modules=["q_proj", "lm_head"])
+    torch.manual_seed(0)
+    input_ids, labels = torch.randint(0, 1000, (2, 7)), torch.randint(0, 1000, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[:, :2] = False
+    reference = _f64_reference(model, input_ids, labels, mask, 0.8)
+    calls = _head_calls(monkeypatch)
+    out = get_response_log_probs(model, input_ids, labels, return_token_entropy=True, response_mask=mask,
+                                 temperature=0.8)
+    assert calls == []
+    assert any("lm_head.lora" in name for name in reference[2])
+    _assert_matches_reference(model, out, mask, reference)
+
+
+def test_rescaled_logits_keep_the_logits_path(monkeypatch):
+    """A head whose output the model rescales is not scored alone: by its config field (no head call at
+    all) or, without one, by the model's logits differing from the head's output (run again, then never
+    tried again). Values are those of the rescaled logits."""
+    from alignkit.rl import core
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, config=None):
+            super().__init__()
+            self.config, self.emb, self.lm_head = config, torch.nn.Embedding(13, 6), torch.nn.Linear(6, 13)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, input_ids, logits_to_keep=0):
+            hidden = torch.tanh(self.emb(input_ids))[:, -logits_to_keep:]
+            return type("Out", (), {"logits": self.lm_head(hidden) * 0.5})()
+
+    torch.manual_seed(0)
+    ids, labels = torch.randint(0, 13, (2, 5)), torch.randint(0, 13, (2, 5))
+    calls = _head_calls(monkeypatch)
+    for model in (Scaled(type("Cfg", (), {"logit_scale": 0.5})()), Scaled()):
+        forwards = []
+        model.register_forward_hook(lambda *_, seen=forwards: seen.append(1))
+        for _ in range(2):
+            out = get_response_log_probs(model, ids, labels, return_token_entropy=True)
+            with torch.no_grad():
+                lp = torch.log_softmax(model(ids).logits.double(), -1)
+            forwards.pop()
+            torch.testing.assert_close(out["log_probs"].double(), lp.gather(-1, labels[..., None])[..., 0],
+                                       atol=1e-6, rtol=0)
+            torch.testing.assert_close(out["token_entropy"].double(), -(lp.exp() * lp).sum(-1), atol=1e-5, rtol=0)
+        # the config field: one forward per call; the unannounced scale: two on the first call, one after
+        assert len(forwards) == (2 if model.config is not None else 3)
+        assert model.lm_head in core._UNFIT_HEADS or model.config is not None
+    assert calls == []
+
+
+def test_a_model_that_takes_no_logits_to_keep_uses_the_head_path_on_all_positions(monkeypatch):
+    """A plain nn.Linear head without logits_to_keep: the head path on every position (float64 reference)."""
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lm_head = torch.nn.Embedding(11, 5), torch.nn.Linear(5, 11)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, input_ids):
+            return type("Out", (), {"logits": self.lm_head(self.emb(input_ids))})()
+
+    torch.manual_seed(0)
+    model, ids = Plain(), torch.randint(0, 11, (2, 4))
+    mask = torch.tensor([[False, False, True, True], [False, True, True, False]])
+    reference = _f64_reference(model, ids, ids, mask, 1.5)
+    calls = _head_calls(monkeypatch)
+    out = get_response_log_probs(model, ids, ids, return_token_entropy=True, response_mask=mask, temperature=1.5)
+    assert calls == [1]
+    torch.testing.assert_close(out["log_probs"].double(), reference[0], atol=1e-6, rtol=0)
+    _assert_matches_reference(model, out, mask, reference)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_head_path_equals_float64_full_logits(tiny_model, gpt2_tokenizer, monkeypatch, lora):
+    """shared_prompt_log_probs through the head path (prompt once, cache repeated): values, entropies and
+    gradients against the float64 full logits of the padded rows, at a temperature."""
+    model = _lora(tiny_model, target_modules="all-linear") if lora else copy.deepcopy(tiny_model).eval()
+    p = ["User: 1 + 1\nAssistant:", "User: what is 22 + 3?\nAssistant:"]
+    batch = tokenize_prompt_and_output([p[0], p[1], p[0], p[1]], [" two", " it is 25 ok", " 2 </answer>", " 25"],
+                                       gpt2_tokenizer)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["response_mask"]
+    reference = _f64_reference(model, ids, labels, mask, 0.6)
+    calls = _head_calls(monkeypatch)
+    out = shared_prompt_log_probs(model, ids, labels, mask, return_token_entropy=True, temperature=0.6)
+    assert len(calls) == 2  # one per distinct prompt
+    assert torch.all(out["log_probs"][~mask] == 0)
+    _assert_matches_reference(model, out, mask, reference)
+
+
+def test_a_head_placed_by_an_accelerate_hook_keeps_the_logits_path(tiny_model, monkeypatch):
+    """A head with accelerate's device_map hook (its weight may be offloaded between calls): the logits path."""
+    model = copy.deepcopy(tiny_model).eval()
+    model.lm_head._hf_hook = object()
+    input_ids = torch.randint(0, 1000, (1, 4))
+    calls = _head_calls(monkeypatch)
+    out = get_response_log_probs(model, input_ids, input_ids)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids).logits.double(), -1).gather(-1, input_ids[..., None])[..., 0]
+    assert calls == []
+    torch.testing.assert_close(out["log_probs"].double(), lp, atol=1e-5, rtol=0)

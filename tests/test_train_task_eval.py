@@ -152,3 +152,66 @@ def test_grpo_loop_scores_tasks_every_n_steps(tmp_path, tiny_model_dir):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(RecipeError, match=r"train.task_eval.*engine alignkit"):
         load_recipe(path)
+
+
+def test_score_tasks_logs_the_finite_numbers_only(tmp_path, monkeypatch):
+    """The rows logged per task: finite ints and floats (numpy floats too) as floats, keyed <task>/<metric>;
+    None (a rate over no example), NaN, inf, bools, strings, lists and nested tables are not logged; the
+    model's train mode is restored."""
+    import numpy as np
+    import torch
+
+    from alignkit.train import task_eval
+
+    values = {"attack_success_rate": 0.25, "n": 3, "mean_chars": np.float64(0.5), "over_refusal_rate": None,
+              "nan_rate": float("nan"), "inf": float("inf"), "neg_inf": float("-inf"), "judged": True,
+              "judge": "keyword", "table": [{"rate": 1.0}], "per_subject": {"algebra": {"accuracy": 1.0}},
+              "count": np.int64(2)}
+    seen = []
+    monkeypatch.setattr(task_eval, "HFGenerator", lambda *a, **k: "generator")
+    monkeypatch.setattr(task_eval, "get_task", lambda name: name)
+    monkeypatch.setattr(task_eval, "run_task", lambda task, gen, out, **kw: seen.append((task, out)) or (values,))
+    model = torch.nn.Linear(2, 2).train()
+    metrics = task_eval.score_tasks(model, None, ["safety", "mmlu"], tmp_path, task_eval.settings_of(
+        task_eval.TaskEvalArgs(task_eval=["safety"], task_eval_steps=1)), step=3)
+    expected = {f"{t}/{k}": v for t in ("safety", "mmlu")
+                for k, v in (("attack_success_rate", 0.25), ("n", 3.0), ("mean_chars", 0.5))}
+    assert metrics == expected and all(type(v) is float for v in metrics.values())
+    assert seen == [("safety", tmp_path / "step-3" / "safety"), ("mmlu", tmp_path / "step-3" / "mmlu")]
+    assert model.training
+
+
+def _trainer(fsdp=False, deepspeed=False, zero_stage=None):
+    """The attributes of a transformers Trainer that tell a sharded launch, and its add_callback."""
+    from types import SimpleNamespace
+
+    plugin = SimpleNamespace(zero_stage=zero_stage) if deepspeed else None
+    added = []
+    return SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=deepspeed, added=added,
+                           accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
+                           add_callback=added.append)
+
+
+@pytest.mark.parametrize("trainer, launch", [
+    (_trainer(fsdp=True), "FSDP"),
+    (_trainer(deepspeed=True, zero_stage=3), "DeepSpeed ZeRO-3"),
+])
+def test_attach_refuses_a_sharded_launch(tmp_path, trainer, launch):
+    from alignkit.train.task_eval import TaskEvalArgs, TaskEvalCallback
+
+    callback = TaskEvalCallback(TaskEvalArgs(task_eval=["safety"], task_eval_steps=2), tmp_path, None)
+    with pytest.raises(ValueError, match=rf"^train.task_eval cannot run under {launch}: .*`alignkit eval`$") as err:
+        callback.attach(trainer)
+    assert "\n" not in str(err.value) and "saved checkpoints" in str(err.value)
+    assert trainer.added == [] and callback.trainer is None
+
+
+@pytest.mark.parametrize("trainer", [_trainer(), _trainer(deepspeed=True, zero_stage=2),
+                                     _trainer(deepspeed=True, zero_stage=1)])
+def test_attach_accepts_whole_weights(tmp_path, trainer):
+    """One process, DDP or ZeRO-1/2: every rank holds the whole weights, the main process generates alone."""
+    from alignkit.train.task_eval import TaskEvalArgs, TaskEvalCallback
+
+    callback = TaskEvalCallback(TaskEvalArgs(task_eval=["safety"], task_eval_steps=2), tmp_path, None)
+    assert callback.attach(trainer) is callback
+    assert trainer.added == [callback] and callback.trainer is trainer

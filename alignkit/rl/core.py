@@ -10,11 +10,12 @@ training"), which drops the std normalisation and the per-sequence length mean.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 
-from alignkit.losses import CHUNK_ELEMENTS, selective_log_softmax
+from alignkit.losses import CHUNK_ELEMENTS, lm_head_log_probs, selective_log_softmax
 
 __all__ = [
     "POLICY_GRADIENT_LOSSES",
@@ -104,13 +105,18 @@ def compute_entropy(logits: torch.Tensor, chunk_size: int | None = None) -> torc
 
 def get_response_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor,
                            return_token_entropy: bool = False, attention_mask: torch.Tensor | None = None,
-                           response_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                           response_mask: torch.Tensor | None = None, *, temperature: float = 1.0,
+                           ) -> dict[str, torch.Tensor]:
     """``log_probs`` ``(B, T)``: log p(labels[t] | input_ids[:t+1]); ``token_entropy`` ``(B, T)`` if asked.
 
     With ``response_mask`` ``(B, T)`` only the positions from the first response position of any row on
     go through the LM head, log-softmax and entropy (``logits_to_keep``, as TRL does): the prompt
     positions before it hold 0 in both outputs (a loss masks them out anyway). The kept positions'
-    values equal the full computation's (the same hidden states, the same head)."""
+    values equal the full computation's (the same hidden states, the same head). Where the model's logits
+    are exactly ``lm_head(hidden)`` (:func:`_plain_lm_head`) the head runs inside
+    :func:`alignkit.losses.lm_head_log_probs` (vocabulary tiles: no ``(B, T, V)`` logits in either pass);
+    else the model's logits go through :func:`alignkit.losses.selective_log_softmax`. Both are float32 and
+    score ``softmax(logits / temperature)`` (1: the model's own distribution, as the GRPO/PPO loops use it)."""
     _same_shape("get_response_log_probs", input_ids=input_ids, labels=labels, attention_mask=attention_mask,
                 response_mask=response_mask)
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
@@ -119,22 +125,121 @@ def get_response_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor,
         kwargs["logits_to_keep"] = input_ids.shape[1] - first
     else:
         first = 0
-    logits = model(input_ids, **kwargs).logits[:, -(input_ids.shape[1] - first):]  # (B, T - first, V)
-    result = {"log_probs": _left_pad(selective_log_softmax(logits, labels[:, first:]), first)}
-    if return_token_entropy:
+    kept = input_ids.shape[1] - first
+    out, hidden, head = _lm_forward(model, lambda: model(input_ids, **kwargs))
+    scores = (_logits_scores(out.logits[:, -kept:], labels[:, first:], temperature, return_token_entropy)
+              if hidden is None else
+              _head_scores(hidden[:, -kept:], head, labels[:, first:], temperature, return_token_entropy))
+    return {name: _left_pad(values, first) for name, values in scores.items()}
+
+
+def _logits_scores(logits: torch.Tensor, labels: torch.Tensor, temperature: float, entropy: bool) -> dict:
+    """``log_probs`` (and ``token_entropy``, no grad) ``(B, K)`` float32 of ``softmax(logits / temperature)``."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    result = {"log_probs": selective_log_softmax(logits, labels)}
+    if entropy:
         with torch.no_grad():
-            result["token_entropy"] = _left_pad(compute_entropy(logits), first)
+            result["token_entropy"] = compute_entropy(logits)
     return result
 
 
+def _head_scores(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, temperature: float,
+                 entropy: bool) -> dict:
+    """:func:`_logits_scores` of ``head(hidden)`` ``(B, K, H)`` without the logits (``lm_head_log_probs``)."""
+    out = lm_head_log_probs(hidden, head.weight, labels, bias=head.bias, temperature=temperature,
+                            return_entropy=entropy)
+    log_probs, token_entropy = out if entropy else (out, None)
+    result = {"log_probs": log_probs.float()}
+    if entropy:
+        result["token_entropy"] = token_entropy.float()
+    return result
+
+
+#: config fields of transformers models that rescale or cap the LM head's logits (Gemma 2/3, Cohere,
+#: Granite, ...): a model that sets one to anything but None or 1 keeps the logits path
+_LOGIT_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                    "lm_head_multiplier")
+#: heads whose model returned something other than the head's own output once (checked on every call)
+_UNFIT_HEADS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _plain_lm_head(model) -> torch.nn.Linear | None:
+    """The (PEFT-unwrapped) model's LM head where it can run outside the model: a plain ``nn.Linear`` (not
+    a LoRA, quantised or modules_to_save wrapper) with a whole local weight (not a ZeRO-3 / FSDP shard nor
+    one placed by an accelerate ``device_map`` hook), and a config without logit rescaling. None otherwise
+    (and for a wrapper without ``get_output_embeddings``, e.g. DDP): the caller uses the model's logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if type(head) is not torch.nn.Linear or head in _UNFIT_HEADS:
+        return None
+    weight = head.weight
+    if (type(weight.data) is not torch.Tensor or hasattr(weight, "ds_id") or weight.is_meta
+            or hasattr(head, "_hf_hook") or weight.shape != (head.out_features, head.in_features)):
+        return None  # a DTensor / ZeRO-3 shard, or weights accelerate's device_map hook moves in and out
+    config = getattr(base, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(text, name, None) not in (None, 1, 1.0) for name in _LOGIT_RESCALING):
+        return None
+    return head
+
+
+def _lm_forward(model, call: Callable[[], object]) -> tuple[object, torch.Tensor | None, torch.nn.Linear | None]:
+    """Run the model's forward ``call()``. With a :func:`_plain_lm_head` the head is handed only the last
+    position of its input and ``(outputs, hidden (B, K, H), head)`` comes back: the model's logits (of the
+    last position) were the head's own output, so ``head(hidden)`` are its logits for all ``K`` positions.
+    Otherwise ``(outputs, None, None)``, ``outputs.logits`` whole (a model that post-processed the head's
+    output is run again and its head not tried again)."""
+    head = _plain_lm_head(model)
+    if head is not None:
+        out, hidden = _last_position_head(head, call)
+        if hidden is not None:
+            return out, hidden, head
+        if out is not None:  # the head never ran: these logits are the model's own
+            return out, None, None
+        _UNFIT_HEADS.add(head)
+    return call(), None, None
+
+
+def _last_position_head(head: torch.nn.Module, call: Callable[[], object]) -> tuple[object, torch.Tensor | None]:
+    """``(outputs, head input)`` of ``call()`` with ``head`` given only its input's last position, when the
+    head ran once on a ``(B, K, H)`` input and the model returned the head's output unchanged (no softcap,
+    scale or vocabulary slice after it); ``(outputs, None)`` when the head never ran; ``(None, None)``
+    when the outputs are unusable (the head's output was changed, or it ran more than once)."""
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+
+    def give_last(_module, args):
+        inputs.append(args[0])
+        return (args[0][:, -1:], *args[1:]) if len(inputs) == 1 and args[0].dim() == 3 else None
+
+    pre = head.register_forward_pre_hook(give_last)
+    post = head.register_forward_hook(lambda _module, _args, output: outputs.append(output))
+    try:
+        out = call()
+    finally:
+        pre.remove()
+        post.remove()
+    if not inputs:
+        return out, None
+    logits = getattr(out, "logits", None)
+    if (len(inputs) != 1 or inputs[0].dim() != 3 or logits is None or logits.shape != outputs[0].shape
+            or not torch.equal(logits, outputs[0].to(logits.dtype))):
+        return None, None
+    return out, inputs[0]
+
+
 def shared_prompt_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor, response_mask: torch.Tensor,
-                            return_token_entropy: bool = False) -> dict[str, torch.Tensor] | None:
+                            return_token_entropy: bool = False, *, temperature: float = 1.0,
+                            ) -> dict[str, torch.Tensor] | None:
     """:func:`get_response_log_probs` with ``response_mask`` for rows that share prompts (a GRPO group):
     each distinct prompt goes through the model once (with grad), its KV cache is repeated for the rows
     that share it, and only their response tokens are run on top. The values (and gradients) equal the
     per-row computation's on the response positions; the rest hold 0. Rows are right-padded as
     :func:`tokenize_prompt_and_output` makes them (prompt, then one contiguous response). Returns None
-    (use :func:`get_response_log_probs`) when no prompt repeats or the model takes no KV cache argument."""
+    (use :func:`get_response_log_probs`) when no prompt repeats or the model takes no KV cache argument.
+    The LM head runs inside ``lm_head_log_probs`` where :func:`get_response_log_probs`' does."""
     _same_shape("shared_prompt_log_probs", input_ids=input_ids, labels=labels, response_mask=response_mask)
     groups = _prompt_groups(input_ids, labels, response_mask)
     cache_arg = next((a for a in ("cache", "past_key_values") if _takes(model, a)), None)  # transformers 5.x / 4.x
@@ -143,25 +248,41 @@ def shared_prompt_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor
     log_probs = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     entropy = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device) if return_token_entropy else None
     for prompt, rows, start, lengths in groups:
-        # 1. the prompt once: its cache, and the logits of its last position (the first response token's)
-        first = model(prompt.unsqueeze(0), use_cache=True, logits_to_keep=1)
-        cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
-        cache.batch_repeat_interleave(len(rows))
-        # 2. the rows' responses (right-padded; causal attention never looks at the pads after a token)
         width = max(lengths)
         response = labels[rows, start:start + width]  # (g, R)
-        rest = model(response[:, :-1], **{cache_arg: cache}, use_cache=True).logits if width > 1 else None
-        logits = first.logits.expand(len(rows), 1, -1)
-        logits = logits if rest is None else torch.cat([logits, rest], dim=1)  # (g, R, V)
-        lp = selective_log_softmax(logits, response)  # (g, R)
+        scores = _group_scores(model, prompt, response, cache_arg, temperature, entropy is not None)
         r_idx = torch.tensor(rows, device=labels.device).repeat_interleave(torch.tensor(lengths)).to(labels.device)
         c_idx = torch.cat([torch.arange(start, start + n, device=labels.device) for n in lengths])
         keep = torch.cat([torch.arange(n, device=labels.device) + j * width for j, n in enumerate(lengths)])
-        log_probs = log_probs.index_put((r_idx, c_idx), lp.reshape(-1)[keep].float())
+        log_probs = log_probs.index_put((r_idx, c_idx), scores["log_probs"].reshape(-1)[keep])
         if entropy is not None:
-            with torch.no_grad():
-                entropy[r_idx, c_idx] = compute_entropy(logits).reshape(-1)[keep]
+            entropy[r_idx, c_idx] = scores["token_entropy"].reshape(-1)[keep]
     return {"log_probs": log_probs, **({"token_entropy": entropy} if entropy is not None else {})}
+
+
+def _group_scores(model, prompt: torch.Tensor, response: torch.Tensor, cache_arg: str, temperature: float,
+                  entropy: bool) -> dict:
+    """:func:`_logits_scores` ``(g, R)`` of one group's right-padded responses ``(g, R)`` after ``prompt``."""
+    g = response.shape[0]
+    # 1. the prompt once: its cache, and the last position's hidden state (or logits): the first response token's
+    first, first_hidden, head = _lm_forward(model, lambda: model(prompt.unsqueeze(0), use_cache=True,
+                                                                  logits_to_keep=1))
+    cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
+    cache.batch_repeat_interleave(g)
+    # 2. the rows' responses (right-padded; causal attention never looks at the pads after a token)
+    rest, rest_hidden, rest_head = None, None, None
+    if response.shape[1] > 1:
+        rest, rest_hidden, rest_head = _lm_forward(model, lambda: model(response[:, :-1], **{cache_arg: cache},
+                                                                use_cache=True))
+    if first_hidden is not None and (rest is None or rest_hidden is not None):
+        hidden = first_hidden.expand(g, 1, -1)
+        hidden = hidden if rest is None else torch.cat([hidden, rest_hidden], dim=1)  # (g, R, H)
+        return _head_scores(hidden, head, response, temperature, entropy)
+    logits = (first.logits if first_hidden is None else head(first_hidden)).expand(g, 1, -1)
+    if rest is not None:
+        rest_logits = rest.logits if rest_hidden is None else rest_head(rest_hidden)
+        logits = torch.cat([logits, rest_logits], dim=1)  # (g, R, V)
+    return _logits_scores(logits, response, temperature, entropy)
 
 
 def _prompt_groups(input_ids, labels, response_mask) -> list | None:

@@ -8,13 +8,12 @@ does not redo the steps its checkpoint already covers, and a measurement cut by 
 saved predictions (the eval runner's resume). Files: ``<stage_dir>/task_eval/step-<N>/<task>/``.
 
 Generation runs on the main process with the unwrapped model (the other ranks wait). A sharded model
-(FSDP, DeepSpeed ZeRO-3) cannot generate that way; no check refuses that combination yet (on a machine
-without CUDA such a launch is refused anyway by :func:`alignkit.config.check_launch`).
+(FSDP, DeepSpeed ZeRO-3) cannot generate that way: :meth:`TaskEvalCallback.attach` refuses such a launch
+(evaluate the saved checkpoints with ``alignkit eval`` instead).
 """
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from alignkit.eval.runner import run_task
 from alignkit.eval.tasks import TASKS, get_task
 from alignkit.eval.tasks.base import STYLES
 from alignkit.generation.hf import HFGenerator
+from alignkit.train.tracking import numeric
 
 logger = logging.getLogger("alignkit.train")
 KEYS = ("task_eval", "task_eval_steps", "task_eval_limit", "task_eval_max_new_tokens", "task_eval_batch_size",
@@ -84,6 +84,12 @@ class TaskEvalCallback(TrainerCallback):
         self.trainer = None
 
     def attach(self, trainer) -> TaskEvalCallback:
+        """Register with ``trainer``; ValueError for a sharded launch (:func:`sharded_launch`)."""
+        launch = sharded_launch(trainer)
+        if launch:
+            raise ValueError(f"train.task_eval cannot run under {launch}: the main process cannot generate alone "
+                             "with sharded weights; drop train.task_eval and evaluate the saved checkpoints with "
+                             "`alignkit eval`")
         self.trainer = trainer
         trainer.add_callback(self)
         return self
@@ -118,6 +124,20 @@ class TaskEvalCallback(TrainerCallback):
         return score_tasks(model, self.tokenizer, self.tasks, self.out_dir, self.settings, step=step, seed=self.seed)
 
 
+def sharded_launch(trainer) -> str | None:
+    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when ``trainer``'s accelerator shards the weights, else None
+    (read from ``trainer.is_fsdp_enabled``, ``trainer.is_deepspeed_enabled`` and the DeepSpeed plugin's
+    ``zero_stage``; ZeRO-1/2 keep whole weights on every rank)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP"
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        state = getattr(getattr(trainer, "accelerator", None), "state", None)
+        plugin = getattr(state, "deepspeed_plugin", None)
+        if getattr(plugin, "zero_stage", None) == 3:
+            return "DeepSpeed ZeRO-3"
+    return None
+
+
 def settings_of(args: TaskEvalArgs) -> dict:
     return {"limit": args.task_eval_limit, "max_new_tokens": args.task_eval_max_new_tokens,
             "batch_size": args.task_eval_batch_size, "style": args.task_eval_prompt}
@@ -140,9 +160,9 @@ def score_tasks(model, tokenizer, tasks: list[str], out_dir: Path, settings: dic
                                       limit=settings["limit"], seed=seed, style=settings["style"],
                                       max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"],
                                       judge=None, settings={"step": step, **settings})
-                # 2. numeric metrics only (rates over no example are None: not measured, not logged)
-                metrics.update({f"{name}/{k}": float(v) for k, v in values.items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+                # 2. the finite numbers (rates over no example are None: not measured, not logged); nested
+                # tables (mmlu's per_subject) stay in the task's files
+                metrics.update(numeric({k: v for k, v in values.items() if not isinstance(v, dict)}, f"{name}/"))
     finally:
         model.train(was_training)
     logger.info("task eval at step %d: %s", step,
