@@ -202,7 +202,8 @@ LONG_PROMPT = ("Here is a long shared prompt about arithmetic, colours and count
                "replies must see, and nothing else: what is seven times six?")
 
 
-def _pf_pair_trainer(tmp_path, model_dir, ref_dir, cls=AlignkitDPOTrainer, pairs=PAIRS, **kw):
+def _pf_pair_trainer(tmp_path, model_dir, ref_dir, cls=AlignkitDPOTrainer, pairs=PAIRS, pinned_attention=None,
+                     **kw):
     """A DPO trainer on ``pairs`` (tiny Llama policy, seed-1 reference), float32, beta 0.5."""
     from alignkit.data.preference import PreferencePair
 
@@ -216,7 +217,8 @@ def _pf_pair_trainer(tmp_path, model_dir, ref_dir, cls=AlignkitDPOTrainer, pairs
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
     data = to_trl_pairs([PreferencePair(p, c, r) for p, c, r in pairs], None)
-    return cls(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
+    extra = {"pinned_attention": pinned_attention} if pinned_attention else {}
+    return cls(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok, **extra)
 
 
 def _loss_and_grads_on(trainer, rows):
@@ -298,14 +300,27 @@ def test_padding_free_refusals(tmp_path):
 
 
 def test_padding_free_refuses_attention_across_documents(tiny_model_dir, monkeypatch):
-    from alignkit.train import dpo
+    from alignkit.train import common
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.set_attn_implementation("eager")
-    monkeypatch.setattr(dpo.masks, "PER_DOCUMENT_ATTENTION", frozenset())  # force the probe
-    monkeypatch.setattr(dpo.masks, "attends_per_document", lambda m: False)
-    with pytest.raises(ValueError, match=r"model\.attn_implementation 'eager' attends across the sequences"):
-        dpo.per_document_attention(model)
+    monkeypatch.setattr(common.masks, "PER_DOCUMENT_ATTENTION", frozenset())  # force the probe
+    monkeypatch.setattr(common.masks, "attends_per_document", lambda m: False)
+    with pytest.raises(ValueError, match=r"train\.padding_free: model\.attn_implementation 'eager' attends across"):
+        common.per_document_attention(model, setting="train.padding_free")
+
+
+def test_pinned_sdpa_is_kept_and_shares_no_prompt(tmp_path, tiny_model_dir, ref_dir):
+    """A recipe that names sdpa keeps it (the dense block mask from the restarting positions; no shared
+    prompts, which only sdpa_varlen reads): still TRL's loss and gradients."""
+    from trl import DPOTrainer
+
+    kw = {"loss": "dpo", "padding_free": True}
+    ours = _pf_pair_trainer(tmp_path, tiny_model_dir, ref_dir, pairs=PF_PAIRS, pinned_attention="sdpa", **kw)
+    theirs = _pf_pair_trainer(tmp_path, tiny_model_dir, ref_dir, cls=DPOTrainer, pairs=PF_PAIRS)
+    assert ours.model.config._attn_implementation == "sdpa" and not ours.data_collator.share_prompt
+    rows = _rows(ours)
+    _assert_same(_loss_and_grads_on(ours, rows), _loss_and_grads_on(theirs, rows))
 
 
 @pytest.mark.parametrize("mode,shares", [("keep_start", True), ("keep_end", True), ("keep_start", False)])

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
+from alignkit.data import masks
 from alignkit.data.check import render, resolve_template, run_check
 from alignkit.data.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from alignkit.models import load_model, merge_adapter, prepare_kbit
@@ -68,23 +69,39 @@ def load_for_training(recipe, model_path: str | None, *, model_class=None, **kwa
     return model, tokenizer, source
 
 
+def per_document_attention(model, *, setting: str, pinned: str | None = None) -> str:
+    """The one switch to per-document attention for padding-free rows (SFT and DPO): plain ``sdpa`` becomes
+    ``sdpa_varlen`` (alignkit.attention: causal SDPA per document instead of a dense (N, N) block-diagonal
+    mask; the pads saved are otherwise spent on attention, benchmarks/RESULTS.md) unless the recipe pinned it
+    (``pinned``: its ``model.attn_implementation``); an implementation outside
+    :data:`alignkit.data.masks.PER_DOCUMENT_ATTENTION` must pass :func:`masks.attends_per_document`, else a
+    one-line ValueError naming ``setting``. Returns the implementation in use."""
+    impl = model.config._attn_implementation
+    if impl == "sdpa" and not pinned:
+        model.set_attn_implementation(register_varlen_sdpa())
+        logger.info("%s on sdpa: attention set to %s (per-document SDPA; set model.attn_implementation to "
+                    "choose another)", setting, VARLEN_SDPA)
+        return VARLEN_SDPA
+    if impl not in masks.PER_DOCUMENT_ATTENTION and not masks.attends_per_document(model):
+        raise ValueError(f"{setting}: model.attn_implementation {impl!r} attends across the documents of a "
+                         "padding-free row; use sdpa_varlen, sdpa or flash_attention_2")
+    return impl
+
+
 def use_varlen_attention(model, recipe) -> bool:
-    """SFT: padding-free batches (``train.padding_free`` or TRL's BFD packing) on plain ``sdpa``: switch to
-    ``sdpa_varlen`` (alignkit.attention), which attends per document instead of over a dense (N, N)
-    block-diagonal mask (the pads saved are otherwise spent on attention; benchmarks/RESULTS.md).
-    Left alone when the recipe names an attention implementation, and for other stages (TRL 1.16's
-    DPOTrainer turns ``padding_free`` off and pads). Returns whether it switched."""
+    """SFT: padding-free batches (``train.padding_free`` or TRL's BFD packing) go through
+    :func:`per_document_attention` (``sdpa`` -> ``sdpa_varlen`` unless the recipe names an attention).
+    Other stages: False (DPO's trainer makes the same call for its padding-free pairs). Returns whether it
+    switched."""
     if recipe.stage != "sft":
         return False
     args = recipe.train
     packing_free = getattr(args, "packing", False) and getattr(args, "packing_strategy", None) in {"bfd", "bfd_split"}
-    padding_free = getattr(args, "padding_free", False) or packing_free
-    if not padding_free or recipe.model.attn_implementation or model.config._attn_implementation != "sdpa":
+    setting = "train.padding_free" if getattr(args, "padding_free", False) else "train.packing"
+    if not (getattr(args, "padding_free", False) or packing_free):
         return False
-    model.set_attn_implementation(register_varlen_sdpa())
-    logger.info("padding-free batches on sdpa: attention set to %s (per-document SDPA; set "
-                "model.attn_implementation to choose another)", VARLEN_SDPA)
-    return True
+    before = model.config._attn_implementation
+    return per_document_attention(model, setting=setting, pinned=recipe.model.attn_implementation) != before
 
 
 def holdout(rows: list, val_size: float, seed: int) -> tuple[list, list]:

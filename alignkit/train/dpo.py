@@ -10,7 +10,7 @@ margins, logps/chosen|rejected.
 
 Speed (issue #16): ``train.padding_free`` lays each batch's chosen and rejected sequences end to end in one row
 without pads (:class:`alignkit.data.dpo_packing.PaddingFreePreferenceCollator`), attention per sequence (sdpa ->
-sdpa_varlen, :func:`per_document_attention`), and the LM head runs on the scored completion positions only
+sdpa_varlen, :func:`alignkit.train.common.per_document_attention`), and the LM head runs on the scored completion positions only
 (:func:`add_compact_lm_head`); loss and gradients equal TRL's padded path (tests/test_train_dpo.py). With
 ``precompute_ref_log_probs`` the reference values are cached on disk (``train.ref_cache_dir``,
 :mod:`alignkit.train.ref_cache`) and reused by later runs (another beta, loss or learning rate).
@@ -38,8 +38,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import FusedCausalLMOutput, use_adapter
 
 from alignkit import losses as L
-from alignkit.attention import VARLEN_SDPA, honours_shared_prefix, register_varlen_sdpa
-from alignkit.data import masks
+from alignkit.attention import VARLEN_SDPA, honours_shared_prefix
 from alignkit.data.dpo_packing import PACKED_ONLY_KEYS, PaddingFreePreferenceCollator, sequence_sums
 from alignkit.data.preference import to_trl_dataset
 from alignkit.train import common, ref_cache, task_eval
@@ -182,25 +181,6 @@ def ignored_keys(stage) -> dict[str, str]:
             **task_eval.ignored_keys(stage.train)}
 
 
-def per_document_attention(model) -> str:
-    """Make ``model`` attend per sequence on a padding-free row: ``sdpa`` is switched to ``sdpa_varlen``
-    (causal SDPA per sequence, no dense (N, N) mask); an implementation outside
-    :data:`alignkit.data.masks.PER_DOCUMENT_ATTENTION` must pass :func:`masks.attends_per_document`, else
-    ValueError. Returns the implementation in use."""
-    if isinstance(model, str):
-        raise TypeError("train.padding_free: AlignkitDPOTrainer needs a loaded model, not a name, to set its "
-                         "attention")
-    impl = model.config._attn_implementation
-    if impl == "sdpa":
-        model.set_attn_implementation(register_varlen_sdpa())
-        logger.info("padding-free DPO on sdpa: attention set to %s (per-sequence SDPA)", VARLEN_SDPA)
-        return VARLEN_SDPA
-    if impl not in masks.PER_DOCUMENT_ATTENTION and not masks.attends_per_document(model):
-        raise ValueError(f"train.padding_free: model.attn_implementation {impl!r} attends across the sequences of "
-                         "a padding-free row; use sdpa_varlen, sdpa or flash_attention_2")
-    return impl
-
-
 def shares_prompt(model) -> bool:
     """Whether padding-free rows may share each pair's prompt for ``model``: its attention is ``sdpa_varlen``
     and a probe shows it reads ``shared_prefix_lens`` (:func:`alignkit.attention.honours_shared_prefix`)."""
@@ -256,17 +236,22 @@ class AlignkitDPOTrainer(DPOTrainer):
     ``args.padding_free`` (alignkit losses): batches from
     :class:`alignkit.data.dpo_packing.PaddingFreePreferenceCollator` (one row, no pads) instead of TRL's padded
     collator (TRL 1.16 turns padding_free off); the model (and reference) attend per sequence
-    (:func:`per_document_attention`). ``args.ref_cache_dir``: TRL's precomputed reference log-probs are kept
+    (:func:`alignkit.train.common.per_document_attention`; ``pinned_attention``: the recipe's
+    ``model.attn_implementation``, which is then kept). ``args.ref_cache_dir``: TRL's precomputed reference log-probs are kept
     on disk (:mod:`alignkit.train.ref_cache`) and reused by later runs."""
 
-    def __init__(self, model=None, ref_model=None, args=None, data_collator=None, *rest, **kwargs):
+    def __init__(self, model=None, ref_model=None, args=None, data_collator=None, *rest,
+                 pinned_attention: str | None = None, **kwargs):
         packed = bool(getattr(args, "padding_free", False)) and getattr(args, "loss", "trl") != "trl"
         if not packed:
             super().__init__(model, ref_model, args, data_collator, *rest, **kwargs)
             return
+        if isinstance(model, str):
+            raise TypeError("train.padding_free: AlignkitDPOTrainer needs a loaded model, not a name, to set its "
+                            "attention")
         given = [m for m in (model, ref_model) if m is not None]
         for m in given:
-            per_document_attention(m)
+            common.per_document_attention(m, setting="train.padding_free", pinned=pinned_attention)
             add_compact_lm_head(m)
         if data_collator is None:
             data_collator = PaddingFreePreferenceCollator(args.max_length, args.truncation_mode,
@@ -279,7 +264,7 @@ class AlignkitDPOTrainer(DPOTrainer):
         self.padding_free = True
         if self.ref_model is not None and not has_compact_lm_head(self.accelerator.unwrap_model(self.ref_model)):
             ref = self.accelerator.unwrap_model(self.ref_model)  # built by TRL from the policy's path
-            per_document_attention(ref)
+            common.per_document_attention(ref, setting="train.padding_free", pinned=pinned_attention)
             add_compact_lm_head(ref)
             if getattr(self.data_collator, "share_prompt", False) and not shares_prompt(ref):
                 raise RuntimeError(f"train.padding_free: the reference model TRL built runs "
@@ -429,7 +414,8 @@ def run(recipe, stage_dir, model_path=None) -> dict:
     eval_ds = to_trl_pairs(val_pairs, recipe.data.template) if val_pairs else None
     trainer = AlignkitDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
                                  eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config,
-                                 callbacks=common.stage_callbacks(stage_dir))
+                                 callbacks=common.stage_callbacks(stage_dir),
+                                 pinned_attention=recipe.model.attn_implementation)
     logger.info("DPO loss %s (beta=%g, %s), reference: %s", args.loss, args.beta,
                 "padding-free pairs" if trainer.padding_free else "padded pairs",
                 "none (reference-free)" if args.loss in L.REFERENCE_FREE else
