@@ -134,10 +134,11 @@ def varlen_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset: i
                      kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
 
 
-def honours_shared_prefix(model, n: int = 5, atol: float = 1e-4) -> bool:
+def honours_shared_prefix(model, n: int = 5, rtol: float = 1e-3) -> bool:
     """Whether ``model`` (on ``sdpa_varlen``) reads ``shared_prefix_lens``: a row ``[a b c d e | d' e']`` whose
     second document shares the first 3 tokens of the first must give that document the logits it gets as
-    ``[a b c d' e']`` alone (two small no-grad forwards)."""
+    ``[a b c d' e']`` alone (two small no-grad forwards), to ``rtol`` of the largest logit: float32 kernels
+    differ by ~4e-5 of it on SmolLM2-135M, a prefix that is not read by ~0.4."""
     vocab = model.config.get_text_config().vocab_size
     ids = torch.arange(1, n + 3) % vocab  # (n + 2,)
     k = n - 2
@@ -151,7 +152,8 @@ def honours_shared_prefix(model, n: int = 5, atol: float = 1e-4) -> bool:
         got = model(input_ids=row.to(device), position_ids=positions.to(device), cu_seq_lens_q=cu.to(device),
                     cu_seq_lens_k=cu.to(device), max_length_q=n, max_length_k=n,
                     shared_prefix_lens=torch.tensor([0, k], device=device)).logits[0, n:]
-    return bool(torch.allclose(want.float(), got.float(), atol=atol))
+    want, got = want.double(), got.double()
+    return bool((want - got).abs().max() <= rtol * want.abs().max())
 
 
 def register_varlen_sdpa() -> str:

@@ -98,7 +98,8 @@ def run_dpo(ctx: Context, pairs: list[dict], *, precompute: bool, batch: int, st
             "ref_model_bytes": tensor_bytes(held_ref.parameters()) if held_ref is not None else 0,
             "tokens_per_step": sum(t[0] for t in timed) / max(len(timed), 1),
             "head_positions_per_step": sum(t[2] for t in timed) / max(len(timed), 1),
-            "pad_fraction": 1 - sum(t[1] for t in timed) / max(sum(t[0] for t in timed), 1)}
+            "pad_fraction": 1 - sum(t[1] for t in timed) / max(sum(t[0] for t in timed), 1),
+            "prompt_shared": bool(getattr(trainer.data_collator, "share_prompt", False))}
 
 
 class ForwardClock:
@@ -162,6 +163,7 @@ def bench_alignkit_vs_trl(ctx: Context) -> Row:
                         "tokens_per_step_alignkit": ours["tokens_per_step"], "bound_from_padding": bound,
                         "lm_head_positions_trl": trl["head_positions_per_step"],
                         "lm_head_positions_alignkit": ours["head_positions_per_step"],
+                        "prompt_shared_alignkit": ours["prompt_shared"],
                         "per_step_trl": trl["per_step"], "per_step_alignkit": ours["per_step"],
                         "precompute_s_trl": trl["init_s"], "precompute_s_alignkit": ours["init_s"]},
                notes=f"TRL pads {pad:.0%} of its batch ({trl['tokens_per_step']:.0f} vs "
