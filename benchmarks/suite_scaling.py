@@ -5,7 +5,8 @@
   settings and LoRA, as ``suite_grpo`` runs it) at a fixed number of prompts per step and fixed response
   lengths (``min_new_tokens = max_new_tokens``, no stop string: every rollout has the same number of
   tokens whatever the sampled text), so only G changes. The loop's own phase timer splits each step into
-  generation, log-probs (on-policy with ``beta: 0``: tokenization only, no no-grad forward) and train.
+  generation, log-probs (on-policy with ``beta: 0``: tokenization only, no no-grad forward) and train;
+  one untimed warm-up step, then the G's steps interleaved, the fastest of each G's steps reported.
   One micro-batch per group (``gradient_accumulation_steps`` = prompts per step): each group's shared
   prompt runs once per micro-batch, so train time grows slower than the G-fold tokens.
 * Eval generation time vs number of examples: GSM8K chat prompts, greedy, batch 8, through alignkit's
@@ -67,47 +68,52 @@ def _grpo_steppers(ctx: Context, groups: list[int], prompts_per_step: int, max_n
     return steppers, dataclasses.replace(stage, train=base)
 
 
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
-def bench_grpo_group_scaling(ctx: Context) -> list[Row]:
-    """Seconds per GRPO step (and per phase) at G = 2, 4, 8 responses per prompt, prompts per step fixed."""
-    groups = ctx.pick([2, 4], [2, 4, 8])
-    prompts_per_step, max_new, rounds = ctx.pick(2, 2), ctx.pick(4, 24), ctx.pick(1, 1)
-    steppers, stage = _grpo_steppers(ctx, groups, prompts_per_step, max_new)
-    base = stage.train
-    # 1. one untimed step at the smallest G (kernels, allocator), then the timed steps, interleaved over G
+def _grpo_seconds(steppers: dict, groups: list[int], rounds: int) -> tuple[dict, list, list]:
+    """(seconds[name] per G, response lengths per G, timed walls per G): one untimed step at the smallest G
+    (kernels, allocator), then ``rounds`` steps per G, interleaved (ascending, then descending: a drift in
+    the machine's load hits every G alike); per G the fastest timed step (the least disturbed by other
+    load) gives the wall time and the phases of the loop's own timer."""
     steppers[groups[0]][0]()
     skip = {g: len(rec["steps"]) for g, (_, rec) in steppers.items()}
     for r in range(rounds):
         for g in groups if r % 2 == 0 else groups[::-1]:
             steppers[g][0]()
         logger.info("scaling_rl: GRPO round %d/%d done", r + 1, rounds)
-    # 2. medians per group size: the whole step and each phase of the loop's timer
     seconds: dict[str, list[float]] = {"step": [], **{p: [] for p in PHASES}}
-    lengths = []
+    lengths, walls_all = [], []
     for g in groups:
         record = steppers[g][1]
         steps, walls = record["steps"][skip[g]:], record["walls"][skip[g]:]
-        seconds["step"].append(_median(walls))
+        best = min(range(len(walls)), key=walls.__getitem__)
+        seconds["step"].append(walls[best])
         for p in PHASES:
-            seconds[p].append(_median([s[p] for s in steps]))
+            seconds[p].append(steps[best][p])
         lengths.append([s["response_length"] for s in steps])
+        walls_all.append(walls)
+    return seconds, lengths, walls_all
+
+
+def bench_grpo_group_scaling(ctx: Context) -> list[Row]:
+    """Seconds per GRPO step (and per phase) at G = 2, 4, 8 responses per prompt, prompts per step fixed."""
+    groups = ctx.pick([2, 4], [2, 4, 8])
+    prompts_per_step, max_new, rounds = ctx.pick(2, 2), ctx.pick(4, 16), ctx.pick(1, 2)
+    steppers, stage = _grpo_steppers(ctx, groups, prompts_per_step, max_new)
+    seconds, lengths, walls = _grpo_seconds(steppers, groups, rounds)
     k = {name: fit_exponent(groups, ys) for name, ys in seconds.items()}
     ctx.plots.append(Plot("grpo_step_seconds_vs_group_size",
                           f"GRPO step time vs group size ({prompts_per_step} prompts/step, {max_new} tokens each)",
                           "group size G (responses per prompt)", "seconds per step",
                           {name: (groups, ys) for name, ys in seconds.items()}, loglog=True))
+    base = stage.train
     details = {"group_sizes": groups, "prompts_per_step": prompts_per_step, "max_new_tokens": max_new,
                "rollouts_per_step": [prompts_per_step * g for g in groups], "seconds": seconds,
-               "exponents": k, "response_length": lengths, "timed_steps_per_g": rounds,
+               "exponents": k, "response_length": lengths, "timed_steps_per_g": rounds, "walls_per_g": walls,
                "settings": {"loss_type": base.loss_type, "beta": base.beta, "temperature": base.temperature,
                             "gradient_accumulation_steps": prompts_per_step, "lora": dataclasses.asdict(stage.lora)}}
     span = f"G={groups[0]}..{groups[-1]} at {prompts_per_step} prompts/step, {max_new} new tokens per rollout"
     label = {"step": "whole step", "generation": "generation phase",
              "log_probs": "log-probs phase", "train": "train phase"}
-    notes = {"step": f"log-log fit over {span} (1: linear in rollouts); phases: "
+    notes = {"step": f"log-log fit over {span} (1: linear in rollouts); fastest of {rounds} steps per G; phases: "
                      + ", ".join(f"{p} {k[p]:.2f}" for p in PHASES),
              "generation": f"HFGenerator, all rollouts of a step in one batch; {span}",
              "log_probs": f"on-policy, beta {base.beta}: tokenizing the micro-batches only (no no-grad "
@@ -126,7 +132,7 @@ def _timed(fn):
 
 def bench_eval_examples_scaling(ctx: Context) -> list[Row]:
     """Seconds to generate for n GSM8K chat prompts (greedy, batch 8): HFGenerator vs static batched generate."""
-    sizes, max_new = ctx.pick([4, 8, 16], [8, 16, 32]), ctx.pick(8, 48)
+    sizes, max_new = ctx.pick([4, 8, 16], [8, 16, 32]), ctx.pick(8, 32)
     model, tok = ctx.load()
     model.eval()
     if not tok.chat_template:  # the tiny smoke model's GPT-2 tokenizer
