@@ -37,6 +37,7 @@ def _registry() -> dict:
         suite_logprobs,
         suite_memory,
         suite_rl_data,
+        suite_scaling,
         suite_sft,
     )
 
@@ -50,11 +51,13 @@ def _registry() -> dict:
         "data": suite_rl_data.bench_data_loading,
         "memory": suite_memory.bench_memory,
         "scaling": suite_sft.bench_sft_scaling,
+        "scaling_rl": suite_scaling.bench_rl_scaling,
         "gpu": gpu.bench_gpu,
     }
 
 
-SUITES = {"cpu": ["logprobs", "data", "memory", "sft", "dpo", "generation", "http", "grpo", "scaling"],
+SUITES = {"cpu": ["logprobs", "data", "memory", "sft", "dpo", "generation", "http", "grpo", "scaling",
+                  "scaling_rl"],
           "gpu": ["gpu"]}
 
 

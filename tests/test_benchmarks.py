@@ -125,7 +125,8 @@ def test_smoke_suite_runs_and_agrees(smoke_results):
     by_bench = {}
     for row in doc["rows"]:
         by_bench.setdefault(row["details"]["benchmark"], []).append(row)
-    assert set(by_bench) == {"logprobs", "data", "memory", "sft", "dpo", "generation", "http", "grpo", "scaling"}
+    assert set(by_bench) == {"logprobs", "data", "memory", "sft", "dpo", "generation", "http", "grpo", "scaling",
+                            "scaling_rl"}
     for row in doc["rows"]:
         if row["agreement"]:
             assert row["agreement"]["ok"], (row["path"], row["agreement"])
