@@ -7,9 +7,11 @@
 2. alignkit's DPO step (``AlignkitDPOTrainer``, ``padding_free: true``: chosen and rejected of every pair end
    to end in one row without pads, per-sequence attention on ``sdpa_varlen``; precomputed reference) vs TRL's
    best DPOTrainer configuration (precomputed reference; TRL 1.16 turns ``padding_free`` off), at a batch a
-   TRL user would pick on CPU, both without gradient checkpointing. Two savings: the pads (at most
-   ``1 / (1 - pad share)`` of the token-proportional compute) and the LM head, which alignkit runs on the
-   completion positions only (TRL's fused head scores every position, prompt and pads included, off CUDA).
+   TRL user would pick on CPU, both without gradient checkpointing. Three savings: the pads (at most
+   ``1 / (1 - pad share)`` of the token-proportional compute), each pair's prompt run once (the rejected
+   sequence reads the chosen one's prompt through ``sdpa_varlen``'s shared prefix), and the LM head, which
+   alignkit runs on the completion positions only inside ``alignkit.losses.lm_head_log_probs`` (TRL's fused
+   head scores every position, prompt and pads included, off CUDA).
 
 The per-step losses must agree (same data order, same reference log-probs up to float noise).
 """
@@ -166,8 +168,9 @@ def bench_alignkit_vs_trl(ctx: Context) -> Row:
                         "prompt_shared_alignkit": ours["prompt_shared"],
                         "per_step_trl": trl["per_step"], "per_step_alignkit": ours["per_step"],
                         "precompute_s_trl": trl["init_s"], "precompute_s_alignkit": ours["init_s"]},
-               notes=f"TRL pads {pad:.0%} of its batch ({trl['tokens_per_step']:.0f} vs "
-                     f"{ours['tokens_per_step']:.0f} tokens a step): ~{bound:.2f}x of the token-proportional work; "
+               notes=f"TRL pads {pad:.0%} of its batch (~{bound:.2f}x of the token-proportional work) and alignkit "
+                     f"runs each prompt {'once' if ours['prompt_shared'] else 'per sequence'}: "
+                     f"{trl['tokens_per_step']:.0f} vs {ours['tokens_per_step']:.0f} tokens a step; "
                      f"the LM head runs on {ours['head_positions_per_step']:.0f} completion positions vs TRL's "
                      f"{trl['head_positions_per_step']:.0f} (its fused head scores every position off CUDA); init "
                      f"(precompute pass) {trl['init_s']:.1f} s TRL vs {ours['init_s']:.1f} s alignkit")
