@@ -10,10 +10,13 @@ margins, logps/chosen|rejected.
 
 Speed (issue #16): ``train.padding_free`` lays each batch's chosen and rejected sequences end to end in one row
 without pads (:class:`alignkit.data.dpo_packing.PaddingFreePreferenceCollator`), attention per sequence (sdpa ->
-sdpa_varlen, :func:`alignkit.train.common.per_document_attention`), and the LM head runs on the scored completion positions only
-(:func:`add_compact_lm_head`); loss and gradients equal TRL's padded path (tests/test_train_dpo.py). With
-``precompute_ref_log_probs`` the reference values are cached on disk (``train.ref_cache_dir``,
-:mod:`alignkit.train.ref_cache`) and reused by later runs (another beta, loss or learning rate).
+sdpa_varlen, :func:`alignkit.train.common.per_document_attention`); on sdpa_varlen each pair's prompt runs once
+(the rejected sequence reads the chosen one's prompt keys, ``shared_prefix_lens``, probed per model by
+:func:`shares_prompt`), and the LM head runs on the scored completion positions only, inside
+:func:`alignkit.losses.lm_head_log_probs` (:func:`add_compact_lm_head`); loss and gradients equal TRL's padded
+path (tests/test_train_dpo.py). With ``precompute_ref_log_probs`` the reference values are cached on disk
+(``train.ref_cache_dir``, :mod:`alignkit.train.ref_cache`) and reused by later runs (another beta, loss or
+learning rate).
 
 Which loss runs (:func:`resolve_loss`): ``train.loss`` when set; otherwise TRL's ``loss_type`` as TRL users
 write it: mapped onto the alignkit loss with the same definition (sigmoid -> dpo, robust, hinge, ipo) unless
