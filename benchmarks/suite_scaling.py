@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
 import torch
 from peft import get_peft_model
@@ -31,7 +30,7 @@ from alignkit.rl.rewards import get_reward
 from alignkit.train.common import lora_config
 from alignkit.train.grpo import format_prompts, load_examples, prompt_template
 
-from .common import Context, Plot, Row, fit_exponent
+from .common import Context, Plot, Row, fit_exponent, timed
 from .suite_generation import PLAIN_CHAT_TEMPLATE, _text_agreement, chat_texts, static_generate
 from .suite_grpo import SMOKE_PROMPT, _alignkit_stepper, _settings
 
@@ -124,12 +123,6 @@ def bench_grpo_group_scaling(ctx: Context) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------- eval
-def _timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
 def bench_eval_examples_scaling(ctx: Context) -> list[Row]:
     """Seconds to generate for n GSM8K chat prompts (greedy, batch 8): HFGenerator vs static batched generate."""
     sizes, max_new = ctx.pick([4, 8, 16], [8, 16, 32]), ctx.pick(8, 32)
@@ -152,7 +145,7 @@ def bench_eval_examples_scaling(ctx: Context) -> list[Row]:
         order = list(runs) if i % 2 == 0 else list(runs)[::-1]
         out = {}
         for name in order:
-            out[name], secs = _timed(runs[name])
+            secs, out[name] = timed(runs[name])
             seconds[name].append(secs)
         agreements.append(_text_agreement(out["alignkit HFGenerator"], out["static batched generate"]))
         logger.info("scaling_rl: eval generation n=%d: %s", n, ", ".join(f"{k} {v[-1]:.2f}s" for k, v in

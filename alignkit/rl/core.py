@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from alignkit.losses import CHUNK_ELEMENTS, lm_head_log_probs, selective_log_softmax
+from alignkit.models import LOGIT_RESCALING_FIELDS
 
 __all__ = [
     "POLICY_GRADIENT_LOSSES",
@@ -156,10 +157,6 @@ def _head_scores(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tens
     return result
 
 
-#: config fields of transformers models that rescale or cap the LM head's logits (Gemma 2/3, Cohere,
-#: Granite, ...): a model that sets one to anything but None or 1 keeps the logits path
-_LOGIT_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
-                    "lm_head_multiplier")
 #: heads whose model returned something other than the head's own output once (checked on every call)
 _UNFIT_HEADS: weakref.WeakSet = weakref.WeakSet()
 
@@ -180,7 +177,7 @@ def _plain_lm_head(model) -> torch.nn.Linear | None:
         return None  # a DTensor / ZeRO-3 shard, or weights accelerate's device_map hook moves in and out
     config = getattr(base, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if any(getattr(text, name, None) not in (None, 1, 1.0) for name in _LOGIT_RESCALING):
+    if any(getattr(text, name, None) not in (None, 1, 1.0) for name in LOGIT_RESCALING_FIELDS):
         return None
     return head
 

@@ -96,10 +96,11 @@ def use_varlen_attention(model, recipe) -> bool:
     if recipe.stage != "sft":
         return False
     args = recipe.train
+    padding_free = getattr(args, "padding_free", False)
     packing_free = getattr(args, "packing", False) and getattr(args, "packing_strategy", None) in {"bfd", "bfd_split"}
-    setting = "train.padding_free" if getattr(args, "padding_free", False) else "train.packing"
-    if not (getattr(args, "padding_free", False) or packing_free):
+    if not (padding_free or packing_free):
         return False
+    setting = "train.padding_free" if padding_free else "train.packing"
     before = model.config._attn_implementation
     return per_document_attention(model, setting=setting, pinned=recipe.model.attn_implementation) != before
 

@@ -44,6 +44,7 @@ from alignkit import losses as L
 from alignkit.attention import VARLEN_SDPA, honours_shared_prefix
 from alignkit.data.dpo_packing import PACKED_ONLY_KEYS, PaddingFreePreferenceCollator, sequence_sums
 from alignkit.data.preference import to_trl_dataset
+from alignkit.models import LOGIT_RESCALING_FIELDS
 from alignkit.train import common, ref_cache, task_eval
 
 logger = logging.getLogger("alignkit.train")
@@ -191,9 +192,9 @@ def shares_prompt(model) -> bool:
     return base.config._attn_implementation == VARLEN_SDPA and honours_shared_prefix(model)
 
 
-#: text-config fields that rescale the logits (TRL's fused head reads them); a model with any: no compact head
-LOGIT_SCALING_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                        "logits_scaling", "output_router_logits")
+#: text-config fields that rescale the logits (TRL's fused head reads them) or route experts; a model with any:
+#: no compact head
+LOGIT_SCALING_FIELDS = (*LOGIT_RESCALING_FIELDS, "output_router_logits")
 
 
 def add_compact_lm_head(model) -> bool:
