@@ -137,8 +137,9 @@ def varlen_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset: i
 def honours_shared_prefix(model, n: int = 5, rtol: float = 1e-3) -> bool:
     """Whether ``model`` (on ``sdpa_varlen``) reads ``shared_prefix_lens``: a row ``[a b c d e | d' e']`` whose
     second document shares the first 3 tokens of the first must give that document the logits it gets as
-    ``[a b c d' e']`` alone (two small no-grad forwards), to ``rtol`` of the largest logit: float32 kernels
-    differ by ~4e-5 of it on SmolLM2-135M, a prefix that is not read by ~0.4."""
+    ``[a b c d' e']`` alone (two small no-grad forwards in eval mode, so dropout cannot tell them apart; the
+    model's mode is restored), to ``rtol`` of the largest logit: float32 kernels differ by ~4e-5 of it on
+    SmolLM2-135M, a prefix that is not read by ~0.4."""
     vocab = model.config.get_text_config().vocab_size
     ids = torch.arange(1, n + 3) % vocab  # (n + 2,)
     k = n - 2
@@ -146,12 +147,16 @@ def honours_shared_prefix(model, n: int = 5, rtol: float = 1e-3) -> bool:
     row = ids[None]  # (1, n + 2): the first sequence (n tokens), then the second's own 2 tokens
     positions = torch.cat([torch.arange(n), torch.arange(k, k + 2)])[None]
     cu = torch.tensor([0, n, n + 2], dtype=torch.int32)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        want = model(input_ids=alone.to(device)).logits[0, k:]
-        got = model(input_ids=row.to(device), position_ids=positions.to(device), cu_seq_lens_q=cu.to(device),
-                    cu_seq_lens_k=cu.to(device), max_length_q=n, max_length_k=n,
-                    shared_prefix_lens=torch.tensor([0, k], device=device)).logits[0, n:]
+    device, training = next(model.parameters()).device, model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            want = model(input_ids=alone.to(device)).logits[0, k:]
+            got = model(input_ids=row.to(device), position_ids=positions.to(device), cu_seq_lens_q=cu.to(device),
+                        cu_seq_lens_k=cu.to(device), max_length_q=n, max_length_k=n,
+                        shared_prefix_lens=torch.tensor([0, k], device=device)).logits[0, n:]
+    finally:
+        model.train(training)
     want, got = want.double(), got.double()
     return bool((want - got).abs().max() <= rtol * want.abs().max())
 

@@ -203,11 +203,18 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate:
         torch.mm(a, b, out=out)
 
 
-def _fold_tile(tile: torch.Tensor, stats: list) -> None:
-    """Fold one ``(n, v)`` logits tile (overwritten) into the online ``[max, sum exp(z - max), sum exp(z - max) z]``
-    (the last one only when it is not None): the old sums are rescaled by ``exp(old_max - new_max)``."""
-    run_max, run_sum, run_xs = stats
-    new_max = torch.maximum(run_max, tile.amax(-1))  # (n,)
+def _fold_tile(tile: torch.Tensor, stats: list, v0: int = 0) -> None:
+    """Fold one ``(n, v)`` logits tile (overwritten) into the online ``[max, sum exp(z - max), sum exp(z - max) z,
+    argmax]`` (the last two only when they are not None): the old sums are rescaled by ``exp(old_max - new_max)``;
+    the argmax (a vocabulary id, the tile starting at id ``v0``) moves only on a strictly larger maximum, so
+    it is the *first* maximum, as ``torch.argmax`` over the whole row."""
+    run_max, run_sum, run_xs, run_arg = stats
+    if run_arg is None:
+        tile_max = tile.amax(-1)  # (n,)
+    else:
+        tile_max, tile_arg = tile.max(-1)  # (n,) each; the first maximum inside the tile
+        run_arg.copy_(torch.where(tile_max > run_max, tile_arg + v0, run_arg))
+    new_max = torch.maximum(run_max, tile_max)
     rescale = torch.exp(run_max - new_max)
     shifted = tile.sub_(new_max.unsqueeze(-1))  # z - new_max
     e = shifted.exp() if run_xs is not None else shifted.exp_()
@@ -230,33 +237,37 @@ class _LMHeadLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, chunk_vocab, inv_t, with_entropy):
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, chunk_vocab, inv_t, with_entropy, with_top1):
         n_tok, acc = hidden.shape[0], _acc_dtype(hidden, weight)
         lse, picked = (torch.empty(n_tok, dtype=acc, device=hidden.device) for _ in range(2))  # (N,)
         entropy = torch.zeros(n_tok, dtype=acc, device=hidden.device)  # (N,), stays 0 unless asked for
+        top1 = torch.zeros(n_tok, dtype=torch.bool, device=hidden.device)  # (N,), stays False unless asked for
         for start in range(0, n_tok, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h = hidden[rows].to(acc) * inv_t  # (n, H)
             # running max, sum of exp(z - max) and sum of exp(z - max) * z over the vocabulary tiles
             stats = [torch.full((h.shape[0],), float("-inf"), dtype=acc, device=h.device),
                      torch.zeros(h.shape[0], dtype=acc, device=h.device),
-                     torch.zeros(h.shape[0], dtype=acc, device=h.device) if with_entropy else None]
+                     torch.zeros(h.shape[0], dtype=acc, device=h.device) if with_entropy else None,
+                     torch.zeros(h.shape[0], dtype=torch.long, device=h.device) if with_top1 else None]
             for v0, v1 in _head_tiles(weight.shape[0], chunk_vocab):
-                _fold_tile(_tile_logits(h, weight, bias, v0, v1, inv_t), stats)
+                _fold_tile(_tile_logits(h, weight, bias, v0, v1, inv_t), stats, v0)
             lse[rows] = stats[0] + stats[1].log()
             picked[rows] = (h * weight[labels[rows]].to(acc)).sum(-1)  # label logit h_i . W[label_i]
             if bias is not None:
                 picked[rows] += bias[labels[rows]].to(acc) * inv_t
             if with_entropy:
                 entropy[rows] = lse[rows] - stats[2] / stats[1]  # H = logsumexp(z) - E_p[z]
+            if with_top1:
+                top1[rows] = stats[3] == labels[rows]  # the label is the (first) argmax of the logits
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.sizes = (chunk_tokens, chunk_vocab, inv_t)
-        ctx.mark_non_differentiable(entropy)
-        return picked - lse, entropy
+        ctx.mark_non_differentiable(entropy, top1)
+        return picked - lse, entropy, top1
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_entropy):
+    def backward(ctx, grad_out, _grad_entropy, _grad_top1):
         with torch.autocast(grad_out.device.type, enabled=False):
             return _LMHeadLogProbs._backward(ctx, grad_out)
 
@@ -290,13 +301,13 @@ class _LMHeadLogProbs(torch.autograd.Function):
                     grad_b[v0:v1] += g.sum(0)
         return (None if grad_h is None else grad_h.to(hidden.dtype),
                 None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
 
 
 def lm_head_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                       bias: torch.Tensor | None = None, chunk_tokens: int | None = None,
-                      chunk_vocab: int | None = None, temperature: float = 1.0, return_entropy: bool = False
-                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                      chunk_vocab: int | None = None, temperature: float = 1.0, return_entropy: bool = False,
+                      return_top1: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Per-token ``log_softmax((hidden @ weight.T + bias) / temperature)[labels]`` without the ``(..., V)`` logits.
 
     The LM head runs inside the loop: ``(chunk_tokens, chunk_vocab)`` float32 logits tiles (defaults:
@@ -313,10 +324,13 @@ def lm_head_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         temperature: the logits are divided by it (GRPO's sampling temperature).
         return_entropy: also return the per-token entropy of ``softmax(logits / temperature)`` (detached,
             for logging; one more pass per tile; 0 at ignored positions).
+        return_top1: also return whether each label is the argmax of its logits (bool, False at ignored
+            positions): ``argmax(logits) == label`` with ``torch.argmax``'s first-maximum rule on ties, the
+            token accuracy of TRL's ``is_top1`` (the tile's max also yields its index: no extra pass).
     Returns:
         ``(...)`` float32 (float64 for float64 inputs) log-probabilities, differentiable in ``hidden``,
-        ``weight`` and ``bias`` (gradients come back in the inputs' dtypes); with ``return_entropy`` the pair
-        ``(log_probs, entropy)``.
+        ``weight`` and ``bias`` (gradients come back in the inputs' dtypes); with ``return_entropy`` and/or
+        ``return_top1`` the tuple ``(log_probs, entropy, top1)`` of those asked for, in that order.
     """
     if hidden.shape[:-1] != labels.shape or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -335,7 +349,7 @@ def lm_head_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     valid = flat_labels != IGNORE_INDEX
     if bool(((flat_labels < 0) | (flat_labels >= vocab))[valid].any()):
         raise ValueError(f"lm_head_log_probs: labels must be in [0, {vocab}) or {IGNORE_INDEX}")
-    sizes = (chunk_tokens, chunk_vocab, 1.0 / temperature, return_entropy)
+    sizes = (chunk_tokens, chunk_vocab, 1.0 / temperature, return_entropy, return_top1)
     with torch.autocast(hidden.device.type, enabled=False):  # the tiles stay float32 under autocast too
         if bool(valid.all()):
             out = _LMHeadLogProbs.apply(flat_h, weight, bias, flat_labels, *sizes)
@@ -343,8 +357,9 @@ def lm_head_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
             rows = valid.nonzero().squeeze(-1)  # (M,) the scored positions
             scored = _LMHeadLogProbs.apply(flat_h.index_select(0, rows), weight, bias, flat_labels[rows], *sizes)
             out = [x.new_zeros(flat_labels.shape).index_put((rows,), x) for x in scored]  # (N,) each
-    log_probs, entropy = (x.view(labels.shape) for x in out)
-    return (log_probs, entropy) if return_entropy else log_probs
+    log_probs, entropy, top1 = (x.view(labels.shape) for x in out)
+    extra = [x for x, asked in ((entropy, return_entropy), (top1, return_top1)) if asked]
+    return (log_probs, *extra) if extra else log_probs
 
 # ----------------------------------------------------------------------------------------------------------
 # Per-instance DPO (CS336 A5 supplement section 5.3)

@@ -68,6 +68,28 @@ class ModelSource:
 # hardware defaults
 
 
+def plain_lm_head(model) -> torch.nn.Linear | None:
+    """The (PEFT-unwrapped) model's LM head where it can run outside the model (hidden states in, the model's
+    own logits out): a plain ``nn.Linear`` (not a LoRA, quantised or modules_to_save wrapper) with a whole
+    local weight (not a ZeRO-3 / FSDP shard nor one placed by an accelerate ``device_map`` hook), and a config
+    without logit rescaling (:data:`LOGIT_RESCALING_FIELDS`). None otherwise (and for a wrapper without
+    ``get_output_embeddings``, e.g. DDP): the caller then uses the model's logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if type(head) is not torch.nn.Linear:
+        return None
+    weight = head.weight
+    if (type(weight.data) is not torch.Tensor or hasattr(weight, "ds_id") or weight.is_meta
+            or hasattr(head, "_hf_hook") or weight.shape != (head.out_features, head.in_features)):
+        return None  # a DTensor / ZeRO-3 shard, or weights accelerate's device_map hook moves in and out
+    config = getattr(base, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(text, name, None) not in (None, 1, 1.0) for name in LOGIT_RESCALING_FIELDS):
+        return None
+    return head
+
+
 def default_device() -> str:
     """``cuda:<LOCAL_RANK>`` when a GPU is visible (one per accelerate process), else ``mps``/``cpu``."""
     if torch.cuda.is_available():

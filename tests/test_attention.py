@@ -163,3 +163,21 @@ def test_shared_prefix_lens_are_checked_and_probed(tiny_model_dir):
                    max_length_k=5, shared_prefix_lens=torch.tensor(bad), use_cache=False)
     assert honours_shared_prefix(varlen)
     assert not honours_shared_prefix(sdpa)  # plain sdpa ignores the keyword (and reads no cu_seq_lens)
+
+
+def test_shared_prefix_probe_runs_in_eval_mode_and_restores_the_mode(tmp_path):
+    # with heavy dropout in train mode the two forwards of the probe would differ by chance; the probe runs in
+    # eval mode and gives the model back in the mode it came in
+    from conftest import build_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.attention import VARLEN_SDPA, honours_shared_prefix, register_varlen_sdpa
+
+    register_varlen_sdpa()
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_llama(tmp_path / "m", attention_dropout=0.9),
+                                                 attn_implementation=VARLEN_SDPA).train()
+    with torch.no_grad():  # dropout is live in train mode: the same input gives other logits
+        ids = torch.arange(1, 8)[None]
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert honours_shared_prefix(model) and model.training
+    assert honours_shared_prefix(model.eval()) and not model.training

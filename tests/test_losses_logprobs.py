@@ -139,6 +139,50 @@ def test_equals_trl_chunked_logprob_kernel(temperature):
     torch.testing.assert_close(ours_entropy, trl_entropy, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("chunk_tokens", "chunk_vocab"), [(None, None), (8, 30), (5, 7), (1, 1)])
+def test_top1_equals_float64_argmax(chunk_tokens, chunk_vocab):
+    # half the labels are set to the float64 argmax (so both outcomes occur), every 5th is ignored
+    hidden, weight, bias, labels, _ = _inputs(ignore_every=5, bias=True, seed=5)
+    logits = hidden.double() @ weight.double().T + bias.double()  # (N, V)
+    labels[::2] = torch.where(labels[::2] == -100, labels[::2], logits.argmax(-1)[::2])
+    logps, entropy, top1 = lm_head_log_probs(hidden, weight, labels, bias=bias, chunk_tokens=chunk_tokens,
+                                             chunk_vocab=chunk_vocab, return_entropy=True, return_top1=True)
+    expected = (logits.argmax(-1) == labels) & (labels != -100)
+    assert top1.dtype == torch.bool and torch.equal(top1, expected) and 0 < int(top1.sum()) < len(labels)
+    # the pair of outputs without top1 is unchanged, and top1 alone comes back second
+    plain, plain_entropy = lm_head_log_probs(hidden, weight, labels, bias=bias, chunk_tokens=chunk_tokens,
+                                             chunk_vocab=chunk_vocab, return_entropy=True)
+    assert torch.equal(logps, plain) and torch.equal(entropy, plain_entropy)
+    _, alone = lm_head_log_probs(hidden, weight, labels, bias=bias, return_top1=True)
+    assert torch.equal(alone, expected)
+
+
+@pytest.mark.parametrize("chunk_vocab", [3, 8])
+def test_top1_ties_count_only_the_first_maximum(chunk_vocab):
+    # vocabulary rows 2 and 5 are the same vector, far larger than the rest: tied maxima; with chunk_vocab=3
+    # they fall in different tiles, with 8 in the same one. torch.argmax picks 2, so only label 2 is top-1
+    hidden = torch.ones(4, 3)
+    weight = torch.full((8, 3), -1.0)
+    weight[2] = weight[5] = torch.tensor([2.0, 2.0, 2.0])
+    labels = torch.tensor([2, 5, 0, -100])
+    _, top1 = lm_head_log_probs(hidden, weight, labels, chunk_vocab=chunk_vocab, return_top1=True)
+    assert (hidden @ weight.T).argmax(-1).tolist() == [2, 2, 2, 2]
+    assert top1.tolist() == [True, False, False, False]
+
+
+def test_top1_equals_trl_is_top1():
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    hidden, weight, bias, labels, _ = _inputs(n=29, ignore_every=6, bias=True, seed=6)
+    labels[1::3] = torch.where(labels[1::3] == -100, labels[1::3],
+                               (hidden @ weight.T + bias).argmax(-1)[1::3])
+    _, ours = lm_head_log_probs(hidden, weight, labels, bias=bias, chunk_vocab=30, return_top1=True)
+    with torch.no_grad():
+        theirs = ChunkedLogProbFunction.apply(hidden, weight, bias, labels.clamp(min=0), 1.0, 7, None, 1.0,
+                                              ("is_top1",))[4] & (labels != -100)
+    assert torch.equal(ours, theirs) and int(theirs.sum()) > 0
+
+
 def test_forward_and_backward_never_hold_the_logits():
     n, v = 512, 4096
     hidden, weight, _, labels, upstream = _inputs(n=n, h=8, v=v)

@@ -9,7 +9,8 @@ import torch
 from conftest import load_stage
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignkit.train.dpo import AlignkitDPOTrainer, DPOArgs, has_compact_lm_head, to_trl_pairs
+from alignkit.train.compact_head import has_compact_lm_head
+from alignkit.train.dpo import AlignkitDPOTrainer, DPOArgs, to_trl_pairs
 
 PAIRS = [("What is 2 plus 2?", "It is 4.", "It is 5, I think, or maybe 6."),
          ("Name a colour.", "Blue.", "A colour is a colour."),

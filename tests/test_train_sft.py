@@ -176,3 +176,57 @@ def test_shipped_recipe_packs_on_per_document_attention(tmp_path, tiny_model_dir
         model, _, _ = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
         assert common.use_varlen_attention(model, stage)
         assert model.config._attn_implementation == "sdpa_varlen"
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_compact_head_trainer_equals_trl_sft_trainer(tmp_path, tiny_model_dir, padding_free, monkeypatch):
+    # TRL's SFTTrainer and AlignkitSFTTrainer on the same rows and seed: the same logged loss, entropy and
+    # token accuracy at every step and the same weights after 4 steps; the compact head scored only the
+    # completion tokens (TRL's own head, off CUDA, scores every position)
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from alignkit import losses
+    from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
+
+    # a completion the model learns within a step or two, so that token accuracy and entropy move
+    rows = [{"prompt": f"Say yes {i}. ", "completion": " yes" * 6} for i in range(8)]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token = tok.eos_token
+    register_varlen_sdpa()
+    runs, scored = {}, []  # per kernel call: (positions given, positions with a label, rows the head ran on)
+    real_fn, real_kernel = losses.lm_head_log_probs, losses._LMHeadLogProbs.apply
+
+    def spy_fn(hidden, weight, labels, **kw):
+        scored.append([labels.numel(), int((labels != -100).sum())])
+        return real_fn(hidden, weight, labels, **kw)
+
+    def spy_kernel(hidden, *a):
+        scored[-1].append(hidden.shape[0])
+        return real_kernel(hidden, *a)
+    for name, cls in (("trl", SFTTrainer), ("alignkit", sft.AlignkitSFTTrainer)):
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, dtype=torch.float32, attn_implementation=VARLEN_SDPA if padding_free else "sdpa")
+        args = SFTConfig(output_dir=str(tmp_path / name), max_steps=4, per_device_train_batch_size=2,
+                         learning_rate=5e-2, optim="sgd", logging_steps=1, report_to=[], use_cpu=True, bf16=False, seed=0,
+                         data_seed=0, save_strategy="no", padding_free=padding_free, disable_tqdm=True,
+                         max_length=None)
+        trainer = cls(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+        with monkeypatch.context() as patch:
+            patch.setattr("alignkit.train.compact_head.lm_head_log_probs", spy_fn)
+            patch.setattr(losses._LMHeadLogProbs, "apply", spy_kernel)
+            trainer.train()
+        logs = [r for r in trainer.state.log_history if "loss" in r]
+        runs[name] = (logs, {n: p.detach().clone() for n, p in model.named_parameters()})
+    (trl_logs, trl_weights), (ours_logs, ours_weights) = runs["trl"], runs["alignkit"]
+    assert len(trl_logs) == len(ours_logs) == 4 and len(scored) == 4  # only the alignkit run used the kernel
+    assert 0 < trl_logs[-1]["mean_token_accuracy"] < 1 and trl_logs[-1]["entropy"] < trl_logs[0]["entropy"]
+    for a, b in zip(trl_logs, ours_logs):
+        for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    for n, w in trl_weights.items():
+        torch.testing.assert_close(ours_weights[n], w, atol=1e-5, rtol=1e-4, msg=n)
+    # the head ran on the completion tokens only: fewer rows than positions, exactly those with a label
+    assert all(0 < rows == labelled < given for given, labelled, rows in scored)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from alignkit.losses import CHUNK_ELEMENTS, lm_head_log_probs, selective_log_softmax
-from alignkit.models import LOGIT_RESCALING_FIELDS
+from alignkit.models import plain_lm_head
 
 __all__ = [
     "POLICY_GRADIENT_LOSSES",
@@ -162,24 +162,10 @@ _UNFIT_HEADS: weakref.WeakSet = weakref.WeakSet()
 
 
 def _plain_lm_head(model) -> torch.nn.Linear | None:
-    """The (PEFT-unwrapped) model's LM head where it can run outside the model: a plain ``nn.Linear`` (not
-    a LoRA, quantised or modules_to_save wrapper) with a whole local weight (not a ZeRO-3 / FSDP shard nor
-    one placed by an accelerate ``device_map`` hook), and a config without logit rescaling. None otherwise
-    (and for a wrapper without ``get_output_embeddings``, e.g. DDP): the caller uses the model's logits."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    get_head = getattr(base, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if type(head) is not torch.nn.Linear or head in _UNFIT_HEADS:
-        return None
-    weight = head.weight
-    if (type(weight.data) is not torch.Tensor or hasattr(weight, "ds_id") or weight.is_meta
-            or hasattr(head, "_hf_hook") or weight.shape != (head.out_features, head.in_features)):
-        return None  # a DTensor / ZeRO-3 shard, or weights accelerate's device_map hook moves in and out
-    config = getattr(base, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if any(getattr(text, name, None) not in (None, 1, 1.0) for name in LOGIT_RESCALING_FIELDS):
-        return None
-    return head
+    """:func:`alignkit.models.plain_lm_head`, except a head whose model once returned something other than
+    the head's own output (:data:`_UNFIT_HEADS`)."""
+    head = plain_lm_head(model)
+    return None if head is None or head in _UNFIT_HEADS else head
 
 
 def _lm_forward(model, call: Callable[[], object]) -> tuple[object, torch.Tensor | None, torch.nn.Linear | None]:

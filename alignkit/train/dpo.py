@@ -13,7 +13,7 @@ without pads (:class:`alignkit.data.dpo_packing.PaddingFreePreferenceCollator`),
 sdpa_varlen, :func:`alignkit.train.common.per_document_attention`); on sdpa_varlen each pair's prompt runs once
 (the rejected sequence reads the chosen one's prompt keys, ``shared_prefix_lens``, probed per model by
 :func:`shares_prompt`), and the LM head runs on the scored completion positions only, inside
-:func:`alignkit.losses.lm_head_log_probs` (:func:`add_compact_lm_head`); loss and gradients equal TRL's padded
+:func:`alignkit.losses.lm_head_log_probs` (:mod:`alignkit.train.compact_head`); loss and gradients equal TRL's padded
 path (tests/test_train_dpo.py). With ``precompute_ref_log_probs`` the reference values are cached on disk
 (``train.ref_cache_dir``, :mod:`alignkit.train.ref_cache`) and reused by later runs (another beta, loss or
 learning rate).
@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,14 +37,14 @@ from datasets import IterableDataset
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import FusedCausalLMOutput, use_adapter
+from trl.trainer.utils import use_adapter
 
 from alignkit import losses as L
 from alignkit.attention import VARLEN_SDPA, honours_shared_prefix
 from alignkit.data.dpo_packing import PACKED_ONLY_KEYS, PaddingFreePreferenceCollator, sequence_sums
 from alignkit.data.preference import to_trl_dataset
-from alignkit.models import LOGIT_RESCALING_FIELDS
 from alignkit.train import common, ref_cache, task_eval
+from alignkit.train.compact_head import add_compact_lm_head, has_compact_lm_head
 
 logger = logging.getLogger("alignkit.train")
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -190,48 +189,6 @@ def shares_prompt(model) -> bool:
     and a probe shows it reads ``shared_prefix_lens`` (:func:`alignkit.attention.honours_shared_prefix`)."""
     base = model.get_base_model() if is_peft_model(model) else model
     return base.config._attn_implementation == VARLEN_SDPA and honours_shared_prefix(model)
-
-
-#: text-config fields that rescale the logits (TRL's fused head reads them) or route experts; a model with any:
-#: no compact head
-LOGIT_SCALING_FIELDS = (*LOGIT_RESCALING_FIELDS, "output_router_logits")
-
-
-def add_compact_lm_head(model) -> bool:
-    """Give ``model`` a compact LM head: ``model(..., shift_labels=labels, compact_lm_head=True)`` runs the
-    backbone, then :func:`alignkit.losses.lm_head_log_probs` (the LM head inside token x vocabulary tiles, no
-    ``(N, V)`` logits, recomputing backward) on the positions whose label is not -100 only (TRL's fused head
-    scores every position off CUDA, prompt tokens included), and returns a ``FusedCausalLMOutput`` whose
-    ``log_probs`` (1, N) is 0 elsewhere. Installed before TRL's fused head and PEFT wrap the model, so hooks,
-    adapters and autocast wrappers still apply. False (not installed) for models whose logits are rescaled or
-    that route experts (TRL's fused head then runs)."""
-    text_config = model.config.get_text_config()
-    if is_peft_model(model) or any(getattr(text_config, name, None) for name in LOGIT_SCALING_FIELDS):
-        return False
-    original = model.forward
-
-    def forward(self, *args, compact_lm_head=False, shift_labels=None, **kwargs):
-        if not compact_lm_head:
-            if shift_labels is not None:
-                kwargs["shift_labels"] = shift_labels
-            return original(*args, **kwargs)
-        kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state  # (1, N, d)
-        head = self.get_output_embeddings()
-        per_token = L.lm_head_log_probs(hidden.to(head.weight.device), head.weight, shift_labels,
-                                        bias=head.bias)  # (1, N), 0 where the label is -100
-        mask = shift_labels != -100  # (1, N)
-        return FusedCausalLMOutput(loss=-per_token.sum(), log_probs=per_token, label_mask=mask)
-
-    model.forward = types.MethodType(forward, model)
-    model._alignkit_compact_head = True
-    return True
-
-
-def has_compact_lm_head(model) -> bool:
-    """Whether ``model`` (PEFT-wrapped or not) got :func:`add_compact_lm_head`."""
-    base = model.get_base_model() if is_peft_model(model) else model
-    return bool(getattr(base, "_alignkit_compact_head", False))
 
 
 class AlignkitDPOTrainer(DPOTrainer):

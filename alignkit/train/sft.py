@@ -9,12 +9,14 @@ from pathlib import Path
 
 import datasets
 import torch
+from accelerate.utils import is_peft_model
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from alignkit.attention import VARLEN_SDPA
 from alignkit.data import PackedSFTDataset, masks
 from alignkit.train import common, task_eval
+from alignkit.train.compact_head import EXTRA_OUTPUTS, add_compact_lm_head
 
 logger = logging.getLogger("alignkit.train")
 
@@ -201,6 +203,18 @@ def trainer_view(recipe, tokenizer, stage_dir: Path, *, limit: int | None = None
     return view[:limit] if limit is not None else view, problems
 
 
+class AlignkitSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer with alignkit's compact LM head (:mod:`alignkit.train.compact_head`) under TRL's
+    ``fused_lm_head`` calls: the head runs on the completion (scored) positions only, entropy and token accuracy
+    inside the same tiles; TRL's ``compute_loss`` (loss types, metrics, aux loss) is unchanged. Off CUDA TRL's own
+    fused head scores every position. Heads that cannot run outside the model stay on TRL's fused head."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # TRL wraps PEFT, then installs its fused head on the base model
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        add_compact_lm_head(base, keyword="fused_lm_head", outputs=EXTRA_OUTPUTS)
+
+
 def run(recipe, stage_dir, model_path=None) -> dict:
     """Supervised fine-tuning; returns the stage result (model_dir, metrics, model_source)."""
     stage_dir = Path(stage_dir)
@@ -208,7 +222,7 @@ def run(recipe, stage_dir, model_path=None) -> dict:
     # 1. model, tokenizer; 2. checked data; 3. TRL trainer (LoRA via peft_config); 4. train and save
     model, tokenizer, source = common.load_for_training(recipe, model_path)
     train_ds, eval_ds = build_datasets(recipe, tokenizer, stage_dir)
-    trainer = SFTTrainer(model=model, args=trl_args(recipe.train, train_ds), train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=common.lora_config(recipe.lora),
-                         callbacks=common.stage_callbacks(stage_dir))
+    trainer = AlignkitSFTTrainer(model=model, args=trl_args(recipe.train, train_ds), train_dataset=train_ds,
+                                 eval_dataset=eval_ds, processing_class=tokenizer,
+                                 peft_config=common.lora_config(recipe.lora), callbacks=common.stage_callbacks(stage_dir))
     return common.train_and_save(trainer, recipe, stage_dir, tokenizer, source)
