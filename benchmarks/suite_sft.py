@@ -12,6 +12,13 @@ others' (a load change hits all alike); the batches come from TRL's own tokeniza
 * packed: alignkit's ``PackedSFTDataset`` (CS336: the token stream cut into ``seq_length`` chunks),
   fed as pre-tokenized rows, about the same number of tokens per step.
 
+The loss: TRL paths take the model's own loss (full ``(B, T, V)`` logits, cross-entropy), which on CPU is
+faster than the fused LM head SFTTrainer itself runs (TRL 1.16 scores every position off CUDA, with extra
+passes for entropy and token accuracy); that head is timed too (``padding-free (TRL, fused head)``), so TRL's
+best is the faster of the two. alignkit's paths run what its SFT stage runs: TRL's ``fused_lm_head`` call
+answered by ``alignkit.train.compact_head`` (the head on the completion positions only, entropy and token
+accuracy in the same tiles).
+
 Real (non-pad) tokens/s counts the tokens each step's forward saw, pads excluded. The loss check
 runs the model once on the same documents three ways (padded, padding-free, CS336 packing that
 attends across documents) and compares the mean loss over the same predicted tokens.
@@ -25,21 +32,26 @@ import time
 
 import torch
 import torch.nn.functional as F
+from trl.trainer.utils import add_fused_lm_head
 
 from alignkit.attention import VARLEN_SDPA, register_varlen_sdpa
 from alignkit.eval.tasks.gsm8k import GSM8K
 from alignkit.resources import prompt
+from alignkit.train.compact_head import EXTRA_OUTPUTS, add_compact_lm_head
 
 from .common import Context, Plot, Row, fit_exponent
 
 logger = logging.getLogger("benchmarks")
 PF_VARLEN = "padding-free (TRL) + sdpa_varlen"
+PF_FUSED = "padding-free (TRL, fused head)"
 BFD = "BFD packing (TRL)"
 BFD_VARLEN = "BFD packing (TRL) + sdpa_varlen"
 #: the paths a TRL user has on CPU (attention sdpa) and the ones alignkit adds or picks by itself
-TRL_PATHS = ("padded (TRL)", "padding-free (TRL)", BFD)
+TRL_PATHS = ("padded (TRL)", "padding-free (TRL)", PF_FUSED, BFD)
 ALIGNKIT_PATHS = (PF_VARLEN, BFD_VARLEN)
 VARLEN_PATHS = (PF_VARLEN, BFD_VARLEN)
+#: the loss each path takes: the model's own (full logits), TRL's fused head, alignkit's compact head
+HEADS = {PF_FUSED: "trl_fused", PF_VARLEN: "compact", BFD_VARLEN: "compact"}
 
 
 def gsm8k_pairs(n: int) -> list[dict]:
@@ -92,10 +104,23 @@ def real_tokens(batch: dict) -> int:
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
-def train_step(model, optimizer, batch: dict, cs336_labels: bool) -> float:
-    """One optimizer step. TRL batches carry ``labels`` the model shifts (HF loss); PackedSFTDataset
-    batches (``cs336_labels``) carry next-token labels aligned with ``input_ids``: the loss is taken here."""
-    if not cs336_labels:
+def fused_loss(forward, batch: dict) -> torch.Tensor:
+    """SFTTrainer.compute_loss's default path on a fused-head forward: the mean NLL over the scored tokens, and
+    its entropy and token-accuracy metrics read back to the host."""
+    out = forward(**batch, use_cache=False, fused_lm_head=True)
+    n = out.label_mask.sum()
+    _ = float(out.entropy.detach().sum() / n), float(out.is_top1.sum() / n)  # TRL logs both every step
+    return -out.log_probs.sum() / n.clamp(min=1)
+
+
+def train_step(model, optimizer, batch: dict, cs336_labels: bool, head: str = "hf", trl_forward=None) -> float:
+    """One optimizer step. TRL batches carry ``labels`` the model shifts: the model's own loss (``head="hf"``),
+    TRL's fused head (``"trl_fused"``, through ``trl_forward``) or alignkit's compact head (``"compact"``);
+    PackedSFTDataset batches (``cs336_labels``) carry next-token labels aligned with ``input_ids``: the loss
+    is taken here."""
+    if head != "hf":
+        loss = fused_loss(trl_forward if head == "trl_fused" else model, batch)
+    elif not cs336_labels:
         loss = model(**batch, use_cache=False).loss
     else:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -135,6 +160,10 @@ def bench_sft_throughput(ctx: Context) -> list[Row]:
     variants[BFD] = trl_batches(model, tok, pairs, batch_size=1, padding_free=True, workdir=ctx.workdir / "sft-bfd",
                                 packing_length=packing_length)
     variants[BFD_VARLEN] = variants[BFD]
+    variants[PF_FUSED] = variants["padding-free (TRL)"]  # what SFTTrainer's compute_loss runs on those rows
+    add_fused_lm_head(model, outputs=("log_probs", *EXTRA_OUTPUTS))  # SFTTrainer's, as it installs it
+    trl_forward = model.forward
+    add_compact_lm_head(model, keyword="fused_lm_head", outputs=EXTRA_OUTPUTS)  # AlignkitSFTTrainer's
     for name, pos in (("packed (PackedSFTDataset)", False), ("packed + position ids", True)):
         variants[name] = packed_batches(tok, pairs, seq_length=seq_length, rows=rows_per_step,
                                         workdir=ctx.workdir, position_ids=pos)
@@ -148,7 +177,8 @@ def bench_sft_throughput(ctx: Context) -> list[Row]:
         for name, batches in variants.items():
             model.set_attn_implementation(VARLEN_SDPA if name in VARLEN_PATHS else "sdpa")
             t0 = time.perf_counter()
-            train_step(model, optimizer, batches[r], cs336_labels=name.startswith("packed"))
+            train_step(model, optimizer, batches[r], cs336_labels=name.startswith("packed"),
+                       head=HEADS.get(name, "hf"), trl_forward=trl_forward)
             if r > 0:  # round 0 is warm-up
                 secs[name] += time.perf_counter() - t0
                 toks[name] += real_tokens(batches[r])
@@ -157,6 +187,8 @@ def bench_sft_throughput(ctx: Context) -> list[Row]:
     tps = {k: toks[k] / secs[k] for k in variants}
     padded_total = sum(int(b["input_ids"].numel()) for b in variants["padded (TRL)"][1:n_rounds])
     agreement = sft_loss_agreement(model, tok, docs[: min(4, len(docs))])
+    agreement.update(head_agreement(model, trl_forward, variants["padding-free (TRL)"][0]))
+    agreement["ok"] = agreement["ok"] and agreement["compact_head_ok"]
     common = {"batch_examples": batch, "rounds_timed": n_rounds - 1, "mean_doc_tokens": mean_len,
               "pad_fraction_padded": 1 - toks["padded (TRL)"] / padded_total,
               "seq_length_packed": seq_length, "rows_per_step_packed": rows_per_step,
@@ -168,12 +200,18 @@ def bench_sft_throughput(ctx: Context) -> list[Row]:
         Row("SFT throughput: alignkit's best vs TRL's best CPU path", tps[ours_best], tps[trl_best], "real tok/s",
             target=1.5, agreement=agreement, details={**common, "trl_best": trl_best, "alignkit_best": ours_best,
                                                       "packing_length_bfd": packing_length},
-            notes=f"alignkit: {ours_best}; TRL's best of padded / padding-free / BFD packing (packing: true, "
-                  f"rows of {packing_length} tokens) on sdpa: {trl_best}"),
+            notes=f"alignkit: {ours_best} (compact LM head); TRL's best of padded / padding-free / BFD packing "
+                  f"(packing: true, rows of {packing_length} tokens) on sdpa, each with the model's own loss, and "
+                  f"padding-free with SFTTrainer's fused head: {trl_best}"),
         Row("SFT throughput: BFD packing + sdpa_varlen vs TRL's BFD packing (sdpa)", tps[BFD_VARLEN], tps[BFD],
             "real tok/s", target=1.5, agreement=agreement, details=common,
             notes="the same TRL BFD-packed rows; what alignkit's SFT stage runs for train.packing: true "
-                  "(sdpa_varlen chosen by itself when the recipe names no attention)"),
+                  "(sdpa_varlen chosen by itself when the recipe names no attention; compact LM head) against "
+                  "the model's own loss"),
+        Row("SFT throughput: SFTTrainer's fused LM head vs the model's own loss (TRL vs TRL, padding-free)",
+            tps[PF_FUSED], tps["padding-free (TRL)"], "real tok/s", agreement=agreement, details=common,
+            notes="the same padding-free rows on sdpa; TRL 1.16's fused head scores every position off CUDA "
+                  "(entropy and is_top1 passes included), the model's own loss builds the full logits"),
         Row("SFT throughput: padding-free (TRL collator, position ids) vs padded", tps["padding-free (TRL)"],
             base, "real tok/s", target=1.3, agreement=agreement, details=common,
             notes=f"same {batch} examples per step; steps interleaved; first round untimed; attn sdpa "
@@ -229,6 +267,28 @@ def sft_loss_agreement(model, tok, docs: list[list[int]]) -> dict:
             "loss_cross_doc_packed": loss_x, "tokens": c_pad, "abs_diff_padding_free": abs(loss_pf - loss_pad),
             "abs_diff_varlen": abs(loss_v - loss_pad), "abs_diff_cross_doc": abs(loss_x - loss_pad),
             "tol": 1e-4, "ok": worst <= 1e-4}
+
+
+@torch.no_grad()
+def head_agreement(model, trl_forward, batch: dict) -> dict:
+    """The compact head's loss, entropy and token accuracy on one padding-free batch against TRL's fused head and
+    the model's own loss (sdpa_varlen)."""
+    model.eval()
+    model.set_attn_implementation(VARLEN_SDPA)
+    ours = model(**batch, use_cache=False, fused_lm_head=True)
+    theirs = trl_forward(**batch, use_cache=False, fused_lm_head=True)
+    own = float(model(**batch, use_cache=False).loss)
+    model.set_attn_implementation("sdpa")
+    model.train()
+    n = float(ours.label_mask.sum())
+    loss, loss_trl = float(ours.loss), float(theirs.loss)
+    acc, acc_trl = float(ours.is_top1.sum()) / n, float(theirs.is_top1.sum()) / n
+    ent_diff = float((ours.entropy - theirs.entropy).abs().max())
+    # an argmax may flip on a near tie between two float32 tilings: at most one token apart
+    ok = abs(loss - own) <= 1e-4 and abs(loss - loss_trl) <= 1e-4 and ent_diff <= 1e-3 and abs(acc - acc_trl) * n <= 1
+    return {"loss_compact_head": loss, "loss_trl_fused_head": loss_trl, "loss_model": own,
+            "token_accuracy_compact": acc, "token_accuracy_trl": acc_trl, "entropy_max_abs_diff": ent_diff,
+            "compact_head_ok": ok}
 
 
 # ---------------------------------------------------------------------------------------------- scaling
