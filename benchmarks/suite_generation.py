@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -28,7 +29,7 @@ from alignkit.generation.hf import HFGenerator
 from alignkit.generation.openai_http import OpenAIHTTPGenerator
 
 from .batching_server import BatchingServer
-from .common import Context, Row
+from .common import Context, Row, timed
 
 logger = logging.getLogger("benchmarks")
 
@@ -36,13 +37,6 @@ logger = logging.getLogger("benchmarks")
 def gsm8k_prompts(n: int) -> list[str]:
     """``n`` GSM8K test questions in a plain question/answer format."""
     return [f"Question: {e['question']}\nAnswer:" for e in GSM8K(split="test").load(n)]
-
-
-def _timed(generator, prompts: list[str], params: SamplingParams) -> tuple[list, float]:
-    """(completions, wall seconds) of one ``generate`` call."""
-    t0 = time.perf_counter()
-    out = generator.generate(prompts, params)
-    return out, time.perf_counter() - t0
 
 
 def _agreement(a, b) -> dict:
@@ -126,7 +120,7 @@ def bench_eval_generation(ctx: Context) -> list[Row]:
         first_static = len(rows) % 2 == 0
         if first_static:
             theirs, t_static = _timed_static(model, tok, texts, params)
-        ours, t_ours = _timed(gen, texts, params)
+        t_ours, ours = timed(functools.partial(gen.generate, texts, params))
         if not first_static:
             theirs, t_static = _timed_static(model, tok, texts, params)
         t0 = time.perf_counter()
@@ -157,8 +151,8 @@ def _http_pair(url: str, model_name: str, prompts: list[str], params: SamplingPa
     seq = OpenAIHTTPGenerator(url, model_name, max_concurrency=1, timeout=600)
     pool = OpenAIHTTPGenerator(url, model_name, max_concurrency=8, timeout=600)
     pool.generate(prompts[:2], params)  # warm-up
-    out_p, t_p = _timed(pool, prompts, params)
-    out_s, t_s = _timed(seq, prompts, params)
+    t_p, out_p = timed(lambda: pool.generate(prompts, params))
+    t_s, out_s = timed(lambda: seq.generate(prompts, params))
     return t_s, t_p, _agreement(out_p, out_s)
 
 

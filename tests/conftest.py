@@ -18,7 +18,9 @@ import torch
 
 from alignkit.resources import ROOT as RESOURCES
 
-# Tiny models run fastest single-threaded (thread hand-off dominates); real-model tests may raise it.
+# Tiny models run fastest single-threaded (thread hand-off dominates); real-model tests get every core
+# (_real_model_threads), as the README's commands do.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
 torch.set_num_threads(1)
 
 GPT2_DIR = RESOURCES / "tokenizers" / "gpt2"
@@ -38,6 +40,21 @@ def build_tiny_llama(out_dir: Path, seed: int = 0, **overrides) -> Path:
     tok = AutoTokenizer.from_pretrained(GPT2_DIR)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+@pytest.fixture(autouse=True)
+def _real_model_threads(request):
+    """Tests marked ``real_model`` (SmolLM2-135M in this process) run with torch's default thread count (one
+    per core) instead of the single thread the tiny models get; the count is restored afterwards."""
+    if request.node.get_closest_marker("real_model") is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(TORCH_DEFAULT_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
