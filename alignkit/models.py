@@ -83,11 +83,14 @@ def plain_lm_head(model) -> torch.nn.Linear | None:
     if (type(weight.data) is not torch.Tensor or hasattr(weight, "ds_id") or weight.is_meta
             or hasattr(head, "_hf_hook") or weight.shape != (head.out_features, head.in_features)):
         return None  # a DTensor / ZeRO-3 shard, or weights accelerate's device_map hook moves in and out
-    config = getattr(base, "config", None)
+    return None if rescales_logits(getattr(base, "config", None)) else head
+
+
+def rescales_logits(config) -> bool:
+    """Whether a model ``config`` (its text config) sets one of :data:`LOGIT_RESCALING_FIELDS` to anything but
+    None or 1: its logits are then not just ``lm_head(hidden)``."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if any(getattr(text, name, None) not in (None, 1, 1.0) for name in LOGIT_RESCALING_FIELDS):
-        return None
-    return head
+    return any(getattr(text, name, None) not in (None, 1, 1.0) for name in LOGIT_RESCALING_FIELDS)
 
 
 def default_device() -> str:

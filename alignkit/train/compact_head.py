@@ -24,7 +24,7 @@ from accelerate.utils import is_peft_model
 from trl.trainer.utils import FusedCausalLMOutput
 
 from alignkit.losses import IGNORE_INDEX, lm_head_log_probs
-from alignkit.models import LOGIT_RESCALING_FIELDS, plain_lm_head
+from alignkit.models import plain_lm_head, rescales_logits
 
 #: the per-token fields of ``FusedCausalLMOutput`` the compact head can fill besides ``log_probs``
 EXTRA_OUTPUTS = ("entropy", "is_top1")
@@ -43,15 +43,14 @@ def add_compact_lm_head(model, *, keyword: str = "compact_lm_head", outputs: tup
 
     ``keyword="compact_lm_head"`` (DPO): install before TRL wraps the model. ``keyword="fused_lm_head"``
     (SFT): install over TRL's ``add_fused_lm_head``. A head that cannot run outside the model is scored from
-    the model's own logits, or by TRL's fused forward for a sharded or hooked ``nn.Linear`` (SFT). Calls without the keyword (generation,
-    TRL's other forwards) reach the original forward. Returns False (nothing installed) for a PEFT wrapper
+    the model's own logits, or by TRL's fused forward for a sharded or hooked ``nn.Linear`` (SFT). Calls
+    without the keyword (generation, TRL's other forwards) reach the original forward. Returns False (nothing installed) for a PEFT wrapper
     (patch its base model), a model that routes experts or one whose config rescales the logits."""
     if keyword not in KEYWORDS or not set(outputs) <= set(EXTRA_OUTPUTS):
         raise ValueError(f"add_compact_lm_head: keyword in {KEYWORDS}, outputs among {EXTRA_OUTPUTS}; got "
                          f"{keyword!r}, {outputs!r}")
-    text_config = model.config.get_text_config()
-    if (is_peft_model(model) or getattr(text_config, "output_router_logits", False)
-            or any(getattr(text_config, name, None) not in (None, 1, 1.0) for name in LOGIT_RESCALING_FIELDS)):
+    if (is_peft_model(model) or getattr(model.config.get_text_config(), "output_router_logits", False)
+            or rescales_logits(model.config)):
         return False
     original = model.forward
 

@@ -207,7 +207,8 @@ class AlignkitSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer with alignkit's compact LM head (:mod:`alignkit.train.compact_head`) under TRL's
     ``fused_lm_head`` calls: the head runs on the completion (scored) positions only, entropy and token accuracy
     inside the same tiles; TRL's ``compute_loss`` (loss types, metrics, aux loss) is unchanged. Off CUDA TRL's own
-    fused head scores every position. Heads that cannot run outside the model stay on TRL's fused head."""
+    fused head scores every position. A sharded or device-mapped head stays on TRL's fused head; a wrapped one
+    (LoRA on ``lm_head``) is scored from the model's own logits, adapter included."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # TRL wraps PEFT, then installs its fused head on the base model
