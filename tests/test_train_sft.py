@@ -135,6 +135,35 @@ def test_padding_free_switches_to_per_document_attention(tmp_path, tiny_model_di
     assert "attention set to sdpa_varlen" in caplog.text
 
 
+def test_padding_free_without_packing_keeps_max_length_by_the_data_check(tmp_path, tiny_model_dir):
+    """train.padding_free without packing, train.max_length set: TRL's padding-free collator cannot truncate
+    (TRL refuses a max_length there), so the data check's drop of longer rows is what holds the limit; the
+    stage trains, and no document TRL feeds the model is longer than max_length."""
+    rows = [{"prompt": f"Add {i} and {i}.", "completion": f"The sum is {2 * i}."} for i in range(12)]
+    rows += [{"prompt": f"Say many words {i}.", "completion": "word " * 80} for i in range(4)]  # >> 48 tokens
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stage, out = _stage(tmp_path, tiny_model_dir, data, "train.padding_free=true", "train.max_steps=3")
+    seen = []  # the longest document of each forward: position ids restart at 0 per document
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.register_forward_pre_hook(
+                lambda mod, a, kw: seen.append(int(kw["position_ids"].max()) + 1), with_kwargs=True)
+
+    original = common.stage_callbacks
+    common.stage_callbacks = lambda d, **kw: [Spy(), *original(d, **kw)]
+    try:
+        result = sft.run(stage, out, None)
+    finally:
+        common.stage_callbacks = original
+    assert result["global_step"] == 3
+    report = json.loads((out / "data_check_train.json").read_text())
+    assert report["over_max_length"] == 4 and report["rows_kept"] == 12
+    assert len(seen) == 3 and 8 < max(seen) <= 48
+    assert stage.train.max_length == 48  # the recipe's own args are not changed
+
+
 def test_sft_refuses_what_its_data_path_ignores(tmp_path, tiny_model_dir):
     """alignkit packing hands TRL packed input_ids: TRL's data-path knobs and other templates are refused;
     TRL's packing_strategy needs packing; data.max_length (the check's row filter) is unread when packing."""

@@ -166,16 +166,28 @@ def _trl_dataset(recipe, tokenizer, rows: list[dict], name: str):
 
 
 def trl_args(args, dataset):
-    """The SFTConfig handed to TRL for ``dataset``: rows carrying alignkit's ``assistant_masks`` (which TRL
-    applies to pre-tokenized rows) with TRL's own assistant_only_loss off (it would look for {% generation %}
-    tags); ``messages`` rows with completion_only_loss on a tagged template with TRL's assistant_only_loss on;
-    otherwise ``args`` itself."""
+    """The SFTConfig handed to TRL for ``dataset`` (the recipe's own ``args`` when nothing changes):
+
+    * rows carrying alignkit's ``assistant_masks`` (which TRL applies to pre-tokenized rows): TRL's own
+      assistant_only_loss off (it would look for {% generation %} tags);
+    * ``messages`` rows with completion_only_loss on a tagged template: TRL's assistant_only_loss on;
+    * ``padding_free`` without packing: ``max_length`` None. TRL's padding-free collator cannot truncate (TRL
+      refuses a max_length there); the data check has already dropped every row over
+      :func:`check_max_length` (``data.max_length`` or ``train.max_length``), so the limit holds unchanged."""
     columns = dataset.column_names if dataset is not None else []
+    changes = {}
     if "assistant_masks" in columns:
-        return masks.args_with(args, assistant_only_loss=False)
-    if "messages" in columns and args.completion_only_loss and not args.assistant_only_loss:
-        return masks.args_with(args, assistant_only_loss=True)
-    return args
+        changes["assistant_only_loss"] = False
+    elif "messages" in columns and args.completion_only_loss and not args.assistant_only_loss:
+        changes["assistant_only_loss"] = True
+    if unpacked_padding_free(args) and args.max_length is not None:
+        changes["max_length"] = None
+    return masks.args_with(args, **changes) if changes else args
+
+
+def unpacked_padding_free(args) -> bool:
+    """``train.padding_free`` without TRL packing: rows are kept whole, so only the data check bounds them."""
+    return bool(args.padding_free and not args.packing)
 
 
 def _probe_attention(recipe) -> bool:
