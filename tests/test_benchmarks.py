@@ -59,6 +59,19 @@ def test_fit_exponent_recovers_power_laws():
         fit_exponent([2, 2], [1, 3])
 
 
+def test_prompt_lookup_replay_by_hand():
+    """probe_decode's replay of n-gram speculation on prompt [1, 2, 3, 4] and greedy output [5, 1, 2, 3]:
+    steps 1-2 find no earlier occurrence of the tail (one token each); at [.., 5, 1] the tail [1] occurred at 0,
+    so the draft is [2] (k capped at 1: the last token is the model's own pick) and is accepted with the bonus 3.
+    3 verify steps for 4 tokens; at step costs 1 (q=1) and 1.5 (q=2): 4 plain steps / 3.5 = 8/7."""
+    from benchmarks.probe_decode import draft, speculation
+
+    assert draft([1, 2, 3, 4], 2) == [] and draft([1, 2, 3, 4, 5, 1], 1) == [2]
+    assert draft([7, 8, 9, 7, 8], 3) == [9, 7, 8]  # the longest tail that occurred before wins ([7, 8] at 0)
+    per_step, gain = speculation([([1, 2, 3, 4], [5, 1, 2, 3])], 2, {1: 1.0, 2: 1.5, 3: 2.0})
+    assert per_step == pytest.approx(4 / 3) and gain == pytest.approx(8 / 7)
+
+
 def test_parameter_counts_at_scale_match_peft_and_the_live_model(tiny_model):
     """The counts behind the 1B/8B memory rows: base and LoRA parameters equal what PEFT adds to a real model."""
     import copy
