@@ -165,6 +165,8 @@ def test_smoke_values_match_independent_checks(smoke_results):
     head = [r for path, r in rows.items() if path.startswith("per-token log-probs fwd+bwd: alignkit vs TRL")]
     assert head and all(r["agreement"]["max_abs_diff_vs_float64"] <= 1e-5 for r in head)
     assert all(r["agreement"]["trl_max_abs_diff_vs_float64"] <= 1e-5 for r in head)
+    assert all(max(r["agreement"]["max_rel_diff_vs_float64"], r["agreement"]["trl_max_rel_diff_vs_float64"]) <= 2e-6
+               for r in head)
     # GRPO: alignkit's and TRL's per-token log-probs of one fixed batch
     grpo_row = rows["GRPO steps/s: alignkit loop vs TRL GRPOTrainer (HF generate, LoRA)"]["agreement"]
     assert grpo_row["log_prob_max_abs_diff"] <= 1e-4

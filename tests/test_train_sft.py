@@ -178,6 +178,8 @@ def test_sft_refuses_what_its_data_path_ignores(tmp_path, tiny_model_dir):
         (packed + ("data.template=chat",), r"data\.template is not applied by data\.packing: alignkit"),
         (("train.packing_strategy=wrapped",), r"train\.packing_strategy is read with train\.packing"),
         (("train.packing=true", "data.max_length=64"), r"data\.max_length is read by the data check of unpacked"),
+        (("train.padding_free=true", "data.max_length=64"),
+         r"train\.max_length is read by TRL's truncation of padded rows .* padding-free without packing"),
         (("data.format=hh",), r"data\.format is read by stages dpo, reward, kto; this recipe's stage is sft"),
     ]
     for overrides, pattern in refused:

@@ -70,6 +70,10 @@ def ignored_keys(stage) -> dict[str, str]:
     if data.packing == "alignkit" or args.packing:
         out["data.max_length"] = ("data.max_length is read by the data check of unpacked SFT (it drops long "
                                   "rows); this recipe packs (rows are concatenated and cut to train.max_length)")
+    elif unpacked_padding_free(args) and data.max_length is not None:
+        out["train.max_length"] = ("train.max_length is read by TRL's truncation of padded rows and by the data "
+                                   "check when data.max_length is unset; this recipe is padding-free without "
+                                   "packing (rows kept whole) and its data check drops rows over data.max_length")
     return out
 
 
