@@ -1,14 +1,16 @@
 """Where a decode step's time goes at batch 8, and what n-gram speculation could save (analysis, not a row).
 
-``python -m benchmarks.probe_decode`` (SmolLM2-135M, fp32, ~3 minutes on two idle cores) prints:
+``python -m benchmarks.probe_decode`` (SmolLM2-135M, fp32, ~4 minutes on two idle cores) prints:
 
-1. a plain decode step's wall time against the rows in the batch (1, 4, 8, 16), and at batch 8 against the
-   query tokens per row (1 = plain decode; q > 1 = the row's
-   last token plus q - 1 draft tokens verified in the same forward), after a 192-token prefill;
-2. the share of that step spent in matrix multiplies (torch profiler, self CPU time of ``aten::mm``);
-3. prompt-lookup (n-gram) speculation on the eval tasks' real greedy outputs: a draft of up to k tokens copied
-   from where the row's last n tokens (n = 4..1) occurred before in its prompt or output; tokens gained per
-   step, and the gain of verifying drafts in lockstep batches of 8 at the step costs of (1).
+1. a plain decode step's wall time against the rows in the batch (1, 4, 8, 16) and, at batch 8, against the
+   query tokens per row (1 = plain decode; q > 1 = the row's last token plus q - 1 draft tokens verified in
+   the same forward), after a 192-token prefill;
+2. on the eval tasks' chat prompts (AlpacaEval 16, GSM8K 24; greedy, 256 tokens): static batched generate (the
+   benchmark's baseline) against HFGenerator, with the number of model forwards and the time inside them;
+3. prompt-lookup (n-gram) speculation on those greedy outputs: a draft of up to k tokens copied from where the
+   row's last n tokens (n = 4..1) occurred before in its prompt or output; tokens gained per verify step, and
+   the gain of verifying drafts in lockstep batches of 8 at the step costs of (1);
+4. the share of a plain decode step spent in matrix multiplies (torch profiler, self CPU time of ``aten::mm``).
 
 It backs the eval-generation paragraph of ``benchmarks/analysis.md``: what a scheduler or a draft can and cannot
 win on this CPU.
@@ -23,10 +25,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from alignkit.eval.tasks.alpaca_eval import AlpacaEval
 from alignkit.eval.tasks.gsm8k import GSM8K
+from alignkit.generation.base import SamplingParams
 from alignkit.generation.hf import HFGenerator
 
 from .common import set_threads, smollm2_dir
-from .suite_generation import chat_texts
+from .suite_generation import chat_texts, static_generate
 
 BATCH, PREFILL, MAX_Q = 8, 192, 5
 
@@ -115,6 +118,46 @@ def speculation(rows: list[tuple[list[int], list[int]]], k: int, cost: dict[int,
     return tokens / steps, plain / spec
 
 
+def in_forwards(model, fn) -> tuple[object, int, float, float]:
+    """(fn's result, forwards of ``model`` it ran, seconds inside them, seconds in all)."""
+    spent = {"n": 0, "s": 0.0}
+
+    def pre(*_):
+        spent["t0"] = time.perf_counter()
+
+    def post(*_):
+        spent["n"] += 1
+        spent["s"] += time.perf_counter() - spent["t0"]
+
+    hooks = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+    try:
+        t0 = time.perf_counter()
+        out = fn()
+        return out, spent["n"], spent["s"], time.perf_counter() - t0
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _generation(model, tok, task, n: int, cost: dict[int, float]) -> None:
+    """Static batched generate vs HFGenerator on ``n`` prompts of ``task`` (forward counts and time), then the
+    prompt-lookup replay on HFGenerator's greedy outputs."""
+    texts, params = chat_texts(tok, task, n), task.sampling_params("chat", 256)
+    gen = HFGenerator(model, tok, batch_size=BATCH)
+    gen.generate(texts[:2], SamplingParams(max_new_tokens=2, stop=params.stop))  # warm-up
+    static_generate(model, tok, texts[:2], SamplingParams(max_new_tokens=2, stop=params.stop), BATCH)
+    _, n_s, f_s, t_s = in_forwards(model, lambda: static_generate(model, tok, texts, params, BATCH))
+    outs, n_a, f_a, t_a = in_forwards(model, lambda: gen.generate(texts, params))
+    print(f"{task.name}: static generate {t_s:.1f} s ({n_s} forwards, {1000 * f_s / n_s:.1f} ms each, "
+          f"{t_s - f_s:.1f} s outside); HFGenerator {t_a:.1f} s ({n_a} forwards, {1000 * f_a / n_a:.1f} ms each, "
+          f"{t_a - f_a:.1f} s outside): {t_s / t_a:.2f}x; {sum(c.num_tokens for c in outs)} new tokens")
+    rows = [(tok(t, add_special_tokens=False)["input_ids"], c.token_ids) for t, c in zip(texts, outs)]
+    for k in range(1, MAX_Q):
+        per_step, gain = speculation(rows, k, cost)
+        print(f"{task.name}: drafts of up to {k} tokens: {per_step:.2f} tokens per verify step, "
+              f"{gain:.2f}x in lockstep batches of {BATCH}")
+
+
 def main() -> None:
     set_threads()
     path = smollm2_dir()
@@ -125,21 +168,14 @@ def main() -> None:
         step_seconds(model, 1, cache, reps=2)  # warm-up
         cost = {q: step_seconds(model, q, cache) for q in range(1, MAX_Q + 1)}
         by_rows = {rows: step_seconds(model, 1, _prefilled(model, rows)) for rows in (1, 4, 16)}
+        print("plain decode step, ms by rows: " + ", ".join(
+            f"{rows}: {1000 * s:.1f}" for rows, s in sorted({**by_rows, BATCH: cost[1]}.items())))
+        print(f"decode step at batch {BATCH} (prefill {PREFILL}), ms by query tokens per row: "
+              + ", ".join(f"q={q}: {1000 * s:.1f}" for q, s in cost.items()))
+        for task, n in ((AlpacaEval(), 16), (GSM8K(), 24)):
+            _generation(model, tok, task, n, cost)
         share = gemm_share(model, cache)  # last: the profiler slows the steps that follow it
-    print("plain decode step, ms by rows: " + ", ".join(
-        f"{rows}: {1000 * s:.1f}" for rows, s in sorted({**by_rows, BATCH: cost[1]}.items())))
-    print(f"decode step at batch {BATCH} (prefill {PREFILL}), ms by query tokens per row: "
-          + ", ".join(f"q={q}: {1000 * s:.1f}" for q, s in cost.items()))
     print(f"matrix multiplies (aten::mm): {share:.0%} of a plain decode step's CPU time")
-    gen = HFGenerator(model, tok, batch_size=BATCH)
-    for task, n in ((AlpacaEval(), 16), (GSM8K(), 24)):
-        texts = chat_texts(tok, task, n)
-        outs = gen.generate(texts, task.sampling_params("chat", 256))
-        rows = [(tok(t, add_special_tokens=False)["input_ids"], c.token_ids) for t, c in zip(texts, outs)]
-        for k in range(1, MAX_Q):
-            per_step, gain = speculation(rows, k, cost)
-            print(f"{task.name}: drafts of up to {k} tokens: {per_step:.2f} tokens per verify step, "
-                  f"{gain:.2f}x in lockstep batches of {BATCH}")
 
 
 if __name__ == "__main__":
