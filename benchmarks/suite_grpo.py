@@ -24,8 +24,10 @@ quickstart's ~150-token prompt and <= 48-token responses, a group of 4 trains on
 Agreement: (1) strict: per-token log-probs of the response tokens of one fixed batch, computed by
 alignkit (``get_response_log_probs``, right-padded) and by TRL (its ``_get_per_token_logps_and_entropies``,
 left-padded prompts, ``logits_to_keep``) at the shared starting weights, within 1e-4; (2) reward curves:
-the mean per-sample reward over all steps of both within 3 standard errors (Welch) of each other
-(sampling noise: the two sample with different random streams), plus each side's per-step means.
+the mean per-sample reward, and the mean format reward, over all steps of both within 3 standard errors
+(Welch) of each other (sampling noise: the two sample with different random streams), plus each side's
+per-step means; ``*_informative`` says whether a comparison could have failed (False when neither side varies,
+e.g. no sample rewarded at all).
 """
 from __future__ import annotations
 
@@ -89,12 +91,13 @@ def _alignkit_stepper(policy, tok, args, preset, prompts, answers):
     from alignkit.generation.hf import HFGenerator
     from alignkit.rl.loop import GRPOLoop
 
-    record: dict = {"walls": [], "steps": [], "rewards": []}
-    per_call: list[float] = []
+    record: dict = {"walls": [], "steps": [], "rewards": [], "format_rewards": []}
+    per_call: dict[str, list[float]] = {"reward": [], "format_reward": []}
 
     def reward_fn(response, truth):
         out = preset.fn(response, truth)
-        per_call.append(float(out["reward"]))
+        for key, values in per_call.items():
+            values.append(float(out[key]))
         return out
 
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate,
@@ -108,8 +111,10 @@ def _alignkit_stepper(policy, tok, args, preset, prompts, answers):
         wall = time.perf_counter() - t0
         split = {"generation": m["time_generation_s"], "log_probs": m["time_log_probs_s"], "train": m["time_train_s"]}
         record["walls"].append(wall)
-        record["rewards"].append(per_call[:])
-        per_call.clear()
+        record["rewards"].append(per_call["reward"][:])
+        record["format_rewards"].append(per_call["format_reward"][:])
+        for values in per_call.values():
+            values.clear()
         record["steps"].append({**split, "other": wall - sum(split.values()), "reward": m["reward"],
                                 "loss": m["loss"], "response_length": m["response_length"]})
         logger.info("grpo: alignkit step %d: %.2fs (%s), reward %.3f", len(record["walls"]), wall,
@@ -139,7 +144,7 @@ class _PhaseTimer:
         setattr(obj, name, timed)
 
 
-def _trl_trainer(policy, tok, args, preset, prompts, answers, workdir: Path, reward_sink: list):
+def _trl_trainer(policy, tok, args, preset, prompts, answers, workdir: Path, sinks: dict[str, list]):
     from datasets import Dataset
     from transformers.trainer_utils import SaveStrategy
     from trl import GRPOTrainer
@@ -148,7 +153,7 @@ def _trl_trainer(policy, tok, args, preset, prompts, answers, workdir: Path, rew
 
     stop = args.loop_config(preset).stop
     funcs = trl_reward_funcs(preset, stop)
-    funcs[0] = _recording(funcs[0], reward_sink)
+    funcs[0], funcs[1] = _recording(funcs[0], sinks["reward"]), _recording(funcs[1], sinks["format_reward"])
     cfg = trl_config(args, workdir / "trl")
     cfg.save_strategy, cfg.disable_tqdm = SaveStrategy.NO, True  # no checkpoint inside the timed run
     cfg.activation_checkpointing = cfg.gradient_checkpointing = False  # TRL's default is on (memory for time): its fastest setting is off
@@ -157,7 +162,7 @@ def _trl_trainer(policy, tok, args, preset, prompts, answers, workdir: Path, rew
                        train_dataset=Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]))
 
 
-def _run_trl(trainer, reward_sink: list, between) -> dict:
+def _run_trl(trainer, sinks: dict[str, list], between) -> dict:
     """TRL's ``train()`` with its phases timed; ``between()`` runs after each optimizer step, outside the
     timed window (alignkit's step: the two paths interleave, so load changes hit both alike)."""
     from transformers import TrainerCallback
@@ -188,7 +193,7 @@ def _run_trl(trainer, reward_sink: list, between) -> dict:
         s["train"] = w - s.get("generation", 0.0) - s.get("rewards", 0.0) - s["log_probs"]
         s["other"], s["reward"] = s.pop("rewards", 0.0), h["reward"]
         s["response_length"] = h.get("completions/mean_length")
-    return {"walls": walls, "steps": steps, "rewards": reward_sink}
+    return {"walls": walls, "steps": steps, "rewards": sinks["reward"], "format_rewards": sinks["format_reward"]}
 
 
 def _log_prob_check(policy, trainer, tok, prompts: list[str], responses: list[str]) -> float:
@@ -226,14 +231,17 @@ def _split(run: dict) -> dict:
             **{f"{k}_share": v / wall for k, v in phases.items()}}
 
 
-def _reward_agreement(ours: list[list[float]], theirs: list[list[float]]) -> dict:
+def _reward_agreement(ours: list[list[float]], theirs: list[list[float]], name: str = "reward") -> dict:
+    """Mean per-sample ``name`` of both within 3 Welch standard errors. ``{name}_informative`` is False when
+    neither side varies (e.g. no sample rewarded on either side): the check then passes without saying anything."""
     a = [x for step in ours for x in step]
     b = [x for step in theirs for x in step]
     se = math.sqrt(statistics.pvariance(a) / len(a) + statistics.pvariance(b) / len(b))
     diff = statistics.fmean(a) - statistics.fmean(b)
-    return {"mean_reward_alignkit": statistics.fmean(a), "mean_reward_trl": statistics.fmean(b),
-            "mean_reward_diff": diff, "mean_reward_tolerance": max(3 * se, 1e-6),
-            "rewards_ok": abs(diff) <= max(3 * se, 1e-6), "samples": [len(a), len(b)]}
+    return {f"mean_{name}_alignkit": statistics.fmean(a), f"mean_{name}_trl": statistics.fmean(b),
+            f"mean_{name}_diff": diff, f"mean_{name}_tolerance": max(3 * se, 1e-6),
+            f"{name}s_ok": abs(diff) <= max(3 * se, 1e-6), f"{name}_informative": se > 0,
+            "samples": [len(a), len(b)]}
 
 
 def bench_grpo(ctx: Context) -> list[Row]:
@@ -246,18 +254,20 @@ def bench_grpo(ctx: Context) -> list[Row]:
     rows, _ = load_examples(args, stage.data)
     prompts, answers = format_prompts(rows, prompt_template(args, preset))
     ours_model, trl_model, tok = _models(ctx, stage.lora, args.seed)
-    sink: list = []
-    trainer = _trl_trainer(trl_model, tok, args, preset, prompts, answers, ctx.workdir, sink)
+    sinks: dict[str, list] = {"reward": [], "format_reward": []}
+    trainer = _trl_trainer(trl_model, tok, args, preset, prompts, answers, ctx.workdir, sinks)
     # 1. strict check at the shared starting weights: two prompts, responses of different lengths
     responses = [" 2 + 5 = 7 </think> <answer>7</answer>", " I add them </think> <answer>12"]
     logp_diff = _log_prob_check(ours_model, trainer, tok, [prompts[0], prompts[-1]], responses)
     # 2. TRL's steps, each followed by one of alignkit's (interleaved; same starting weights)
     step, ours = _alignkit_stepper(ours_model, tok, args, preset, prompts, answers)
     torch.manual_seed(args.seed)
-    trl = _run_trl(trainer, sink, between=step)
+    trl = _run_trl(trainer, sinks, between=step)
     split_ours, split_trl = _split(ours), _split(trl)
-    rewards = _reward_agreement(ours["rewards"], trl["rewards"])
-    ok = logp_diff <= 1e-4 and rewards["rewards_ok"] and len(trl["walls"]) == len(ours["walls"])
+    rewards = {**_reward_agreement(ours["rewards"], trl["rewards"]),
+               **_reward_agreement(ours["format_rewards"], trl["format_rewards"], "format_reward")}
+    ok = (logp_diff <= 1e-4 and rewards["rewards_ok"] and rewards["format_rewards_ok"]
+          and len(trl["walls"]) == len(ours["walls"]))
     agreement = {"log_prob_max_abs_diff": logp_diff, "log_prob_tolerance": 1e-4, **rewards,
                  "reward_per_step_alignkit": [s["reward"] for s in ours["steps"]],
                  "reward_per_step_trl": [s["reward"] for s in trl["steps"]], "ok": ok}

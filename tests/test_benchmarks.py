@@ -72,6 +72,21 @@ def test_prompt_lookup_replay_by_hand():
     assert per_step == pytest.approx(4 / 3) and gain == pytest.approx(8 / 7)
 
 
+def test_grpo_reward_agreement_says_when_it_could_not_fail():
+    """Means within 3 Welch standard errors: [1, 0] against [0, 0] is 0.5 apart with se = sqrt(0.25 / 2), so
+    tolerance 1.06 (passes, and could have failed); all zeros on both sides pass without saying anything."""
+    from benchmarks.suite_grpo import _reward_agreement
+
+    out = _reward_agreement([[1.0, 0.0]], [[0.0, 0.0]], "format_reward")
+    assert out["mean_format_reward_diff"] == 0.5
+    assert out["mean_format_reward_tolerance"] == pytest.approx(3 * 0.125 ** 0.5)
+    assert out["format_rewards_ok"] and out["format_reward_informative"]
+    far = _reward_agreement([[1.0, 1.0, 1.0, 0.0]], [[0.0, 0.0, 0.0, 0.0]])
+    assert not far["rewards_ok"] and far["reward_informative"]  # 0.75 apart, tolerance 3 * sqrt(0.1875 / 4) = 0.65
+    vacuous = _reward_agreement([[0.0, 0.0]], [[0.0, 0.0, 0.0]])
+    assert vacuous["rewards_ok"] and not vacuous["reward_informative"] and vacuous["samples"] == [2, 3]
+
+
 def test_parameter_counts_at_scale_match_peft_and_the_live_model(tiny_model):
     """The counts behind the 1B/8B memory rows: base and LoRA parameters equal what PEFT adds to a real model."""
     import copy
