@@ -29,6 +29,7 @@ from alignkit.generation.base import SamplingParams
 from alignkit.generation.hf import HFGenerator
 
 from .common import set_threads, smollm2_dir
+from .suite_dpo import ForwardClock
 from .suite_generation import chat_texts, static_generate
 
 BATCH, PREFILL, MAX_Q = 8, 192, 5
@@ -119,24 +120,15 @@ def speculation(rows: list[tuple[list[int], list[int]]], k: int, cost: dict[int,
 
 
 def in_forwards(model, fn) -> tuple[object, int, float, float]:
-    """(fn's result, forwards of ``model`` it ran, seconds inside them, seconds in all)."""
-    spent = {"n": 0, "s": 0.0}
-
-    def pre(*_):
-        spent["t0"] = time.perf_counter()
-
-    def post(*_):
-        spent["n"] += 1
-        spent["s"] += time.perf_counter() - spent["t0"]
-
-    hooks = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+    """(fn's result, no-grad forwards of ``model`` it ran, seconds inside them, seconds in all)."""
+    clock = ForwardClock()
+    clock.attach(model)
     try:
         t0 = time.perf_counter()
         out = fn()
-        return out, spent["n"], spent["s"], time.perf_counter() - t0
+        return out, clock.calls[False], clock.seconds[False], time.perf_counter() - t0
     finally:
-        for hook in hooks:
-            hook.remove()
+        clock.detach()
 
 
 def _generation(model, tok, task, n: int, cost: dict[int, float]) -> None:

@@ -110,12 +110,19 @@ class ForwardClock:
 
     def __init__(self):
         self.seconds = {False: 0.0, True: 0.0}
+        self.calls = {False: 0, True: 0}
         self.tokens: list[tuple[int, int, int]] = []  # (batch tokens, real tokens, LM-head positions) per grad forward
         self._starts: list[float] = []
+        self._hooks: list = []
 
     def attach(self, module) -> None:
-        module.register_forward_pre_hook(self._start, with_kwargs=True)
-        module.register_forward_hook(self._stop)
+        self._hooks += [module.register_forward_pre_hook(self._start, with_kwargs=True),
+                        module.register_forward_hook(self._stop)]
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def _start(self, _module, args, kwargs):
         ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
@@ -127,6 +134,7 @@ class ForwardClock:
 
     def _stop(self, *_):
         self.seconds[torch.is_grad_enabled()] += time.perf_counter() - self._starts.pop()
+        self.calls[torch.is_grad_enabled()] += 1
 
 
 def _compare(ctx: Context, pairs: list[dict], *, batch: int, steps: int, lora: bool) -> tuple[dict, dict, dict]:

@@ -47,6 +47,7 @@ logger = logging.getLogger("benchmarks")
 
 SMOKE_PROMPT = "User: {question}\nAssistant: <think>"
 QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "grpo_quickstart.yaml"
+REWARD_KEYS = ("reward", "format_reward")  # compared between the two (trl_reward_funcs' first two functions)
 
 
 def _settings(ctx: Context):
@@ -91,8 +92,8 @@ def _alignkit_stepper(policy, tok, args, preset, prompts, answers):
     from alignkit.generation.hf import HFGenerator
     from alignkit.rl.loop import GRPOLoop
 
-    record: dict = {"walls": [], "steps": [], "rewards": [], "format_rewards": []}
-    per_call: dict[str, list[float]] = {"reward": [], "format_reward": []}
+    record: dict = {"walls": [], "steps": [], "rewards": {key: [] for key in REWARD_KEYS}}
+    per_call: dict[str, list[float]] = {key: [] for key in REWARD_KEYS}
 
     def reward_fn(response, truth):
         out = preset.fn(response, truth)
@@ -111,9 +112,8 @@ def _alignkit_stepper(policy, tok, args, preset, prompts, answers):
         wall = time.perf_counter() - t0
         split = {"generation": m["time_generation_s"], "log_probs": m["time_log_probs_s"], "train": m["time_train_s"]}
         record["walls"].append(wall)
-        record["rewards"].append(per_call["reward"][:])
-        record["format_rewards"].append(per_call["format_reward"][:])
-        for values in per_call.values():
+        for key, values in per_call.items():
+            record["rewards"][key].append(values[:])
             values.clear()
         record["steps"].append({**split, "other": wall - sum(split.values()), "reward": m["reward"],
                                 "loss": m["loss"], "response_length": m["response_length"]})
@@ -153,7 +153,8 @@ def _trl_trainer(policy, tok, args, preset, prompts, answers, workdir: Path, sin
 
     stop = args.loop_config(preset).stop
     funcs = trl_reward_funcs(preset, stop)
-    funcs[0], funcs[1] = _recording(funcs[0], sinks["reward"]), _recording(funcs[1], sinks["format_reward"])
+    for i, key in enumerate(REWARD_KEYS):
+        funcs[i] = _recording(funcs[i], sinks[key])
     cfg = trl_config(args, workdir / "trl")
     cfg.save_strategy, cfg.disable_tqdm = SaveStrategy.NO, True  # no checkpoint inside the timed run
     cfg.activation_checkpointing = cfg.gradient_checkpointing = False  # TRL's default is on (memory for time): its fastest setting is off
@@ -193,7 +194,7 @@ def _run_trl(trainer, sinks: dict[str, list], between) -> dict:
         s["train"] = w - s.get("generation", 0.0) - s.get("rewards", 0.0) - s["log_probs"]
         s["other"], s["reward"] = s.pop("rewards", 0.0), h["reward"]
         s["response_length"] = h.get("completions/mean_length")
-    return {"walls": walls, "steps": steps, "rewards": sinks["reward"], "format_rewards": sinks["format_reward"]}
+    return {"walls": walls, "steps": steps, "rewards": sinks}
 
 
 def _log_prob_check(policy, trainer, tok, prompts: list[str], responses: list[str]) -> float:
@@ -254,7 +255,7 @@ def bench_grpo(ctx: Context) -> list[Row]:
     rows, _ = load_examples(args, stage.data)
     prompts, answers = format_prompts(rows, prompt_template(args, preset))
     ours_model, trl_model, tok = _models(ctx, stage.lora, args.seed)
-    sinks: dict[str, list] = {"reward": [], "format_reward": []}
+    sinks: dict[str, list] = {key: [] for key in REWARD_KEYS}
     trainer = _trl_trainer(trl_model, tok, args, preset, prompts, answers, ctx.workdir, sinks)
     # 1. strict check at the shared starting weights: two prompts, responses of different lengths
     responses = [" 2 + 5 = 7 </think> <answer>7</answer>", " I add them </think> <answer>12"]
@@ -264,9 +265,9 @@ def bench_grpo(ctx: Context) -> list[Row]:
     torch.manual_seed(args.seed)
     trl = _run_trl(trainer, sinks, between=step)
     split_ours, split_trl = _split(ours), _split(trl)
-    rewards = {**_reward_agreement(ours["rewards"], trl["rewards"]),
-               **_reward_agreement(ours["format_rewards"], trl["format_rewards"], "format_reward")}
-    ok = (logp_diff <= 1e-4 and rewards["rewards_ok"] and rewards["format_rewards_ok"]
+    rewards = {k: v for key in REWARD_KEYS for k, v in
+               _reward_agreement(ours["rewards"][key], trl["rewards"][key], key).items()}
+    ok = (logp_diff <= 1e-4 and all(rewards[f"{key}s_ok"] for key in REWARD_KEYS)
           and len(trl["walls"]) == len(ours["walls"]))
     agreement = {"log_prob_max_abs_diff": logp_diff, "log_prob_tolerance": 1e-4, **rewards,
                  "reward_per_step_alignkit": [s["reward"] for s in ours["steps"]],
